@@ -1,0 +1,66 @@
+//! The lifecycle state machine: `active` ⇄ `suspended` → `revoked` (terminal);
+//! `expired` when time passes. Rotation makes a successor and ends the old key after a grace.
+
+use thiserror::Error;
+use time::{Duration, OffsetDateTime};
+
+use crate::model::{KeyRecord, KeyState};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Suspend,
+    Resume,
+    Revoke,
+    Rotate,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Suspend => "suspend",
+            Self::Resume => "resume",
+            Self::Revoke => "revoke",
+            Self::Rotate => "rotate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("cannot {action} a key that is {state}{detail}")]
+pub struct TransitionError {
+    pub action: &'static str,
+    pub state: KeyState,
+    pub detail: &'static str,
+}
+
+/// The state a key moves to when `action` is applied at `now`, or why it cannot.
+pub fn transition(key: &KeyRecord, action: Action, now: OffsetDateTime) -> Result<KeyState, TransitionError> {
+    let state = key.effective_state(now);
+    let refuse = |detail| TransitionError {
+        action: action.as_str(),
+        state,
+        detail,
+    };
+    match (action, state) {
+        (Action::Suspend, KeyState::Active) => Ok(KeyState::Suspended),
+        (Action::Resume, KeyState::Suspended) => Ok(KeyState::Active),
+        (Action::Revoke, KeyState::Active | KeyState::Suspended | KeyState::Expired) => {
+            Ok(KeyState::Revoked)
+        }
+        (Action::Rotate, KeyState::Active | KeyState::Suspended) if key.rotated_to.is_some() => {
+            Err(refuse(" and was already rotated"))
+        }
+        (Action::Rotate, KeyState::Active | KeyState::Suspended) => Ok(state),
+        _ => Err(refuse("")),
+    }
+}
+
+/// When a rotated key stops working: after the grace, but never later than it would have.
+pub fn rotation_end(key: &KeyRecord, grace: Duration, now: OffsetDateTime) -> OffsetDateTime {
+    (now + grace).min(key.expires_at)
+}
+
+/// The successor keeps the predecessor's lifetime length, counted from now.
+pub fn successor_ttl(key: &KeyRecord) -> Duration {
+    key.expires_at - key.created_at
+}

@@ -1,0 +1,98 @@
+//! The key as the domain sees it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use time::OffsetDateTime;
+
+use crate::hashing::KeyHash;
+use crate::key_format::KeyId;
+use crate::scope::Scope;
+
+/// The stored state. `Expired` is also *derived*: an `Active` or `Suspended` key whose
+/// `expires_at` has passed is effectively expired (see [`KeyRecord::effective_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    Active,
+    Suspended,
+    Revoked,
+    Expired,
+}
+
+impl KeyState {
+    pub const ALL: [KeyState; 4] = [Self::Active, Self::Suspended, Self::Revoked, Self::Expired];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown key state {0:?}: expected active, suspended, revoked or expired")]
+pub struct UnknownState(pub String);
+
+impl FromStr for KeyState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, UnknownState> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.chars().take(32).collect()))
+    }
+}
+
+/// Everything keywarden knows about a key, except its secret (which it never knows).
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub hash: KeyHash,
+    pub hint: String,
+    pub name: String,
+    pub description: String,
+    pub owner: String,
+    pub systems: Vec<String>,
+    pub environment: String,
+    pub scopes: Vec<Scope>,
+    pub created_at: OffsetDateTime,
+    pub created_by: String,
+    pub expires_at: OffsetDateTime,
+    pub state: KeyState,
+    pub state_reason: Option<String>,
+    pub state_changed_at: Option<OffsetDateTime>,
+    pub allowed_cidrs: Vec<IpNet>,
+    pub max_uses: Option<u64>,
+    pub uses: u64,
+    pub last_used_at: Option<OffsetDateTime>,
+    pub last_used_from: Option<String>,
+    pub rotated_from: Option<KeyId>,
+    pub rotated_to: Option<KeyId>,
+    pub metadata: BTreeMap<String, String>,
+    /// Optimistic-concurrency counter, bumped by every stored change.
+    pub version: i64,
+}
+
+impl KeyRecord {
+    pub fn effective_state(&self, now: OffsetDateTime) -> KeyState {
+        match self.state {
+            KeyState::Active | KeyState::Suspended if now >= self.expires_at => KeyState::Expired,
+            s => s,
+        }
+    }
+
+    pub fn remaining_uses(&self) -> Option<u64> {
+        self.max_uses.map(|m| m.saturating_sub(self.uses))
+    }
+}

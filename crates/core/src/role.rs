@@ -1,0 +1,69 @@
+//! Roles of keywarden's own admin tokens and what each may do (least privilege).
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Everything, including managing admin tokens.
+    Admin,
+    /// Create and manage keys, optionally only in some environments.
+    Issuer,
+    /// Read only: keys, usage, tokens.
+    Auditor,
+    /// Only `/v1/verify`.
+    Verifier,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    KeysRead,
+    KeysWrite,
+    UsageRead,
+    Verify,
+    TokensRead,
+    TokensWrite,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Self::Admin, Self::Issuer, Self::Auditor, Self::Verifier];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Issuer => "issuer",
+            Self::Auditor => "auditor",
+            Self::Verifier => "verifier",
+        }
+    }
+
+    pub fn allows(self, p: Permission) -> bool {
+        use Permission::*;
+        match self {
+            Self::Admin => true,
+            Self::Issuer => matches!(p, KeysRead | KeysWrite | UsageRead),
+            Self::Auditor => matches!(p, KeysRead | UsageRead | TokensRead),
+            Self::Verifier => matches!(p, Verify),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?}: expected admin, issuer, auditor or verifier")]
+pub struct UnknownRole(pub String);
+
+impl FromStr for Role {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Self, UnknownRole> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownRole(s.chars().take(32).collect()))
+    }
+}
