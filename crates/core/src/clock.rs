@@ -41,3 +41,17 @@ impl Clock for ManualClock {
             .unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 }
+
+/// Times are kept at millisecond precision everywhere, so what is stored reads back equal.
+pub fn truncate_to_millis(t: OffsetDateTime) -> OffsetDateTime {
+    from_millis(to_millis(t))
+}
+
+pub fn to_millis(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+pub fn from_millis(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}

@@ -47,10 +47,11 @@ pub fn transition(key: &KeyRecord, action: Action, now: OffsetDateTime) -> Resul
         (Action::Revoke, KeyState::Active | KeyState::Suspended | KeyState::Expired) => {
             Ok(KeyState::Revoked)
         }
-        (Action::Rotate, KeyState::Active | KeyState::Suspended) if key.rotated_to.is_some() => {
+        (Action::Rotate, KeyState::Active) if key.rotated_to.is_some() => {
             Err(refuse(" and was already rotated"))
         }
-        (Action::Rotate, KeyState::Active | KeyState::Suspended) => Ok(state),
+        // A suspended key is under investigation: resume it before handing out a successor.
+        (Action::Rotate, KeyState::Active) => Ok(state),
         _ => Err(refuse("")),
     }
 }

@@ -96,3 +96,76 @@ impl KeyRecord {
         self.max_uses.map(|m| m.saturating_sub(self.uses))
     }
 }
+
+/// One of keywarden's own admin tokens. Same format as keys, environment tag `admin`.
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    pub id: KeyId,
+    pub hash: KeyHash,
+    pub hint: String,
+    pub name: String,
+    pub role: crate::role::Role,
+    /// For issuers: the environments they may act in. `None` means all.
+    pub environments: Option<Vec<String>>,
+    pub created_at: OffsetDateTime,
+    pub created_by: String,
+    pub expires_at: Option<OffsetDateTime>,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+impl TokenRecord {
+    pub fn is_usable(&self, now: OffsetDateTime) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| now < e)
+    }
+
+    pub fn may_act_in(&self, environment: &str) -> bool {
+        self.environments
+            .as_ref()
+            .is_none_or(|envs| envs.iter().any(|e| e == environment))
+    }
+}
+
+/// Who did something, from where: attached to every audit entry.
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    /// `token:<id>` (with the token's name) or `system:<job>`.
+    pub id: String,
+    pub name: String,
+    pub source_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// One audit entry, never holding a secret. Issue 3 chains these by hash.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub time: OffsetDateTime,
+    pub actor: Actor,
+    pub action: String,
+    pub target: String,
+    pub reason: Option<String>,
+    /// Changed fields, before and after, as JSON text.
+    pub details: String,
+}
+
+/// One verify, allowed or not.
+#[derive(Debug, Clone)]
+pub struct UsageEvent {
+    pub key_id: Option<KeyId>,
+    pub time: OffsetDateTime,
+    pub code: crate::verify::VerifyCode,
+    pub source_ip: Option<String>,
+    pub scope: Option<String>,
+    pub environment: Option<String>,
+    pub subject: Option<String>,
+    pub user_agent: Option<String>,
+    /// The use was already counted against a usage cap, atomically, at verify time.
+    pub counted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub subject: String,
+    pub first_seen: OffsetDateTime,
+    pub last_seen: OffsetDateTime,
+}

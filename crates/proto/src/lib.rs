@@ -1,0 +1,303 @@
+//! keywarden-proto: the wire types of the `/v1` API, shared by the server and the client.
+//! Requests reject unknown fields so a typo is an error, not a silently ignored option.
+//! No logic lives here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+/// A secret on the wire (a new key or token). Debug never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(transparent)]
+#[schema(value_type = String)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Every error the API returns has this body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable machine-readable code, e.g. `SCOPE_INVALID`.
+    pub code: String,
+    pub message: String,
+    /// Every field that failed validation, when there were several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub violations: Vec<Violation>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Violation {
+    pub code: String,
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    pub name: String,
+    pub owner: String,
+    pub environment: String,
+    #[serde(default)]
+    pub systems: Vec<String>,
+    pub scopes: Vec<String>,
+    /// Lifetime such as `30d`; default 90d, at most 365d. Exclusive with `expires_at`.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// CIDRs the key may be used from; empty means anywhere.
+    #[serde(default)]
+    pub allowed_cidrs: Vec<String>,
+    /// Usage cap; `1` makes a one-time key.
+    #[serde(default)]
+    pub max_uses: Option<u64>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct SubjectView {
+    pub subject: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyView {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub owner: String,
+    pub systems: Vec<String>,
+    pub environment: String,
+    pub scopes: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub created_by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// `active`, `suspended`, `revoked` or `expired` (derived from `expires_at` too).
+    pub state: String,
+    pub state_reason: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub state_changed_at: Option<OffsetDateTime>,
+    pub allowed_cidrs: Vec<String>,
+    pub max_uses: Option<u64>,
+    pub uses: u64,
+    pub remaining_uses: Option<u64>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+    pub last_used_from: Option<String>,
+    pub rotated_from: Option<String>,
+    pub rotated_to: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    /// Last four characters of the key, to tell keys apart.
+    pub hint: String,
+    /// Distinct subjects (hosts, nodes, services) this key provisioned. Only on single-key reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<Vec<SubjectView>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedKey {
+    pub key: KeyView,
+    /// The key in clear. Returned exactly once; keywarden keeps only a keyed hash.
+    pub secret: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<KeyView>,
+    /// Pass as `cursor` to fetch the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateChangeRequest {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// How long the old key keeps working, e.g. `24h` (the default) or `0s`.
+    #[serde(default)]
+    pub grace: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RotatedKey {
+    /// The successor.
+    pub key: KeyView,
+    pub secret: Secret,
+    /// The old key, now ending at the end of the grace period.
+    pub previous: KeyView,
+}
+
+#[derive(Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    pub key: String,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+    /// The client address the gateway saw.
+    #[serde(default)]
+    pub source_ip: Option<String>,
+    /// The entity being provisioned (host, node, service instance).
+    #[serde(default)]
+    pub subject: Option<String>,
+}
+
+impl fmt::Debug for VerifyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyRequest")
+            .field("key", &"<redacted>")
+            .field("scope", &self.scope)
+            .field("environment", &self.environment)
+            .field("source_ip", &self.source_ip)
+            .field("subject", &self.subject)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VerifyResponse {
+    pub valid: bool,
+    /// One of VALID, MALFORMED, NOT_FOUND, EXPIRED, IDLE_EXPIRED, REVOKED, SUSPENDED,
+    /// ENVIRONMENT_MISMATCH, SCOPE_DENIED, SOURCE_DENIED, USAGE_EXHAUSTED, RATE_LIMITED,
+    /// OWNER_DISABLED.
+    #[schema(example = "VALID")]
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_uses: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageEventView {
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub code: String,
+    pub source_ip: Option<String>,
+    pub scope: Option<String>,
+    pub environment: Option<String>,
+    pub subject: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageList {
+    pub events: Vec<UsageEventView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    pub name: String,
+    /// `admin`, `issuer`, `auditor` or `verifier`.
+    pub role: String,
+    /// For issuers: the environments they may manage keys in. Absent means all.
+    #[serde(default)]
+    pub environments: Option<Vec<String>>,
+    /// Lifetime such as `90d`; absent means the token does not expire.
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub environments: Option<Vec<String>>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub created_by: String,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+    pub hint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    pub token: TokenView,
+    pub secret: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+/// Error codes the API uses; stable strings clients may match on.
+pub mod codes {
+    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+    pub const FORBIDDEN: &str = "FORBIDDEN";
+    pub const KEY_NOT_FOUND: &str = "KEY_NOT_FOUND";
+    pub const TOKEN_NOT_FOUND: &str = "TOKEN_NOT_FOUND";
+    pub const ROUTE_NOT_FOUND: &str = "ROUTE_NOT_FOUND";
+    pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
+    pub const MALFORMED_JSON: &str = "MALFORMED_JSON";
+    pub const INVALID_BODY: &str = "INVALID_BODY";
+    pub const UNKNOWN_FIELD: &str = "UNKNOWN_FIELD";
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "UNSUPPORTED_MEDIA_TYPE";
+    pub const BODY_TOO_LARGE: &str = "BODY_TOO_LARGE";
+    pub const INVALID_QUERY: &str = "INVALID_QUERY";
+    pub const INVALID_CURSOR: &str = "INVALID_CURSOR";
+    pub const VALIDATION_FAILED: &str = "VALIDATION_FAILED";
+    pub const SCOPE_INVALID: &str = "SCOPE_INVALID";
+    pub const CIDR_INVALID: &str = "CIDR_INVALID";
+    pub const DURATION_INVALID: &str = "DURATION_INVALID";
+    pub const TTL_TOO_LONG: &str = "TTL_TOO_LONG";
+    pub const FIELD_INVALID: &str = "FIELD_INVALID";
+    pub const KEY_ID_INVALID: &str = "KEY_ID_INVALID";
+    pub const INVALID_STATE: &str = "INVALID_STATE";
+    pub const CONFLICT: &str = "CONFLICT";
+    pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
+    pub const INTERNAL: &str = "INTERNAL";
+}

@@ -1,1 +1,207 @@
+//! keywarden-server: the only crate that serves HTTP.
+//!
+//! Routes (axum, documented by utoipa), admin-token auth and roles, the verify hot path
+//! with its cache, the batched usage writer, and server start-up and shutdown.
 
+pub mod auth;
+pub mod bootstrap;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod routes;
+pub mod state;
+pub mod usage;
+pub mod views;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Request, StatusCode};
+use axum::routing::get;
+use axum::{Json, Router};
+use keywarden_core::clock::Clock;
+use keywarden_core::PlainKey;
+use keywarden_proto::codes;
+use keywarden_store::Store;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use config::Config;
+use error::error_response;
+use state::{AppState, SharedState};
+
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "keywarden", description = "Governs provisioning keys: issue, verify, govern, audit."),
+    modifiers(&BearerAuth),
+    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "health"))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+/// The routes and their OpenAPI document, built from the same definitions.
+pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(routes::health::healthz))
+        .routes(routes!(routes::keys::create_key, routes::keys::list_keys))
+        .routes(routes!(routes::keys::get_key))
+        .routes(routes!(routes::keys::suspend_key))
+        .routes(routes!(routes::keys::resume_key))
+        .routes(routes!(routes::keys::revoke_key))
+        .routes(routes!(routes::keys::rotate_key))
+        .routes(routes!(routes::keys::key_usage))
+        .routes(routes!(routes::verify::verify))
+        .routes(routes!(routes::tokens::create_token, routes::tokens::list_tokens))
+        .routes(routes!(routes::tokens::revoke_token))
+        .with_state(state)
+        .split_for_parts();
+    (router, doc)
+}
+
+#[derive(Clone, Default)]
+struct RequestIds;
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let id = keywarden_core::base62::random(&mut rand::rngs::OsRng, 16);
+        id.parse().ok().map(RequestId::new)
+    }
+}
+
+pub fn router(state: SharedState) -> Router {
+    let (router, doc) = api(state);
+    let doc = Arc::new(doc);
+    router
+        .route("/v1/openapi.json", get(move || async move { Json((*doc).clone()) }))
+        .fallback(|| async {
+            error_response(StatusCode::NOT_FOUND, codes::ROUTE_NOT_FOUND, "no such route".to_owned(), vec![])
+        })
+        .method_not_allowed_fallback(|| async {
+            error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                codes::METHOD_NOT_ALLOWED,
+                "method not allowed on this route".to_owned(),
+                vec![],
+            )
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(
+            // Per-request lines at DEBUG: the verify path should not pay for a log line.
+            // Headers are never recorded (they carry bearer tokens).
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::DEBUG))
+                .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(RequestIds))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, "internal error".to_owned(), vec![])
+        }))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bootstrap(#[from] bootstrap::BootstrapError),
+    #[error("store: {0}")]
+    Store(#[from] keywarden_store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    /// The bootstrap admin token, when this start created one.
+    pub bootstrap_token: Option<PlainKey>,
+    pub state: SharedState,
+    stop_http: watch::Sender<bool>,
+    stop_usage: watch::Sender<bool>,
+    http: JoinHandle<std::io::Result<()>>,
+    usage: JoinHandle<()>,
+}
+
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer, StartError> {
+    bootstrap::ensure_data_dir(&config.data_dir)?;
+    keywarden_core::key_format::validate_prefix(&config.key_prefix).map_err(bootstrap::BootstrapError::from)?;
+    let hasher = bootstrap::load_hasher(&config.data_dir, config.pepper.as_deref())?;
+    let store = Store::connect(&config.database_url()).await?;
+    let now = keywarden_core::clock::truncate_to_millis(clock.now());
+    let bootstrap_token =
+        bootstrap::bootstrap_admin(&store, &hasher, &config.key_prefix, &config.data_dir, now).await?;
+
+    let (usage_tx, usage_rx) = usage::channel();
+    let (stop_usage, stop_usage_rx) = watch::channel(false);
+    let usage = tokio::spawn(usage::run_writer(
+        store.clone(),
+        usage_rx,
+        config.usage_flush_interval,
+        stop_usage_rx,
+    ));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    let state: SharedState = Arc::new(AppState::new(store, hasher, clock, config, usage_tx));
+    let app = router(state.clone());
+    let (stop_http, mut stop_http_rx) = watch::channel(false);
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                let _ = stop_http_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tracing::info!(%addr, "keywarden listening");
+    Ok(RunningServer {
+        addr,
+        bootstrap_token,
+        state,
+        stop_http,
+        stop_usage,
+        http,
+        usage,
+    })
+}
+
+impl RunningServer {
+    /// Stops accepting, finishes in-flight requests, then writes every queued usage event.
+    pub async fn shutdown(self) {
+        let _ = self.stop_http.send(true);
+        match self.http.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "http server failed"),
+            Err(e) => tracing::error!(error = %e, "http server task failed"),
+        }
+        let _ = self.stop_usage.send(true);
+        if let Err(e) = self.usage.await {
+            tracing::error!(error = %e, "usage writer task failed");
+        }
+        self.state.store.close().await;
+        tracing::info!("keywarden stopped");
+    }
+}

@@ -1,0 +1,154 @@
+//! Bearer authentication with keywarden's own admin tokens, and role checks.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::header::{AUTHORIZATION, USER_AGENT};
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use keywarden_core::key_format::{self, ADMIN_ENV};
+use keywarden_core::model::{Actor, TokenRecord};
+use keywarden_core::role::Permission;
+
+use crate::error::ApiError;
+use crate::state::SharedState;
+
+/// An authenticated caller and where the request came from.
+pub struct Principal {
+    pub token: Arc<TokenRecord>,
+    pub peer: Option<IpAddr>,
+    pub client_ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl Principal {
+    pub fn require(&self, p: Permission) -> Result<(), ApiError> {
+        if self.token.role.allows(p) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "role `{}` may not do this",
+                self.token.role
+            )))
+        }
+    }
+
+    pub fn may_act_in(&self, environment: &str) -> bool {
+        self.token.may_act_in(environment)
+    }
+
+    pub fn actor(&self) -> Actor {
+        Actor {
+            id: format!("token:{}", self.token.id),
+            name: self.token.name.clone(),
+            source_ip: self.client_ip.map(|ip| ip.to_string()),
+            user_agent: self.user_agent.clone(),
+            request_id: self.request_id.clone(),
+        }
+    }
+}
+
+impl FromRequestParts<SharedState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &SharedState) -> Result<Self, ApiError> {
+        let token = authenticate(app, &parts.headers).await?;
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        Ok(Self {
+            token,
+            peer,
+            client_ip: client_ip(peer, &parts.headers, &app.config.trusted_proxies),
+            user_agent: header_text(&parts.headers, USER_AGENT.as_str(), 256),
+            request_id: header_text(&parts.headers, "x-request-id", 128),
+        })
+    }
+}
+
+async fn authenticate(app: &SharedState, headers: &HeaderMap) -> Result<Arc<TokenRecord>, ApiError> {
+    const HOW: &str = "send `Authorization: Bearer <admin token>`";
+    let value = headers
+        .get(AUTHORIZATION)
+        .ok_or(ApiError::Unauthenticated("missing admin token: send `Authorization: Bearer <admin token>`"))?;
+    let presented = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthenticated(HOW))?;
+    let invalid = ApiError::Unauthenticated("invalid, expired or revoked admin token");
+    let parsed = key_format::parse(presented, &app.config.key_prefix).map_err(|_| {
+        ApiError::Unauthenticated("malformed admin token")
+    })?;
+    if parsed.environment != ADMIN_ENV {
+        return Err(ApiError::Unauthenticated(
+            "this is a key, not an admin token: keys are checked with POST /v1/verify",
+        ));
+    }
+    let token = match app.tokens.get(&parsed.id) {
+        Some(cached) => cached,
+        None => {
+            let generation = app.tokens.generation();
+            let loaded = app.store.get_token(&parsed.id).await?.map(Arc::new);
+            app.tokens.insert(parsed.id.clone(), loaded.clone(), generation);
+            loaded
+        }
+    };
+    let token = token.ok_or(invalid)?;
+    if !app.hasher.matches(&parsed.plain, &token.hash) || !token.is_usable(app.now()) {
+        return Err(ApiError::Unauthenticated("invalid, expired or revoked admin token"));
+    }
+    Ok(token)
+}
+
+/// The address of the client: the peer, unless the peer is a trusted proxy, in which case
+/// the right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+pub fn client_ip(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
+    let peer = peer?;
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    Some(
+        forwarded
+            .into_iter()
+            .rev()
+            .find(|ip| !is_trusted(ip))
+            .unwrap_or(peer),
+    )
+}
+
+pub fn header_text(headers: &HeaderMap, name: &str, max: usize) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().filter(|c| !c.is_control()).take(max).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.2.3.4, 10.0.0.9".parse().unwrap());
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "8.8.8.8".parse().unwrap();
+        assert_eq!(client_ip(Some(proxy), &h, &trusted), Some("1.2.3.4".parse().unwrap()));
+        assert_eq!(client_ip(Some(stranger), &h, &trusted), Some(stranger));
+        assert_eq!(client_ip(Some(proxy), &HeaderMap::new(), &trusted), Some(proxy));
+    }
+}

@@ -1,0 +1,147 @@
+//! First start: data directory, pepper file and the bootstrap admin token.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use keywarden_core::hashing::{KeyHasher, Pepper};
+use keywarden_core::key_format::{self, PlainKey, ADMIN_ENV};
+use keywarden_core::model::{Actor, AuditEntry, TokenRecord};
+use keywarden_core::role::Role;
+use keywarden_store::Store;
+use time::OffsetDateTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("pepper file {path}: {source}")]
+    PepperIo { path: String, source: std::io::Error },
+    #[error("pepper: {0}")]
+    Pepper(#[from] keywarden_core::hashing::PepperError),
+    #[error("key prefix: {0}")]
+    Prefix(#[from] key_format::FormatError),
+    #[error("store: {0}")]
+    Store(#[from] keywarden_store::StoreError),
+    #[error("admin token file {path}: {source}")]
+    TokenFile { path: String, source: std::io::Error },
+}
+
+pub fn ensure_data_dir(dir: &Path) -> Result<(), BootstrapError> {
+    let err = |source| BootstrapError::DataDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    if !dir.exists() {
+        fs::create_dir_all(dir).map_err(err)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Loads the peppers from `inline` (environment) or `<data-dir>/pepper`, creating the file
+/// with a fresh random pepper (mode 0600) on first start.
+pub fn load_hasher(data_dir: &Path, inline: Option<&str>) -> Result<KeyHasher, BootstrapError> {
+    if let Some(text) = inline {
+        return Ok(KeyHasher::new(&Pepper::parse_file(text)?)?);
+    }
+    let path = data_dir.join("pepper");
+    let io = |source| BootstrapError::PepperIo {
+        path: path.display().to_string(),
+        source,
+    };
+    if !path.exists() {
+        let pepper = Pepper::generate(&mut rand::rngs::OsRng, 1);
+        let text = format!(
+            "# keywarden pepper: keys are stored as HMAC-SHA256(pepper, key). Losing this file\n\
+             # invalidates every key; keep a backup apart from the database. Add a line\n\
+             # v<N+1>:<64 hex> to rotate; the highest version hashes new keys.\n{}\n",
+            *pepper.to_line()
+        );
+        write_private(&path, text.as_bytes()).map_err(io)?;
+    }
+    let mode = fs::metadata(&path).map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "pepper file is readable by others; chmod 600 it");
+    }
+    let text = zeroize::Zeroizing::new(fs::read_to_string(&path).map_err(io)?);
+    Ok(KeyHasher::new(&Pepper::parse_file(&text)?)?)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+/// A new admin token: the record to store and the secret to hand out once.
+pub fn new_token(
+    hasher: &KeyHasher,
+    prefix: &str,
+    name: &str,
+    role: Role,
+    environments: Option<Vec<String>>,
+    created_by: &str,
+    now: OffsetDateTime,
+    expires_at: Option<OffsetDateTime>,
+) -> Result<(TokenRecord, PlainKey), key_format::FormatError> {
+    let parsed = key_format::generate(&mut rand::rngs::OsRng, prefix, ADMIN_ENV)?;
+    let record = TokenRecord {
+        id: parsed.id.clone(),
+        hash: hasher.hash(&parsed.plain),
+        hint: parsed.plain.hint(),
+        name: name.to_owned(),
+        role,
+        environments,
+        created_at: now,
+        created_by: created_by.to_owned(),
+        expires_at,
+        revoked_at: None,
+    };
+    Ok((record, parsed.plain))
+}
+
+/// When no usable admin token exists, makes one, writes it to `<data-dir>/admin-token`
+/// (0600) and returns it so the caller can print it once.
+pub async fn bootstrap_admin(
+    store: &Store,
+    hasher: &KeyHasher,
+    prefix: &str,
+    data_dir: &Path,
+    now: OffsetDateTime,
+) -> Result<Option<PlainKey>, BootstrapError> {
+    if store.count_usable_tokens(now).await? > 0 {
+        return Ok(None);
+    }
+    let (record, secret) = new_token(hasher, prefix, "bootstrap", Role::Admin, None, "system:bootstrap", now, None)?;
+    let path = data_dir.join("admin-token");
+    write_private(&path, format!("{}\n", secret.expose()).as_bytes()).map_err(|source| {
+        BootstrapError::TokenFile {
+            path: path.display().to_string(),
+            source,
+        }
+    })?;
+    let audit = AuditEntry {
+        time: now,
+        actor: Actor {
+            id: "system:bootstrap".to_owned(),
+            name: "bootstrap".to_owned(),
+            ..Actor::default()
+        },
+        action: "token.created".to_owned(),
+        target: format!("token:{}", record.id),
+        reason: Some("first start: no usable admin token".to_owned()),
+        details: serde_json::json!({"role": "admin", "name": "bootstrap"}).to_string(),
+    };
+    store.insert_token(&record, &audit).await?;
+    tracing::info!(token_id = %record.id, path = %path.display(), "created bootstrap admin token");
+    Ok(Some(secret))
+}

@@ -1,0 +1,53 @@
+//! Server configuration, filled by the binary from flags and environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `sqlite://…` or `postgres://…`; default: SQLite in the data directory.
+    pub database_url: Option<String>,
+    /// The deployment's key prefix (`kw` by default).
+    pub key_prefix: String,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Pepper lines (`v1:<hex>`), overriding the pepper file.
+    pub pepper: Option<String>,
+    pub default_ttl: time::Duration,
+    pub max_ttl: time::Duration,
+    pub default_rotation_grace: time::Duration,
+    /// How often buffered usage events are written. The crash-loss window is this plus
+    /// one batch write.
+    pub usage_flush_interval: Duration,
+    /// Whether to print the bootstrap token to stdout (the binary does; tests read the file).
+    pub print_bootstrap_token: bool,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8470)),
+            data_dir,
+            database_url: None,
+            key_prefix: keywarden_core::key_format::DEFAULT_PREFIX.to_owned(),
+            trusted_proxies: Vec::new(),
+            pepper: None,
+            default_ttl: time::Duration::days(90),
+            max_ttl: time::Duration::days(365),
+            default_rotation_grace: time::Duration::hours(24),
+            usage_flush_interval: Duration::from_millis(5),
+            print_bootstrap_token: false,
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("keywarden.db").display())
+        })
+    }
+}

@@ -1,0 +1,142 @@
+//! Extractors that turn axum's rejections into our error body with stable codes.
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::http::header::CONTENT_TYPE;
+use serde_json::error::Category;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use keywarden_proto::codes;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// JSON body. Unknown fields, bad types, bad syntax, a wrong content type and an oversized
+/// body each get their own code.
+pub struct JsonBody<T>(pub T);
+
+/// Like [`JsonBody`], but an empty body means `T::default()` (for actions whose body is
+/// optional, such as `{"reason": …}`).
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match read_json(req, state).await? {
+            Some(v) => Ok(Self(v)),
+            None => Err(ApiError::bad_request(codes::INVALID_BODY, "a JSON body is required")),
+        }
+    }
+}
+
+impl<S, T> FromRequest<S> for OptionalJsonBody<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Ok(Self(read_json(req, state).await?.unwrap_or_default()))
+    }
+}
+
+async fn read_json<S: Send + Sync, T: DeserializeOwned>(req: Request, state: &S) -> Result<Option<T>, ApiError> {
+    let is_json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| {
+            let v = v.trim();
+            v.eq_ignore_ascii_case("application/json") || v.ends_with("+json")
+        })
+        .unwrap_or(false);
+    let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::Coded {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: codes::BODY_TOO_LARGE,
+                message: "request body is larger than 64 KiB".to_owned(),
+            }
+        } else {
+            ApiError::bad_request(codes::INVALID_BODY, "could not read the request body")
+        }
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    if !is_json {
+        return Err(ApiError::Coded {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: codes::UNSUPPORTED_MEDIA_TYPE,
+            message: "expected `Content-Type: application/json`".to_owned(),
+        });
+    }
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        let message = redact_quoted(&e.to_string());
+        let code = match e.classify() {
+            Category::Data if message.contains("unknown field") => codes::UNKNOWN_FIELD,
+            Category::Data => codes::INVALID_BODY,
+            Category::Syntax | Category::Eof | Category::Io => codes::MALFORMED_JSON,
+        };
+        ApiError::bad_request(code, message)
+    })
+}
+
+/// Query string; unknown parameters are errors so a typo does not silently widen a list.
+pub struct QueryParams<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for QueryParams<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Self(v)),
+            Err(r) => Err(query_rejection(r)),
+        }
+    }
+}
+
+fn query_rejection(r: QueryRejection) -> ApiError {
+    ApiError::bad_request(codes::INVALID_QUERY, r.body_text())
+}
+
+/// serde quotes offending string values in its messages (`invalid type: string "…"`); a
+/// caller who put a key in the wrong field must not get it echoed into an error.
+pub(crate) fn redact_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut inside = false;
+    for c in msg.chars() {
+        if c == '"' {
+            if inside {
+                out.push_str("…\"");
+            } else {
+                out.push('"');
+            }
+            inside = !inside;
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quoted_values_are_redacted() {
+        let m = super::redact_quoted(r#"invalid type: string "kw_prod_secret", expected u64 at line 1"#);
+        assert_eq!(m, "invalid type: string \"…\", expected u64 at line 1");
+    }
+}

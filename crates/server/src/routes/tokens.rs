@@ -1,0 +1,140 @@
+//! `/v1/tokens`: keywarden's own admin tokens, with roles.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use keywarden_core::duration::parse_duration;
+use keywarden_core::role::{Permission, Role};
+use keywarden_core::validate;
+use keywarden_proto::{codes, CreateTokenRequest, CreatedToken, ErrorBody, Secret, TokenList, TokenView};
+use serde_json::json;
+
+use super::{audit, parse_key_id};
+use crate::auth::Principal;
+use crate::bootstrap::new_token;
+use crate::error::{violation, ApiError};
+use crate::extract::JsonBody;
+use crate::state::SharedState;
+use crate::views::token_view;
+
+/// Create an admin token (role `admin` required). The secret is returned once.
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = CreateTokenRequest,
+    responses((status = 201, body = CreatedToken), (status = 422, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_token(
+    State(app): State<SharedState>,
+    principal: Principal,
+    JsonBody(req): JsonBody<CreateTokenRequest>,
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    principal.require(Permission::TokensWrite)?;
+    let now = app.now();
+    let mut v = Vec::new();
+    if let Err(e) = validate::name("name", &req.name) {
+        v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
+    }
+    let role = match req.role.parse::<Role>() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            v.push(violation(codes::FIELD_INVALID, "role", e.to_string()));
+            None
+        }
+    };
+    if let Some(envs) = &req.environments {
+        if role.is_some_and(|r| r != Role::Issuer) {
+            v.push(violation(codes::FIELD_INVALID, "environments", "only issuer tokens are limited to environments"));
+        }
+        if envs.is_empty() {
+            v.push(violation(codes::FIELD_INVALID, "environments", "give at least one environment, or leave it out for all"));
+        }
+        for e in envs {
+            if let Err(e) = validate::environment(e) {
+                v.push(violation(codes::FIELD_INVALID, "environments", e.message));
+            }
+        }
+    }
+    let expires_at = match req.ttl.as_deref().map(parse_duration).transpose() {
+        Ok(Some(d)) if d <= time::Duration::ZERO => {
+            v.push(violation(codes::DURATION_INVALID, "ttl", "must be longer than zero"));
+            None
+        }
+        Ok(d) => d.map(|d| now + d),
+        Err(e) => {
+            v.push(violation(codes::DURATION_INVALID, "ttl", e.to_string()));
+            None
+        }
+    };
+    let (Some(role), true) = (role, v.is_empty()) else {
+        return Err(ApiError::Validation(v));
+    };
+    let mut environments = req.environments.clone();
+    if let Some(e) = environments.as_mut() {
+        e.sort();
+        e.dedup();
+    }
+    let (record, secret) = new_token(
+        &app.hasher,
+        &app.config.key_prefix,
+        &req.name,
+        role,
+        environments.clone(),
+        &principal.actor().id,
+        now,
+        expires_at,
+    )
+    .map_err(|e| ApiError::invalid(codes::FIELD_INVALID, "token", e.to_string()))?;
+    let entry = audit(
+        principal.actor(),
+        now,
+        "token.created",
+        format!("token:{}", record.id),
+        None,
+        json!({ "name": record.name, "role": role.as_str(), "environments": environments,
+                "expires_at": expires_at.map(|t| t.unix_timestamp()) }),
+    );
+    app.store.insert_token(&record, &entry).await?;
+    app.tokens.evict(&record.id);
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            token: token_view(&record),
+            secret: Secret(secret.expose().to_owned()),
+        }),
+    ))
+}
+
+/// List admin tokens (never their secrets).
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    responses((status = 200, body = TokenList), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_tokens(State(app): State<SharedState>, principal: Principal) -> Result<Json<TokenList>, ApiError> {
+    principal.require(Permission::TokensRead)?;
+    let tokens = app.store.list_tokens().await?;
+    Ok(Json(TokenList {
+        tokens: tokens.iter().map(token_view).collect(),
+    }))
+}
+
+/// Revoke an admin token; it stops working at once.
+#[utoipa::path(post, path = "/v1/tokens/{id}/revoke", tag = "tokens",
+    params(("id" = String, Path, description = "token id")),
+    responses((status = 200, body = TokenView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn revoke_token(
+    State(app): State<SharedState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<TokenView>, ApiError> {
+    principal.require(Permission::TokensWrite)?;
+    let id = parse_key_id(&id)?;
+    let now = app.now();
+    let entry = audit(principal.actor(), now, "token.revoked", format!("token:{id}"), None, json!({}));
+    if !app.store.revoke_token(&id, now, &entry).await? {
+        return match app.store.get_token(&id).await? {
+            Some(_) => Err(ApiError::InvalidState("token is already revoked".to_owned())),
+            None => Err(ApiError::TokenNotFound(id.to_string())),
+        };
+    }
+    app.tokens.evict(&id);
+    let token = app.store.get_token(&id).await?.ok_or_else(|| ApiError::TokenNotFound(id.to_string()))?;
+    Ok(Json(token_view(&token)))
+}

@@ -1,0 +1,195 @@
+//! `POST /v1/verify`: the hot path for gateways and services.
+//!
+//! Parse and checksum first (no IO for junk), then the cache (store only on a miss), a
+//! constant-time hash comparison, the pure decision, and for capped keys one atomic
+//! decrement in the store. Every answer is queued as a usage event.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use keywarden_core::key_format::{self, ADMIN_ENV};
+use keywarden_core::model::UsageEvent;
+use keywarden_core::role::Permission;
+use keywarden_core::scope::Scope;
+use keywarden_core::verify::{decide, VerifyCode, VerifyRequest};
+use keywarden_core::{validate, KeyId, KeyRecord};
+use keywarden_proto::{codes, ErrorBody, VerifyRequest as WireRequest, VerifyResponse};
+use time::OffsetDateTime;
+
+use crate::auth::Principal;
+use crate::error::{violation, ApiError};
+use crate::extract::JsonBody;
+use crate::state::{AppState, SharedState};
+
+/// Verify a key. Always 200 for a well-formed request; `valid` and `code` say the verdict.
+#[utoipa::path(post, path = "/v1/verify", tag = "verify", request_body = keywarden_proto::VerifyRequest,
+    responses((status = 200, body = VerifyResponse), (status = 422, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn verify(
+    State(app): State<SharedState>,
+    principal: Principal,
+    JsonBody(req): JsonBody<WireRequest>,
+) -> Result<Json<VerifyResponse>, ApiError> {
+    principal.require(Permission::Verify)?;
+    let ask = validate_request(&req, principal.client_ip)?;
+    let now = app.now();
+    let outcome = check(&app, &req.key, &ask, now).await?;
+    let event = UsageEvent {
+        key_id: outcome.key_id.clone(),
+        time: now,
+        code: outcome.code,
+        source_ip: ask.source_ip.map(|ip| ip.to_string()),
+        scope: ask.scope.as_ref().map(ToString::to_string),
+        environment: ask.environment.clone(),
+        subject: req.subject,
+        user_agent: principal.user_agent,
+        counted: outcome.counted,
+    };
+    app.usage
+        .send(event)
+        .await
+        .map_err(|_| ApiError::Coded {
+            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            code: codes::STORE_UNAVAILABLE,
+            message: "server is shutting down".to_owned(),
+        })?;
+    Ok(Json(outcome.into_response()))
+}
+
+fn validate_request(req: &WireRequest, client_ip: Option<IpAddr>) -> Result<VerifyRequest, ApiError> {
+    let mut v = Vec::new();
+    let scope = match req.scope.as_deref().map(Scope::requested).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            v.push(violation(codes::SCOPE_INVALID, "scope", e.to_string()));
+            None
+        }
+    };
+    if let Some(env) = &req.environment {
+        if let Err(e) = validate::environment(env) {
+            v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
+        }
+    }
+    let source_ip = match req.source_ip.as_deref() {
+        None => client_ip,
+        Some(s) => match s.trim().parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                v.push(violation(codes::FIELD_INVALID, "source_ip", "not an IPv4 or IPv6 address"));
+                None
+            }
+        },
+    };
+    if let Some(s) = &req.subject {
+        if s.is_empty() || s.len() > 255 || s.chars().any(char::is_control) {
+            v.push(violation(codes::FIELD_INVALID, "subject", "1-255 characters, no control characters"));
+        }
+    }
+    if !v.is_empty() {
+        return Err(ApiError::Validation(v));
+    }
+    Ok(VerifyRequest {
+        scope,
+        environment: req.environment.clone(),
+        source_ip,
+    })
+}
+
+struct Outcome {
+    code: VerifyCode,
+    key_id: Option<KeyId>,
+    /// Set when the caller proved possession of the key (hash matched).
+    key: Option<Arc<KeyRecord>>,
+    remaining_uses: Option<u64>,
+    counted: bool,
+}
+
+impl Outcome {
+    fn unknown(code: VerifyCode, key_id: Option<KeyId>) -> Self {
+        Self {
+            code,
+            key_id,
+            key: None,
+            remaining_uses: None,
+            counted: false,
+        }
+    }
+
+    fn into_response(self) -> VerifyResponse {
+        let valid = self.code == VerifyCode::Valid;
+        let mut r = VerifyResponse {
+            valid,
+            code: self.code.as_str().to_owned(),
+            key_id: None,
+            owner: None,
+            environment: None,
+            scopes: None,
+            expires_at: None,
+            remaining_uses: None,
+        };
+        if let Some(k) = self.key {
+            r.key_id = Some(k.id.to_string());
+            if valid {
+                r.owner = Some(k.owner.clone());
+                r.environment = Some(k.environment.clone());
+                r.scopes = Some(k.scopes.iter().map(ToString::to_string).collect());
+                r.expires_at = Some(k.expires_at);
+                r.remaining_uses = self.remaining_uses;
+            }
+        }
+        r
+    }
+}
+
+async fn check(app: &AppState, key: &str, ask: &VerifyRequest, now: OffsetDateTime) -> Result<Outcome, ApiError> {
+    let Ok(parsed) = key_format::parse(key, &app.config.key_prefix) else {
+        return Ok(Outcome::unknown(VerifyCode::Malformed, None));
+    };
+    if parsed.environment == ADMIN_ENV {
+        // Admin tokens authenticate to keywarden; they are not keys for other systems.
+        return Ok(Outcome::unknown(VerifyCode::NotFound, None));
+    }
+    let record = match app.keys.get(&parsed.id) {
+        Some(entry) => entry,
+        None => {
+            let generation = app.keys.generation();
+            let loaded = app.store.get_key(&parsed.id).await?.map(Arc::new);
+            app.keys.insert(parsed.id.clone(), loaded.clone(), generation);
+            loaded
+        }
+    };
+    let Some(record) = record else {
+        return Ok(Outcome::unknown(VerifyCode::NotFound, Some(parsed.id)));
+    };
+    if !app.hasher.matches(&parsed.plain, &record.hash) {
+        // Right id, wrong secret: recorded against the key id, answered as unknown.
+        return Ok(Outcome::unknown(VerifyCode::NotFound, Some(parsed.id)));
+    }
+    let mut outcome = Outcome {
+        code: VerifyCode::Valid,
+        key_id: Some(record.id.clone()),
+        key: Some(record.clone()),
+        remaining_uses: None,
+        counted: false,
+    };
+    if let Err(code) = decide(&record, ask, now) {
+        outcome.code = code;
+        return Ok(outcome);
+    }
+    if record.max_uses.is_some() {
+        // Caps are spent in the store, atomically, never in the cache.
+        match app.store.consume_use(&record.id).await? {
+            Some(left) => {
+                outcome.remaining_uses = Some(left);
+                outcome.counted = true;
+            }
+            None => {
+                outcome.code = VerifyCode::UsageExhausted;
+                app.keys.evict(&record.id);
+            }
+        }
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,82 @@
+//! The usage pipeline: verify handlers enqueue events; one writer drains the queue on a
+//! short tick and writes each drain as one batch. Waking a writer per event costs a large
+//! share of throughput (DESIGN.md); a tick of a few milliseconds does not.
+
+use std::time::Duration;
+
+use keywarden_core::model::UsageEvent;
+use keywarden_store::Store;
+use tokio::sync::{mpsc, watch};
+
+/// Bounded so a stalled store pushes back on verify instead of eating memory; nothing is
+/// dropped.
+pub const QUEUE_CAPACITY: usize = 65_536;
+const MAX_BATCH: usize = 5_000;
+
+pub fn channel() -> (mpsc::Sender<UsageEvent>, mpsc::Receiver<UsageEvent>) {
+    mpsc::channel(QUEUE_CAPACITY)
+}
+
+/// Runs until `shutdown` flips to true, then drains every queued event and returns.
+pub async fn run_writer(
+    store: Store,
+    mut rx: mpsc::Receiver<UsageEvent>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        // Drain what is queued now, in batches; stop once a drain comes back short.
+        loop {
+            let full = drain(&mut rx, &mut batch);
+            write(&store, &mut batch).await;
+            if !full {
+                break;
+            }
+        }
+    }
+    rx.close();
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        write(&store, &mut batch).await;
+    }
+    tracing::info!("usage events flushed");
+}
+
+/// Writes a batch, retrying until it lands: usage is an audit record, not telemetry.
+async fn write(store: &Store, batch: &mut Vec<UsageEvent>) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match store.record_usage(batch).await {
+            Ok(()) => {
+                batch.clear();
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = batch.len(), "writing usage events failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Moves queued events into `batch` without waiting; true when it stopped because the
+/// batch is full (so more may be queued).
+fn drain(rx: &mut mpsc::Receiver<UsageEvent>, batch: &mut Vec<UsageEvent>) -> bool {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(e) => batch.push(e),
+            Err(_) => return false,
+        }
+    }
+    true
+}

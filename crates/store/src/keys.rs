@@ -1,0 +1,256 @@
+//! Keys: insert, read, list, change state (optimistically), rotate, count capped uses.
+
+use keywarden_core::model::{AuditEntry, KeyRecord, KeyState, Subject};
+use keywarden_core::clock::from_millis;
+use keywarden_core::KeyId;
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::rows::{insert_audit, json, key_from_row, ms, opt_ms, Params, KEY_COLUMNS};
+use crate::{Result, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFilter {
+    Active,
+    Suspended,
+    Revoked,
+    Expired,
+}
+
+impl From<KeyState> for StateFilter {
+    fn from(s: KeyState) -> Self {
+        match s {
+            KeyState::Active => Self::Active,
+            KeyState::Suspended => Self::Suspended,
+            KeyState::Revoked => Self::Revoked,
+            KeyState::Expired => Self::Expired,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct KeyFilter {
+    pub environment: Option<String>,
+    pub owner: Option<String>,
+    pub system: Option<String>,
+    pub state: Option<StateFilter>,
+    /// Restricts to these environments (an issuer's reach). `None`: no restriction.
+    pub environments: Option<Vec<String>>,
+}
+
+impl Store {
+    pub async fn insert_key(&self, key: &KeyRecord, audit: &AuditEntry) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        insert_key_row(&mut tx, key).await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = $1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    /// Newest first. `after` is the `seq` cursor returned by the previous page.
+    pub async fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        now: OffsetDateTime,
+        limit: u32,
+        after: Option<i64>,
+    ) -> Result<(Vec<KeyRecord>, Option<i64>)> {
+        let mut p = Params::default();
+        let mut clauses: Vec<String> = Vec::new();
+        if let Some(env) = &filter.environment {
+            clauses.push(format!("environment = {}", p.push_text(env)));
+        }
+        if let Some(owner) = &filter.owner {
+            clauses.push(format!("owner = {}", p.push_text(owner)));
+        }
+        if let Some(system) = &filter.system {
+            clauses.push(format!(
+                "id IN (SELECT key_id FROM key_systems WHERE system = {})",
+                p.push_text(system)
+            ));
+        }
+        if let Some(envs) = &filter.environments {
+            if envs.is_empty() {
+                return Ok((Vec::new(), None));
+            }
+            let list: Vec<String> = envs.iter().map(|e| p.push_text(e)).collect();
+            clauses.push(format!("environment IN ({})", list.join(", ")));
+        }
+        if let Some(state) = filter.state {
+            let now = p.push_int(ms(now));
+            clauses.push(match state {
+                StateFilter::Active => format!("(state = 'active' AND expires_at > {now})"),
+                StateFilter::Suspended => format!("(state = 'suspended' AND expires_at > {now})"),
+                StateFilter::Revoked => "state = 'revoked'".to_owned(),
+                StateFilter::Expired => format!(
+                    "(state = 'expired' OR (state IN ('active', 'suspended') AND expires_at <= {now}))"
+                ),
+            });
+        }
+        if let Some(after) = after {
+            clauses.push(format!("seq < {}", p.push_int(after)));
+        }
+        let where_clause = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        // One extra row tells whether there is a next page.
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keys {where_clause} ORDER BY seq DESC LIMIT {}",
+            u64::from(limit) + 1
+        );
+        let rows = p.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut last_seq = None;
+        for row in rows.iter().take(limit as usize) {
+            keys.push(key_from_row(row)?);
+            last_seq = Some(row.try_get::<i64, _>("seq")?);
+        }
+        let next = if rows.len() > limit as usize { last_seq } else { None };
+        Ok((keys, next))
+    }
+
+    /// Saves the mutable lifecycle fields of `key` if nobody changed it since `key.version`
+    /// was read. Returns false on a lost race; the caller re-reads and decides again.
+    pub async fn update_key_state(&self, key: &KeyRecord, audit: &AuditEntry) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        if !update_lifecycle(&mut tx, key).await? {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Ends `old` (already updated by the caller: new expiry, `rotated_to`) and inserts its
+    /// successor in one transaction, with both audit entries.
+    pub async fn rotate_key(
+        &self,
+        old: &KeyRecord,
+        successor: &KeyRecord,
+        audits: &[AuditEntry],
+    ) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        if !update_lifecycle(&mut tx, old).await? {
+            return Ok(false);
+        }
+        insert_key_row(&mut tx, successor).await?;
+        for a in audits {
+            insert_audit(&mut tx, a).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Counts one use against a key's cap, atomically in the database so that concurrent
+    /// verifies (on any node) cannot overspend it. Returns the uses left after this one,
+    /// or `None` when the cap was already reached.
+    pub async fn consume_use(&self, id: &KeyId) -> Result<Option<u64>> {
+        let row = sqlx::query(
+            "UPDATE keys SET uses = uses + 1 WHERE id = $1 AND max_uses IS NOT NULL \
+             AND uses < max_uses RETURNING max_uses - uses AS remaining",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => {
+                let remaining: i64 = row.try_get("remaining")?;
+                Ok(Some(u64::try_from(remaining).unwrap_or(0)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub async fn subjects(&self, id: &KeyId) -> Result<Vec<Subject>> {
+        let rows = sqlx::query(
+            "SELECT subject, first_seen, last_seen FROM key_subjects WHERE key_id = $1 \
+             ORDER BY first_seen, subject",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Subject {
+                    subject: r.try_get("subject")?,
+                    first_seen: from_millis(r.try_get("first_seen")?),
+                    last_seen: from_millis(r.try_get("last_seen")?),
+                })
+            })
+            .collect()
+    }
+}
+
+async fn insert_key_row(tx: &mut sqlx::Transaction<'static, sqlx::Any>, key: &KeyRecord) -> Result<()> {
+    let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+    let cidrs: Vec<String> = key.allowed_cidrs.iter().map(ToString::to_string).collect();
+    sqlx::query(
+        "INSERT INTO keys (id, hash, pepper_version, hint, name, description, owner, systems, \
+         environment, scopes, created_at, created_by, expires_at, state, state_reason, \
+         state_changed_at, allowed_cidrs, max_uses, uses, last_used_at, last_used_from, \
+         rotated_from, rotated_to, metadata, version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+         $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)",
+    )
+    .bind(key.id.as_str())
+    .bind(key.hash.to_hex())
+    .bind(i64::from(key.hash.pepper_version))
+    .bind(&key.hint)
+    .bind(&key.name)
+    .bind(&key.description)
+    .bind(&key.owner)
+    .bind(json(&key.systems)?)
+    .bind(&key.environment)
+    .bind(json(&scopes)?)
+    .bind(ms(key.created_at))
+    .bind(&key.created_by)
+    .bind(ms(key.expires_at))
+    .bind(key.state.as_str())
+    .bind(&key.state_reason)
+    .bind(opt_ms(key.state_changed_at))
+    .bind(json(&cidrs)?)
+    .bind(key.max_uses.map(|m| i64::try_from(m).unwrap_or(i64::MAX)))
+    .bind(i64::try_from(key.uses).unwrap_or(i64::MAX))
+    .bind(opt_ms(key.last_used_at))
+    .bind(&key.last_used_from)
+    .bind(key.rotated_from.as_ref().map(|k| k.as_str().to_owned()))
+    .bind(key.rotated_to.as_ref().map(|k| k.as_str().to_owned()))
+    .bind(json(&key.metadata)?)
+    .bind(key.version)
+    .execute(&mut **tx)
+    .await?;
+    for system in &key.systems {
+        sqlx::query("INSERT INTO key_systems (key_id, system) VALUES ($1, $2)")
+            .bind(key.id.as_str())
+            .bind(system)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn update_lifecycle(tx: &mut sqlx::Transaction<'static, sqlx::Any>, key: &KeyRecord) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE keys SET state = $1, state_reason = $2, state_changed_at = $3, expires_at = $4, \
+         rotated_to = $5, version = version + 1 WHERE id = $6 AND version = $7",
+    )
+    .bind(key.state.as_str())
+    .bind(&key.state_reason)
+    .bind(opt_ms(key.state_changed_at))
+    .bind(ms(key.expires_at))
+    .bind(key.rotated_to.as_ref().map(|k| k.as_str().to_owned()))
+    .bind(key.id.as_str())
+    .bind(key.version)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}

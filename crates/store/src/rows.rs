@@ -1,0 +1,189 @@
+//! Row <-> domain conversions. A row that does not decode is reported as corrupt data,
+//! never unwrapped.
+
+use std::collections::BTreeMap;
+
+use keywarden_core::clock::{from_millis, to_millis};
+use keywarden_core::hashing::KeyHash;
+use keywarden_core::model::{KeyRecord, KeyState, TokenRecord};
+use keywarden_core::scope::Scope;
+use keywarden_core::KeyId;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::{Result, StoreError};
+
+pub fn decode_error(what: &str, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {detail}"))
+}
+
+pub(crate) fn ms(t: OffsetDateTime) -> i64 {
+    to_millis(t)
+}
+
+pub(crate) fn opt_ms(t: Option<OffsetDateTime>) -> Option<i64> {
+    t.map(to_millis)
+}
+
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| decode_error("encode json", e))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| decode_error(what, e))
+}
+
+fn key_id(what: &str, s: &str) -> Result<KeyId> {
+    KeyId::parse(s).map_err(|e| decode_error(what, e))
+}
+
+fn hash(row: &AnyRow) -> Result<KeyHash> {
+    let version: i64 = row.try_get("pepper_version")?;
+    let hex: String = row.try_get("hash")?;
+    let version = u32::try_from(version).map_err(|e| decode_error("pepper_version", e))?;
+    KeyHash::from_hex(version, &hex).ok_or_else(|| decode_error("hash", "not 64 hex characters"))
+}
+
+fn u64_of(what: &str, v: i64) -> Result<u64> {
+    u64::try_from(v).map_err(|e| decode_error(what, e))
+}
+
+pub(crate) const KEY_COLUMNS: &str = "seq, id, hash, pepper_version, hint, name, description, \
+    owner, systems, environment, scopes, created_at, created_by, expires_at, state, state_reason, \
+    state_changed_at, allowed_cidrs, max_uses, uses, last_used_at, last_used_from, rotated_from, \
+    rotated_to, metadata, version";
+
+pub(crate) fn key_from_row(row: &AnyRow) -> Result<KeyRecord> {
+    let state: String = row.try_get("state")?;
+    let scopes: Vec<String> = from_json("scopes", &row.try_get::<String, _>("scopes")?)?;
+    let cidrs: Vec<String> = from_json("allowed_cidrs", &row.try_get::<String, _>("allowed_cidrs")?)?;
+    Ok(KeyRecord {
+        id: key_id("id", &row.try_get::<String, _>("id")?)?,
+        hash: hash(row)?,
+        hint: row.try_get("hint")?,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        owner: row.try_get("owner")?,
+        systems: from_json("systems", &row.try_get::<String, _>("systems")?)?,
+        environment: row.try_get("environment")?,
+        scopes: scopes
+            .iter()
+            .map(|s| Scope::granted(s).map_err(|e| decode_error("scopes", e)))
+            .collect::<Result<_>>()?,
+        created_at: from_millis(row.try_get("created_at")?),
+        created_by: row.try_get("created_by")?,
+        expires_at: from_millis(row.try_get("expires_at")?),
+        state: state
+            .parse::<KeyState>()
+            .map_err(|e| decode_error("state", e))?,
+        state_reason: row.try_get("state_reason")?,
+        state_changed_at: row.try_get::<Option<i64>, _>("state_changed_at")?.map(from_millis),
+        allowed_cidrs: cidrs
+            .iter()
+            .map(|c| c.parse().map_err(|e| decode_error("allowed_cidrs", e)))
+            .collect::<Result<_>>()?,
+        max_uses: row
+            .try_get::<Option<i64>, _>("max_uses")?
+            .map(|v| u64_of("max_uses", v))
+            .transpose()?,
+        uses: u64_of("uses", row.try_get("uses")?)?,
+        last_used_at: row.try_get::<Option<i64>, _>("last_used_at")?.map(from_millis),
+        last_used_from: row.try_get("last_used_from")?,
+        rotated_from: row
+            .try_get::<Option<String>, _>("rotated_from")?
+            .map(|s| key_id("rotated_from", &s))
+            .transpose()?,
+        rotated_to: row
+            .try_get::<Option<String>, _>("rotated_to")?
+            .map(|s| key_id("rotated_to", &s))
+            .transpose()?,
+        metadata: from_json::<BTreeMap<String, String>>(
+            "metadata",
+            &row.try_get::<String, _>("metadata")?,
+        )?,
+        version: row.try_get("version")?,
+    })
+}
+
+pub(crate) fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
+    let role: String = row.try_get("role")?;
+    Ok(TokenRecord {
+        id: key_id("id", &row.try_get::<String, _>("id")?)?,
+        hash: hash(row)?,
+        hint: row.try_get("hint")?,
+        name: row.try_get("name")?,
+        role: role.parse().map_err(|e| decode_error("role", e))?,
+        environments: row
+            .try_get::<Option<String>, _>("environments")?
+            .map(|s| from_json("environments", &s))
+            .transpose()?,
+        created_at: from_millis(row.try_get("created_at")?),
+        created_by: row.try_get("created_by")?,
+        expires_at: row.try_get::<Option<i64>, _>("expires_at")?.map(from_millis),
+        revoked_at: row.try_get::<Option<i64>, _>("revoked_at")?.map(from_millis),
+    })
+}
+
+/// Postgres and SQLite both accept `$N`; this numbers them while a query is assembled.
+#[derive(Default)]
+pub(crate) struct Params {
+    pub values: Vec<Param>,
+}
+
+pub(crate) enum Param {
+    Int(i64),
+    Text(String),
+}
+
+impl Params {
+    pub fn push_int(&mut self, v: i64) -> String {
+        self.values.push(Param::Int(v));
+        format!("${}", self.values.len())
+    }
+
+    pub fn push_text(&mut self, v: impl Into<String>) -> String {
+        self.values.push(Param::Text(v.into()));
+        format!("${}", self.values.len())
+    }
+
+    pub fn bind<'q>(
+        self,
+        mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        for p in self.values {
+            q = match p {
+                Param::Int(v) => q.bind(v),
+                Param::Text(v) => q.bind(v),
+            };
+        }
+        q
+    }
+}
+
+pub(crate) use keywarden_core::model::AuditEntry;
+
+/// Writes one audit entry inside the caller's transaction: the change and its audit row
+/// commit together or not at all.
+pub(crate) async fn insert_audit(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    e: &AuditEntry,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (time, actor, actor_name, source_ip, user_agent, request_id, \
+         action, target, reason, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(ms(e.time))
+    .bind(&e.actor.id)
+    .bind(&e.actor.name)
+    .bind(&e.actor.source_ip)
+    .bind(&e.actor.user_agent)
+    .bind(&e.actor.request_id)
+    .bind(&e.action)
+    .bind(&e.target)
+    .bind(&e.reason)
+    .bind(&e.details)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! Usage events: written in batches by the server's usage writer, read newest first.
+
+use std::collections::HashMap;
+
+use keywarden_core::clock::from_millis;
+use keywarden_core::model::UsageEvent;
+use keywarden_core::verify::VerifyCode;
+use keywarden_core::KeyId;
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::rows::{decode_error, ms, Params};
+use crate::{Result, Store};
+
+/// Rows per INSERT statement: 9 parameters each stays far below both backends' limits.
+const ROWS_PER_INSERT: usize = 500;
+
+#[derive(Debug, Clone)]
+pub struct StoredUsage {
+    pub seq: i64,
+    pub event: UsageEvent,
+}
+
+impl Store {
+    /// Writes a batch of usage events in one transaction, and folds them into the keys:
+    /// `uses` (for uncapped keys; capped ones were counted at verify time), `last_used_*`,
+    /// and the distinct subjects a key enrolled.
+    pub async fn record_usage(&self, events: &[UsageEvent]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        for chunk in events.chunks(ROWS_PER_INSERT) {
+            let mut p = Params::default();
+            let mut tuples = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let cols = [
+                    e.key_id.as_ref().map_or_else(|| "NULL".to_owned(), |k| p.push_text(k.as_str())),
+                    p.push_int(ms(e.time)),
+                    p.push_text(e.code.as_str()),
+                    opt_text(&mut p, &e.source_ip),
+                    opt_text(&mut p, &e.scope),
+                    opt_text(&mut p, &e.environment),
+                    opt_text(&mut p, &e.subject),
+                    opt_text(&mut p, &e.user_agent),
+                ];
+                tuples.push(format!("({})", cols.join(", ")));
+            }
+            let sql = format!(
+                "INSERT INTO usage_events (key_id, time, code, source_ip, scope, environment, \
+                 subject, user_agent) VALUES {}",
+                tuples.join(", ")
+            );
+            p.bind(sqlx::query(&sql)).execute(&mut *tx).await?;
+        }
+
+        // Fold valid uses per key: the newest time and address win.
+        struct Fold<'a> {
+            uncounted: i64,
+            last_at: OffsetDateTime,
+            last_from: Option<&'a str>,
+        }
+        let mut per_key: HashMap<&str, Fold<'_>> = HashMap::new();
+        for e in events.iter().filter(|e| e.code == VerifyCode::Valid) {
+            let Some(id) = &e.key_id else { continue };
+            let f = per_key.entry(id.as_str()).or_insert(Fold {
+                uncounted: 0,
+                last_at: e.time,
+                last_from: None,
+            });
+            if !e.counted {
+                f.uncounted += 1;
+            }
+            if e.time >= f.last_at {
+                f.last_at = e.time;
+                f.last_from = e.source_ip.as_deref().or(f.last_from);
+            }
+        }
+        for (id, f) in &per_key {
+            sqlx::query(
+                "UPDATE keys SET uses = uses + $1, \
+                 last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at <= $2 THEN $2 ELSE last_used_at END, \
+                 last_used_from = CASE WHEN last_used_at IS NULL OR last_used_at <= $2 THEN $3 ELSE last_used_from END \
+                 WHERE id = $4",
+            )
+            .bind(f.uncounted)
+            .bind(ms(f.last_at))
+            .bind(f.last_from.map(str::to_owned))
+            .bind(*id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for e in events.iter().filter(|e| e.code == VerifyCode::Valid) {
+            if let (Some(id), Some(subject)) = (&e.key_id, &e.subject) {
+                sqlx::query(
+                    "INSERT INTO key_subjects (key_id, subject, first_seen, last_seen) \
+                     VALUES ($1, $2, $3, $3) ON CONFLICT (key_id, subject) DO UPDATE \
+                     SET last_seen = CASE WHEN excluded.last_seen > key_subjects.last_seen \
+                     THEN excluded.last_seen ELSE key_subjects.last_seen END",
+                )
+                .bind(id.as_str())
+                .bind(subject)
+                .bind(ms(e.time))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Usage events of one key, newest first; `before` is the previous page's cursor.
+    pub async fn list_usage(
+        &self,
+        id: &KeyId,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<(Vec<StoredUsage>, Option<i64>)> {
+        let rows = sqlx::query(
+            "SELECT seq, key_id, time, code, source_ip, scope, environment, subject, user_agent \
+             FROM usage_events WHERE key_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+        )
+        .bind(id.as_str())
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows.iter().take(limit as usize) {
+            let code: String = row.try_get("code")?;
+            out.push(StoredUsage {
+                seq: row.try_get("seq")?,
+                event: UsageEvent {
+                    key_id: Some(id.clone()),
+                    time: from_millis(row.try_get("time")?),
+                    code: code.parse().map_err(|e| decode_error("code", e))?,
+                    source_ip: row.try_get("source_ip")?,
+                    scope: row.try_get("scope")?,
+                    environment: row.try_get("environment")?,
+                    subject: row.try_get("subject")?,
+                    user_agent: row.try_get("user_agent")?,
+                    counted: false,
+                },
+            });
+        }
+        let next = if rows.len() > limit as usize {
+            out.last().map(|u| u.seq)
+        } else {
+            None
+        };
+        Ok((out, next))
+    }
+
+    /// Number of stored usage events (all keys); used by tests and the benchmark.
+    pub async fn count_usage(&self) -> Result<i64> {
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM usage_events")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
+    }
+}
+
+fn opt_text(p: &mut Params, v: &Option<String>) -> String {
+    match v {
+        Some(s) => p.push_text(s.as_str()),
+        None => "NULL".to_owned(),
+    }
+}
