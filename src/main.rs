@@ -1,1 +1,283 @@
-fn main() {}
+//! The `keywarden` binary: server and CLI in one.
+
+mod cli;
+mod output;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use keywarden_client::{Client, KeyQuery, PageQuery};
+use keywarden_proto::{CreateKeyRequest, CreateTokenRequest, RotateRequest, VerifyRequest};
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use cli::{Cli, Command, KeyCommand, ServeArgs, TokenCommand};
+
+/// Exit codes: 0 success, 1 a negative answer (invalid key), 2 usage or runtime error.
+const NEGATIVE: u8 = 1;
+const FAILURE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(FAILURE)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Serve(ref args) => serve(&cli, args).await.map(|()| 0),
+        Command::Key(ref cmd) => key(&cli, cmd).await,
+        Command::Verify(ref args) => verify(&cli, args).await,
+        Command::Token(ref cmd) => token(&cli, cmd).await,
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYWARDEN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
+    init_logging();
+    let mut config = keywarden_server::Config::new(cli.data_dir.clone());
+    config.listen = args.listen;
+    config.database_url.clone_from(&args.database_url);
+    config.key_prefix.clone_from(&args.key_prefix);
+    config.pepper = std::env::var("KEYWARDEN_PEPPER").ok();
+    config.trusted_proxies = args
+        .trusted_proxies
+        .iter()
+        .map(|c| c.parse().with_context(|| format!("--trusted-proxy {c:?} is not a CIDR")))
+        .collect::<Result<_>>()?;
+    let server = keywarden_server::start(config, Arc::new(SystemClock)).await?;
+    if let Some(token) = &server.bootstrap_token {
+        println!(
+            "Created the bootstrap admin token. It is shown once and saved to {} (mode 0600):\n\n    {}\n",
+            cli.data_dir.join("admin-token").display(),
+            token.expose()
+        );
+    }
+    println!("keywarden listening on http://{}", server.addr);
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing requests and flushing usage events");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+struct SystemClock;
+
+impl keywarden_core::clock::Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // the one real clock
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+fn client(cli: &Cli) -> Result<Client> {
+    let token = match &cli.token {
+        Some(t) => t.trim().to_owned(),
+        None => {
+            let path = cli.data_dir.join("admin-token");
+            std::fs::read_to_string(&path)
+                .with_context(|| {
+                    format!("no admin token: pass --token, set KEYWARDEN_TOKEN, or run from where {} exists", path.display())
+                })?
+                .trim()
+                .to_owned()
+        }
+    };
+    Ok(Client::new(&cli.server, Some(token))?)
+}
+
+fn print<T: Serialize>(cli: &Cli, value: &T, human: impl FnOnce(&T) -> String) -> Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        println!("{}", human(value));
+    }
+    Ok(())
+}
+
+fn parse_meta(entries: &[String]) -> Result<BTreeMap<String, String>> {
+    entries
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+            None => bail!("--meta {e:?}: expected KEY=VALUE"),
+        })
+        .collect()
+}
+
+async fn key(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
+    let c = client(cli)?;
+    match cmd {
+        KeyCommand::Create(a) => {
+            let expires_at = a
+                .expires_at
+                .as_deref()
+                .map(|s| OffsetDateTime::parse(s, &Rfc3339).with_context(|| format!("--expires-at {s:?} is not RFC 3339")))
+                .transpose()?;
+            let req = CreateKeyRequest {
+                name: a.name.clone(),
+                owner: a.owner.clone(),
+                environment: a.environment.clone(),
+                systems: a.systems.clone(),
+                scopes: a.scopes.clone(),
+                ttl: a.ttl.clone(),
+                expires_at,
+                allowed_cidrs: a.allowed_cidrs.clone(),
+                max_uses: a.max_uses,
+                description: a.description.clone(),
+                metadata: parse_meta(&a.metadata)?,
+            };
+            let created = c.create_key(&req).await?;
+            print(cli, &created, |c| {
+                format!(
+                    "{}\nSecret (shown once, store it now):\n\n    {}\n",
+                    output::key_details(&c.key),
+                    c.secret.0
+                )
+            })?;
+        }
+        KeyCommand::List(a) => {
+            let q = KeyQuery {
+                environment: a.environment.clone(),
+                owner: a.owner.clone(),
+                system: a.system.clone(),
+                state: a.state.clone(),
+                limit: a.limit,
+                cursor: a.cursor.clone(),
+            };
+            let list = c.list_keys(&q).await?;
+            print(cli, &list, |l| {
+                let mut s = output::keys_table(&l.keys);
+                if let Some(n) = &l.next_cursor {
+                    s.push_str(&format!("\nmore: --cursor {n}"));
+                }
+                s
+            })?;
+        }
+        KeyCommand::Show { id } => print(cli, &c.get_key(id).await?, output::key_details)?,
+        KeyCommand::Suspend(a) => print(cli, &c.change_state(&a.id, "suspend", a.reason.clone()).await?, output::key_details)?,
+        KeyCommand::Resume(a) => print(cli, &c.change_state(&a.id, "resume", a.reason.clone()).await?, output::key_details)?,
+        KeyCommand::Revoke(a) => print(cli, &c.change_state(&a.id, "revoke", a.reason.clone()).await?, output::key_details)?,
+        KeyCommand::Rotate(a) => {
+            let rotated = c
+                .rotate_key(&a.id, &RotateRequest { grace: a.grace.clone(), reason: a.reason.clone() })
+                .await?;
+            print(cli, &rotated, |r| {
+                format!(
+                    "{}\nOld key {} now ends at {}.\nSecret of the successor (shown once, store it now):\n\n    {}\n",
+                    output::key_details(&r.key),
+                    r.previous.id,
+                    output::ts(r.previous.expires_at),
+                    r.secret.0
+                )
+            })?;
+        }
+        KeyCommand::Usage(a) => {
+            let page = c
+                .key_usage(&a.id, &PageQuery { limit: a.limit, cursor: a.cursor.clone() })
+                .await?;
+            print(cli, &page, |p| output::usage_table(&p.events))?;
+        }
+    }
+    Ok(0)
+}
+
+async fn verify(cli: &Cli, a: &cli::VerifyArgs) -> Result<u8> {
+    let key = if a.key == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("reading the key from standard input")?;
+        s.trim().to_owned()
+    } else {
+        a.key.clone()
+    };
+    let c = client(cli)?;
+    let answer = c
+        .verify(&VerifyRequest {
+            key,
+            scope: a.scope.clone(),
+            environment: a.environment.clone(),
+            source_ip: a.source_ip.clone(),
+            subject: a.subject.clone(),
+        })
+        .await?;
+    print(cli, &answer, |r| match (&r.key_id, &r.owner) {
+        (Some(id), Some(owner)) => format!("{} key {id} (owner {owner})", r.code),
+        (Some(id), None) => format!("{} key {id}", r.code),
+        _ => r.code.clone(),
+    })?;
+    Ok(if answer.valid { 0 } else { NEGATIVE })
+}
+
+async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<u8> {
+    let c = client(cli)?;
+    match cmd {
+        TokenCommand::Create { name, role, environments, ttl } => {
+            let req = CreateTokenRequest {
+                name: name.clone(),
+                role: role.clone(),
+                environments: (!environments.is_empty()).then(|| environments.clone()),
+                ttl: ttl.clone(),
+            };
+            let created = c.create_token(&req).await?;
+            print(cli, &created, |t| {
+                format!(
+                    "{}\nToken secret (shown once, store it now):\n\n    {}\n",
+                    output::tokens_table(std::slice::from_ref(&t.token)),
+                    t.secret.0
+                )
+            })?;
+        }
+        TokenCommand::List => print(cli, &c.list_tokens().await?, |l| output::tokens_table(&l.tokens))?,
+        TokenCommand::Revoke { id } => {
+            print(cli, &c.revoke_token(id).await?, |t| output::tokens_table(std::slice::from_ref(t)))?
+        }
+    }
+    Ok(0)
+}

@@ -82,17 +82,23 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// What an admin token is for; see [`new_token`].
+pub struct TokenSpec<'a> {
+    pub name: &'a str,
+    pub role: Role,
+    pub environments: Option<Vec<String>>,
+    pub created_by: &'a str,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
 /// A new admin token: the record to store and the secret to hand out once.
 pub fn new_token(
     hasher: &KeyHasher,
     prefix: &str,
-    name: &str,
-    role: Role,
-    environments: Option<Vec<String>>,
-    created_by: &str,
+    spec: TokenSpec<'_>,
     now: OffsetDateTime,
-    expires_at: Option<OffsetDateTime>,
 ) -> Result<(TokenRecord, PlainKey), key_format::FormatError> {
+    let TokenSpec { name, role, environments, created_by, expires_at } = spec;
     let parsed = key_format::generate(&mut rand::rngs::OsRng, prefix, ADMIN_ENV)?;
     let record = TokenRecord {
         id: parsed.id.clone(),
@@ -121,7 +127,18 @@ pub async fn bootstrap_admin(
     if store.count_usable_tokens(now).await? > 0 {
         return Ok(None);
     }
-    let (record, secret) = new_token(hasher, prefix, "bootstrap", Role::Admin, None, "system:bootstrap", now, None)?;
+    let (record, secret) = new_token(
+        hasher,
+        prefix,
+        TokenSpec {
+            name: "bootstrap",
+            role: Role::Admin,
+            environments: None,
+            created_by: "system:bootstrap",
+            expires_at: None,
+        },
+        now,
+    )?;
     let path = data_dir.join("admin-token");
     write_private(&path, format!("{}\n", secret.expose()).as_bytes()).map_err(|source| {
         BootstrapError::TokenFile {

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{audit, parse_key_id};
 use crate::auth::Principal;
-use crate::bootstrap::new_token;
+use crate::bootstrap::{new_token, TokenSpec};
 use crate::error::{violation, ApiError};
 use crate::extract::JsonBody;
 use crate::state::SharedState;
@@ -71,16 +71,15 @@ pub async fn create_token(
         e.sort();
         e.dedup();
     }
-    let (record, secret) = new_token(
-        &app.hasher,
-        &app.config.key_prefix,
-        &req.name,
+    let created_by = principal.actor().id;
+    let spec = TokenSpec {
+        name: &req.name,
         role,
-        environments.clone(),
-        &principal.actor().id,
-        now,
+        environments: environments.clone(),
+        created_by: &created_by,
         expires_at,
-    )
+    };
+    let (record, secret) = new_token(&app.hasher, &app.config.key_prefix, spec, now)
     .map_err(|e| ApiError::invalid(codes::FIELD_INVALID, "token", e.to_string()))?;
     let entry = audit(
         principal.actor(),

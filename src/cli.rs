@@ -1,0 +1,188 @@
+//! The command line: clap definitions only.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "keywarden", version, about = "Governs provisioning keys: issue, verify, govern, audit.")]
+pub struct Cli {
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Server URL for client commands.
+    #[arg(long, global = true, env = "KEYWARDEN_SERVER", default_value = "http://127.0.0.1:8470")]
+    pub server: String,
+    /// Admin token for client commands; default: the file `admin-token` in the data directory.
+    #[arg(long, global = true, env = "KEYWARDEN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory (pepper, bootstrap token, SQLite database).
+    #[arg(long, global = true, env = "KEYWARDEN_DATA_DIR", default_value = "./keywarden-data")]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Issue and manage keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Verify a key the way a gateway would; exit 0 when valid, 1 otherwise.
+    Verify(VerifyArgs),
+    /// Manage keywarden's own admin tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KEYWARDEN_LISTEN", default_value = "127.0.0.1:8470")]
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` or `postgres://…`; default: SQLite in the data directory.
+    #[arg(long, env = "KEYWARDEN_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Proxies whose X-Forwarded-For is trusted (repeatable CIDR).
+    #[arg(long = "trusted-proxy", env = "KEYWARDEN_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+    /// Prefix of every key this deployment issues.
+    #[arg(long, env = "KEYWARDEN_KEY_PREFIX", default_value = "kw")]
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Issue a key; its secret is printed once.
+    Create(CreateKeyArgs),
+    /// List keys, newest first.
+    List(ListKeysArgs),
+    /// Show one key.
+    Show { id: String },
+    /// Suspend a key (reversible).
+    Suspend(StateArgs),
+    /// Resume a suspended key.
+    Resume(StateArgs),
+    /// Revoke a key (final).
+    Revoke(StateArgs),
+    /// Make a successor; the old key works until the grace period ends.
+    Rotate(RotateArgs),
+    /// Show a key's usage events, newest first.
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateKeyArgs {
+    #[arg(long)]
+    pub name: String,
+    /// The person accountable for the key (e.g. an e-mail address).
+    #[arg(long)]
+    pub owner: String,
+    #[arg(long)]
+    pub environment: String,
+    /// A system the key touches (repeatable).
+    #[arg(long = "system")]
+    pub systems: Vec<String>,
+    /// A scope granted to the key (repeatable), e.g. deploy:write or db:*.
+    #[arg(long = "scope", required = true)]
+    pub scopes: Vec<String>,
+    /// Lifetime, e.g. 30d (default 90d, at most 365d).
+    #[arg(long, conflicts_with = "expires_at")]
+    pub ttl: Option<String>,
+    /// Expiry as RFC 3339, e.g. 2027-01-01T00:00:00Z.
+    #[arg(long)]
+    pub expires_at: Option<String>,
+    /// CIDR the key may be used from (repeatable).
+    #[arg(long = "allow-cidr")]
+    pub allowed_cidrs: Vec<String>,
+    /// Usage cap; 1 makes a one-time key.
+    #[arg(long)]
+    pub max_uses: Option<u64>,
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Metadata entry KEY=VALUE (repeatable).
+    #[arg(long = "meta")]
+    pub metadata: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListKeysArgs {
+    #[arg(long)]
+    pub environment: Option<String>,
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[arg(long)]
+    pub system: Option<String>,
+    /// active, suspended, revoked or expired.
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long)]
+    pub limit: Option<u32>,
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    pub id: String,
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    pub id: String,
+    /// How long the old key keeps working, e.g. 24h (default) or 0s.
+    #[arg(long)]
+    pub grace: Option<String>,
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    pub id: String,
+    #[arg(long)]
+    pub limit: Option<u32>,
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The key, or `-` to read it from standard input (keeps it out of shell history).
+    pub key: String,
+    #[arg(long)]
+    pub scope: Option<String>,
+    #[arg(long)]
+    pub environment: Option<String>,
+    #[arg(long)]
+    pub source_ip: Option<String>,
+    #[arg(long)]
+    pub subject: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create an admin token; its secret is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// admin, issuer, auditor or verifier.
+        #[arg(long)]
+        role: String,
+        /// For issuers: an environment they may act in (repeatable; default all).
+        #[arg(long = "environment")]
+        environments: Vec<String>,
+        /// Lifetime, e.g. 90d (default: no expiry).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// List admin tokens.
+    List,
+    /// Revoke an admin token.
+    Revoke { id: String },
+}

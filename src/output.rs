@@ -1,0 +1,114 @@
+//! Human output: readable tables. `--json` output is the API's JSON as is.
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use keywarden_proto::{KeyView, TokenView, UsageEventView};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+pub fn ts(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+fn opt_ts(t: Option<OffsetDateTime>) -> String {
+    t.map_or_else(|| "-".to_owned(), ts)
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string)
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t
+}
+
+pub fn keys_table(keys: &[KeyView]) -> String {
+    let mut t = table(&["ID", "NAME", "ENV", "OWNER", "STATE", "SCOPES", "EXPIRES", "LAST USED"]);
+    for k in keys {
+        t.add_row(vec![
+            k.id.clone(),
+            k.name.clone(),
+            k.environment.clone(),
+            k.owner.clone(),
+            k.state.clone(),
+            k.scopes.join(" "),
+            ts(k.expires_at),
+            opt_ts(k.last_used_at),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn key_details(k: &KeyView) -> String {
+    let mut t = table(&["FIELD", "VALUE"]);
+    let uses = match k.max_uses {
+        Some(m) => format!("{} of {m}", k.uses),
+        None => k.uses.to_string(),
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("id", k.id.clone()),
+        ("name", k.name.clone()),
+        ("description", k.description.clone()),
+        ("owner", k.owner.clone()),
+        ("environment", k.environment.clone()),
+        ("systems", k.systems.join(", ")),
+        ("scopes", k.scopes.join(" ")),
+        ("state", k.state.clone()),
+        ("state reason", opt(&k.state_reason)),
+        ("created", format!("{} by {}", ts(k.created_at), k.created_by)),
+        ("expires", ts(k.expires_at)),
+        ("allowed cidrs", if k.allowed_cidrs.is_empty() { "any".to_owned() } else { k.allowed_cidrs.join(", ") }),
+        ("uses", uses),
+        ("last used", format!("{} from {}", opt_ts(k.last_used_at), opt(&k.last_used_from))),
+        ("rotated from", opt(&k.rotated_from)),
+        ("rotated to", opt(&k.rotated_to)),
+        ("hint", format!("…{}", k.hint)),
+        (
+            "metadata",
+            k.metadata.iter().map(|(a, b)| format!("{a}={b}")).collect::<Vec<_>>().join(", "),
+        ),
+        (
+            "subjects",
+            k.subjects
+                .as_ref()
+                .map(|s| s.iter().map(|s| s.subject.clone()).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
+        ),
+    ];
+    for (f, v) in rows {
+        t.add_row(vec![f.to_owned(), v]);
+    }
+    t.to_string()
+}
+
+pub fn usage_table(events: &[UsageEventView]) -> String {
+    let mut t = table(&["TIME", "CODE", "SOURCE", "SCOPE", "SUBJECT", "USER AGENT"]);
+    for e in events {
+        t.add_row(vec![
+            ts(e.time),
+            e.code.clone(),
+            opt(&e.source_ip),
+            opt(&e.scope),
+            opt(&e.subject),
+            opt(&e.user_agent),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn tokens_table(tokens: &[TokenView]) -> String {
+    let mut t = table(&["ID", "NAME", "ROLE", "ENVIRONMENTS", "CREATED", "EXPIRES", "REVOKED"]);
+    for k in tokens {
+        t.add_row(vec![
+            k.id.clone(),
+            k.name.clone(),
+            k.role.clone(),
+            k.environments.as_ref().map_or_else(|| "all".to_owned(), |e| e.join(", ")),
+            ts(k.created_at),
+            opt_ts(k.expires_at),
+            opt_ts(k.revoked_at),
+        ]);
+    }
+    t.to_string()
+}
