@@ -6,19 +6,33 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "keywarden", version, about = "Governs provisioning keys: issue, verify, govern, audit.")]
+#[command(
+    name = "keywarden",
+    version,
+    about = "Governs provisioning keys: issue, verify, govern, audit."
+)]
 pub struct Cli {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub json: bool,
     /// Server URL for client commands.
-    #[arg(long, global = true, env = "KEYWARDEN_SERVER", default_value = "http://127.0.0.1:8470")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYWARDEN_SERVER",
+        default_value = "http://127.0.0.1:8470"
+    )]
     pub server: String,
     /// Admin token for client commands; default: the file `admin-token` in the data directory.
     #[arg(long, global = true, env = "KEYWARDEN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Data directory (pepper, bootstrap token, SQLite database).
-    #[arg(long, global = true, env = "KEYWARDEN_DATA_DIR", default_value = "./keywarden-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYWARDEN_DATA_DIR",
+        default_value = "./keywarden-data"
+    )]
     pub data_dir: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -47,7 +61,11 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYWARDEN_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Proxies whose X-Forwarded-For is trusted (repeatable CIDR).
-    #[arg(long = "trusted-proxy", env = "KEYWARDEN_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(
+        long = "trusted-proxy",
+        env = "KEYWARDEN_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
     pub trusted_proxies: Vec<String>,
     /// Prefix of every key this deployment issues.
     #[arg(long, env = "KEYWARDEN_KEY_PREFIX", default_value = "kw")]

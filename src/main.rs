@@ -69,7 +69,10 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
     config.trusted_proxies = args
         .trusted_proxies
         .iter()
-        .map(|c| c.parse().with_context(|| format!("--trusted-proxy {c:?} is not a CIDR")))
+        .map(|c| {
+            c.parse()
+                .with_context(|| format!("--trusted-proxy {c:?} is not a CIDR"))
+        })
         .collect::<Result<_>>()?;
     let server = keywarden_server::start(config, Arc::new(SystemClock)).await?;
     if let Some(token) = &server.bootstrap_token {
@@ -159,7 +162,10 @@ async fn key(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
             let expires_at = a
                 .expires_at
                 .as_deref()
-                .map(|s| OffsetDateTime::parse(s, &Rfc3339).with_context(|| format!("--expires-at {s:?} is not RFC 3339")))
+                .map(|s| {
+                    OffsetDateTime::parse(s, &Rfc3339)
+                        .with_context(|| format!("--expires-at {s:?} is not RFC 3339"))
+                })
                 .transpose()?;
             let req = CreateKeyRequest {
                 name: a.name.clone(),
@@ -202,12 +208,30 @@ async fn key(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
             })?;
         }
         KeyCommand::Show { id } => print(cli, &c.get_key(id).await?, output::key_details)?,
-        KeyCommand::Suspend(a) => print(cli, &c.change_state(&a.id, "suspend", a.reason.clone()).await?, output::key_details)?,
-        KeyCommand::Resume(a) => print(cli, &c.change_state(&a.id, "resume", a.reason.clone()).await?, output::key_details)?,
-        KeyCommand::Revoke(a) => print(cli, &c.change_state(&a.id, "revoke", a.reason.clone()).await?, output::key_details)?,
+        KeyCommand::Suspend(a) => print(
+            cli,
+            &c.change_state(&a.id, "suspend", a.reason.clone()).await?,
+            output::key_details,
+        )?,
+        KeyCommand::Resume(a) => print(
+            cli,
+            &c.change_state(&a.id, "resume", a.reason.clone()).await?,
+            output::key_details,
+        )?,
+        KeyCommand::Revoke(a) => print(
+            cli,
+            &c.change_state(&a.id, "revoke", a.reason.clone()).await?,
+            output::key_details,
+        )?,
         KeyCommand::Rotate(a) => {
             let rotated = c
-                .rotate_key(&a.id, &RotateRequest { grace: a.grace.clone(), reason: a.reason.clone() })
+                .rotate_key(
+                    &a.id,
+                    &RotateRequest {
+                        grace: a.grace.clone(),
+                        reason: a.reason.clone(),
+                    },
+                )
                 .await?;
             print(cli, &rotated, |r| {
                 format!(
@@ -221,7 +245,13 @@ async fn key(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
         }
         KeyCommand::Usage(a) => {
             let page = c
-                .key_usage(&a.id, &PageQuery { limit: a.limit, cursor: a.cursor.clone() })
+                .key_usage(
+                    &a.id,
+                    &PageQuery {
+                        limit: a.limit,
+                        cursor: a.cursor.clone(),
+                    },
+                )
                 .await?;
             print(cli, &page, |p| output::usage_table(&p.events))?;
         }
@@ -232,7 +262,9 @@ async fn key(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
 async fn verify(cli: &Cli, a: &cli::VerifyArgs) -> Result<u8> {
     let key = if a.key == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading the key from standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the key from standard input")?;
         s.trim().to_owned()
     } else {
         a.key.clone()
@@ -258,7 +290,12 @@ async fn verify(cli: &Cli, a: &cli::VerifyArgs) -> Result<u8> {
 async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<u8> {
     let c = client(cli)?;
     match cmd {
-        TokenCommand::Create { name, role, environments, ttl } => {
+        TokenCommand::Create {
+            name,
+            role,
+            environments,
+            ttl,
+        } => {
             let req = CreateTokenRequest {
                 name: name.clone(),
                 role: role.clone(),
@@ -274,10 +311,12 @@ async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<u8> {
                 )
             })?;
         }
-        TokenCommand::List => print(cli, &c.list_tokens().await?, |l| output::tokens_table(&l.tokens))?,
-        TokenCommand::Revoke { id } => {
-            print(cli, &c.revoke_token(id).await?, |t| output::tokens_table(std::slice::from_ref(t)))?
-        }
+        TokenCommand::List => print(cli, &c.list_tokens().await?, |l| {
+            output::tokens_table(&l.tokens)
+        })?,
+        TokenCommand::Revoke { id } => print(cli, &c.revoke_token(id).await?, |t| {
+            output::tokens_table(std::slice::from_ref(t))
+        })?,
     }
     Ok(0)
 }

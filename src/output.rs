@@ -14,17 +14,28 @@ fn opt_ts(t: Option<OffsetDateTime>) -> String {
 }
 
 fn opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string)
+    v.as_ref()
+        .map_or_else(|| "-".to_owned(), ToString::to_string)
 }
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
     t
 }
 
 pub fn keys_table(keys: &[KeyView]) -> String {
-    let mut t = table(&["ID", "NAME", "ENV", "OWNER", "STATE", "SCOPES", "EXPIRES", "LAST USED"]);
+    let mut t = table(&[
+        "ID",
+        "NAME",
+        "ENV",
+        "OWNER",
+        "STATE",
+        "SCOPES",
+        "EXPIRES",
+        "LAST USED",
+    ]);
     for k in keys {
         t.add_row(vec![
             k.id.clone(),
@@ -56,23 +67,45 @@ pub fn key_details(k: &KeyView) -> String {
         ("scopes", k.scopes.join(" ")),
         ("state", k.state.clone()),
         ("state reason", opt(&k.state_reason)),
-        ("created", format!("{} by {}", ts(k.created_at), k.created_by)),
+        (
+            "created",
+            format!("{} by {}", ts(k.created_at), k.created_by),
+        ),
         ("expires", ts(k.expires_at)),
-        ("allowed cidrs", if k.allowed_cidrs.is_empty() { "any".to_owned() } else { k.allowed_cidrs.join(", ") }),
+        (
+            "allowed cidrs",
+            if k.allowed_cidrs.is_empty() {
+                "any".to_owned()
+            } else {
+                k.allowed_cidrs.join(", ")
+            },
+        ),
         ("uses", uses),
-        ("last used", format!("{} from {}", opt_ts(k.last_used_at), opt(&k.last_used_from))),
+        (
+            "last used",
+            format!("{} from {}", opt_ts(k.last_used_at), opt(&k.last_used_from)),
+        ),
         ("rotated from", opt(&k.rotated_from)),
         ("rotated to", opt(&k.rotated_to)),
         ("hint", format!("…{}", k.hint)),
         (
             "metadata",
-            k.metadata.iter().map(|(a, b)| format!("{a}={b}")).collect::<Vec<_>>().join(", "),
+            k.metadata
+                .iter()
+                .map(|(a, b)| format!("{a}={b}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         ),
         (
             "subjects",
             k.subjects
                 .as_ref()
-                .map(|s| s.iter().map(|s| s.subject.clone()).collect::<Vec<_>>().join(", "))
+                .map(|s| {
+                    s.iter()
+                        .map(|s| s.subject.clone())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
                 .unwrap_or_default(),
         ),
     ];
@@ -98,13 +131,23 @@ pub fn usage_table(events: &[UsageEventView]) -> String {
 }
 
 pub fn tokens_table(tokens: &[TokenView]) -> String {
-    let mut t = table(&["ID", "NAME", "ROLE", "ENVIRONMENTS", "CREATED", "EXPIRES", "REVOKED"]);
+    let mut t = table(&[
+        "ID",
+        "NAME",
+        "ROLE",
+        "ENVIRONMENTS",
+        "CREATED",
+        "EXPIRES",
+        "REVOKED",
+    ]);
     for k in tokens {
         t.add_row(vec![
             k.id.clone(),
             k.name.clone(),
             k.role.clone(),
-            k.environments.as_ref().map_or_else(|| "all".to_owned(), |e| e.join(", ")),
+            k.environments
+                .as_ref()
+                .map_or_else(|| "all".to_owned(), |e| e.join(", ")),
             ts(k.created_at),
             opt_ts(k.expires_at),
             opt_ts(k.revoked_at),

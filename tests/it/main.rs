@@ -1,1 +1,9 @@
+//! The one integration-test binary (see DESIGN.md): real servers on free ports, real
+//! SQLite and PostgreSQL, real HTTP.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod auth;
+mod harness;
+mod input;
+mod lifecycle;
+mod verify;

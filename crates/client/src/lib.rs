@@ -4,8 +4,9 @@ use std::fmt;
 use std::time::Duration;
 
 use keywarden_proto::{
-    CreateKeyRequest, CreateTokenRequest, CreatedKey, CreatedToken, ErrorBody, Health, KeyList, KeyView, RotateRequest,
-    RotatedKey, StateChangeRequest, TokenList, TokenView, UsageList, VerifyRequest, VerifyResponse,
+    CreateKeyRequest, CreateTokenRequest, CreatedKey, CreatedToken, ErrorBody, Health, KeyList,
+    KeyView, RotateRequest, RotatedKey, StateChangeRequest, TokenList, TokenView, UsageList,
+    VerifyRequest, VerifyResponse,
 };
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -14,7 +15,10 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach keywarden at {server}: {source}")]
-    Connect { server: String, source: reqwest::Error },
+    Connect {
+        server: String,
+        source: reqwest::Error,
+    },
     #[error("{} ({status}): {}", .body.error.code, .body.error.message)]
     Api { status: StatusCode, body: ErrorBody },
     #[error("unexpected answer from the server ({status}): {detail}")]
@@ -42,7 +46,10 @@ pub struct Client {
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("server", &self.server).field("token", &"<redacted>").finish()
+        f.debug_struct("Client")
+            .field("server", &self.server)
+            .field("token", &"<redacted>")
+            .finish()
     }
 }
 
@@ -130,12 +137,17 @@ impl Client {
         }
     }
 
-    async fn get<Q: Serialize, T: DeserializeOwned>(&self, path: &str, query: Option<&Q>) -> Result<T> {
+    async fn get<Q: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: Option<&Q>,
+    ) -> Result<T> {
         self.call::<(), Q, T>(Method::GET, path, query, None).await
     }
 
     async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        self.call::<B, (), T>(Method::POST, path, None, Some(body)).await
+        self.call::<B, (), T>(Method::POST, path, None, Some(body))
+            .await
     }
 
     pub async fn health(&self) -> Result<Health> {
@@ -151,21 +163,32 @@ impl Client {
     }
 
     pub async fn get_key(&self, id: &str) -> Result<KeyView> {
-        self.get::<(), _>(&format!("/v1/keys/{}", seg(id)), None).await
-    }
-
-    /// `action` is `suspend`, `resume` or `revoke`.
-    pub async fn change_state(&self, id: &str, action: &str, reason: Option<String>) -> Result<KeyView> {
-        self.post(&format!("/v1/keys/{}/{action}", seg(id)), &StateChangeRequest { reason })
+        self.get::<(), _>(&format!("/v1/keys/{}", seg(id)), None)
             .await
     }
 
+    /// `action` is `suspend`, `resume` or `revoke`.
+    pub async fn change_state(
+        &self,
+        id: &str,
+        action: &str,
+        reason: Option<String>,
+    ) -> Result<KeyView> {
+        self.post(
+            &format!("/v1/keys/{}/{action}", seg(id)),
+            &StateChangeRequest { reason },
+        )
+        .await
+    }
+
     pub async fn rotate_key(&self, id: &str, req: &RotateRequest) -> Result<RotatedKey> {
-        self.post(&format!("/v1/keys/{}/rotate", seg(id)), req).await
+        self.post(&format!("/v1/keys/{}/rotate", seg(id)), req)
+            .await
     }
 
     pub async fn key_usage(&self, id: &str, q: &PageQuery) -> Result<UsageList> {
-        self.get(&format!("/v1/keys/{}/usage", seg(id)), Some(q)).await
+        self.get(&format!("/v1/keys/{}/usage", seg(id)), Some(q))
+            .await
     }
 
     pub async fn verify(&self, req: &VerifyRequest) -> Result<VerifyResponse> {
@@ -181,7 +204,11 @@ impl Client {
     }
 
     pub async fn revoke_token(&self, id: &str) -> Result<TokenView> {
-        self.post(&format!("/v1/tokens/{}/revoke", seg(id)), &serde_json::json!({})).await
+        self.post(
+            &format!("/v1/tokens/{}/revoke", seg(id)),
+            &serde_json::json!({}),
+        )
+        .await
     }
 }
 

@@ -65,7 +65,17 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "d", "30", "-1d", "1.5h", "1w", "3 d", "99999999999999d", "1dd"] {
+        for bad in [
+            "",
+            "d",
+            "30",
+            "-1d",
+            "1.5h",
+            "1w",
+            "3 d",
+            "99999999999999d",
+            "1dd",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
         }
     }

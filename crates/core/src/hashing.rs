@@ -65,7 +65,11 @@ impl Pepper {
             }
             let err = || PepperError::Syntax { line: i + 1 };
             let (v, hexpart) = line.split_once(':').ok_or_else(err)?;
-            let version: u32 = v.strip_prefix('v').ok_or_else(err)?.parse().map_err(|_| err())?;
+            let version: u32 = v
+                .strip_prefix('v')
+                .ok_or_else(err)?
+                .parse()
+                .map_err(|_| err())?;
             let mut bytes = [0u8; PEPPER_LEN];
             hex::decode_to_slice(hexpart, &mut bytes).map_err(|_| err())?;
             out.push(Pepper::new(version, bytes));
@@ -187,7 +191,10 @@ mod tests {
         let both = KeyHasher::new(&[p1, p2]).unwrap();
         let h_old = old.hash(&key("a"));
         assert_eq!(h_old.pepper_version, 1);
-        assert!(both.matches(&key("a"), &h_old), "old hashes still verify after rotation");
+        assert!(
+            both.matches(&key("a"), &h_old),
+            "old hashes still verify after rotation"
+        );
         assert!(!both.matches(&key("b"), &h_old));
         let h_new = both.hash(&key("a"));
         assert_eq!(h_new.pepper_version, 2);
@@ -197,7 +204,8 @@ mod tests {
     #[test]
     fn pepper_file_round_trip_and_redaction() {
         let p = Pepper::new(3, [0xab; 32]);
-        let parsed = Pepper::parse_file(&format!("# keywarden pepper\n{}\n", *p.to_line())).unwrap();
+        let parsed =
+            Pepper::parse_file(&format!("# keywarden pepper\n{}\n", *p.to_line())).unwrap();
         assert_eq!(parsed[0].version(), 3);
         assert!(!format!("{:?}", parsed[0]).contains("abab"));
         assert!(Pepper::parse_file("v1:zz").is_err());

@@ -154,7 +154,8 @@ pub fn generate<R: rand::RngCore + rand::CryptoRng>(
     Ok(assemble(prefix, environment, id, &secret))
 }
 
-fn assemble(prefix: &str, environment: &str, id: KeyId, secret: &str) -> ParsedKey {
+/// Builds a key from its parts and appends the checksum (no validation of the parts).
+pub fn assemble(prefix: &str, environment: &str, id: KeyId, secret: &str) -> ParsedKey {
     let mut body = Zeroizing::new(format!("{prefix}_{environment}_{id}_{secret}"));
     let sum = checksum(&body);
     body.push_str(&sum);
@@ -242,7 +243,14 @@ mod tests {
 
     #[test]
     fn junk_is_rejected() {
-        for bad in ["", "kw", "kw_prod", "kw_prod_x_y", "kw__aaaaaaaaaaaaaaaa_", "Bearer kw_"] {
+        for bad in [
+            "",
+            "kw",
+            "kw_prod",
+            "kw_prod_x_y",
+            "kw__aaaaaaaaaaaaaaaa_",
+            "Bearer kw_",
+        ] {
             assert!(parse(bad, "kw").is_err(), "{bad}");
         }
     }

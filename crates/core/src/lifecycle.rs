@@ -34,7 +34,11 @@ pub struct TransitionError {
 }
 
 /// The state a key moves to when `action` is applied at `now`, or why it cannot.
-pub fn transition(key: &KeyRecord, action: Action, now: OffsetDateTime) -> Result<KeyState, TransitionError> {
+pub fn transition(
+    key: &KeyRecord,
+    action: Action,
+    now: OffsetDateTime,
+) -> Result<KeyState, TransitionError> {
     let state = key.effective_state(now);
     let refuse = |detail| TransitionError {
         action: action.as_str(),

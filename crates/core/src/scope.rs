@@ -145,7 +145,9 @@ mod tests {
 
     #[test]
     fn validation() {
-        for bad in ["", ":", "a::b", "Deploy", "a:*:b", "a b", "a:b*", "-a", "*x"] {
+        for bad in [
+            "", ":", "a::b", "Deploy", "a:*:b", "a b", "a:b*", "-a", "*x",
+        ] {
             assert!(Scope::granted(bad).is_err(), "{bad}");
         }
         assert!(Scope::requested("db:*").is_err());

@@ -25,7 +25,8 @@ fn is_label(s: &str, max: usize, extra: &[u8]) -> bool {
     !s.is_empty()
         && s.len() <= max
         && s.as_bytes()[0].is_ascii_alphanumeric()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
 }
 
 /// Names of keys and tokens: 1-64 of `[A-Za-z0-9._-]`, starting alphanumeric.
@@ -47,7 +48,10 @@ pub fn system(s: &str) -> Result<(), FieldError> {
     } else {
         Err(FieldError::new(
             "systems",
-            format!("invalid system {:?}: 1-64 of letters, digits, `.`, `_`, `-`, `/`", trunc(s)),
+            format!(
+                "invalid system {:?}: 1-64 of letters, digits, `.`, `_`, `-`, `/`",
+                trunc(s)
+            ),
         ))
     }
 }
@@ -99,7 +103,10 @@ pub fn metadata(m: &BTreeMap<String, String>) -> Result<(), FieldError> {
         if !is_label(k, 64, b"._-") {
             return Err(FieldError::new(
                 "metadata",
-                format!("invalid metadata key {:?}: 1-64 of letters, digits, `.`, `_`, `-`", trunc(k)),
+                format!(
+                    "invalid metadata key {:?}: 1-64 of letters, digits, `.`, `_`, `-`",
+                    trunc(k)
+                ),
             ));
         }
         if v.len() > 512 || v.chars().any(char::is_control) {

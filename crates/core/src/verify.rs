@@ -110,9 +110,11 @@ pub fn decide(key: &KeyRecord, req: &VerifyRequest, now: OffsetDateTime) -> Resu
         }
     }
     if !key.allowed_cidrs.is_empty() {
-        let allowed = req
-            .source_ip
-            .is_some_and(|ip| key.allowed_cidrs.iter().any(|net| net.contains(&canonical(ip))));
+        let allowed = req.source_ip.is_some_and(|ip| {
+            key.allowed_cidrs
+                .iter()
+                .any(|net| net.contains(&canonical(ip)))
+        });
         if !allowed {
             return Err(VerifyCode::SourceDenied);
         }
@@ -146,7 +148,10 @@ mod tests {
     fn key() -> KeyRecord {
         KeyRecord {
             id: KeyId::parse("AAAAAAAAAAAAAAAA").unwrap(),
-            hash: KeyHash { pepper_version: 1, digest: [0; 32] },
+            hash: KeyHash {
+                pepper_version: 1,
+                digest: [0; 32],
+            },
             hint: "abcd".into(),
             name: "ci".into(),
             description: String::new(),
@@ -186,31 +191,59 @@ mod tests {
     fn codes_in_order() {
         let k = key();
         assert_eq!(decide(&k, &req("deploy:write", "10.1.2.3"), NOW), Ok(()));
-        assert_eq!(decide(&k, &req("deploy:write", "::ffff:10.1.2.3"), NOW), Ok(()));
-        assert_eq!(decide(&k, &req("db:read", "10.1.2.3"), NOW), Err(VerifyCode::ScopeDenied));
-        assert_eq!(decide(&k, &req("deploy:write", "11.0.0.1"), NOW), Err(VerifyCode::SourceDenied));
+        assert_eq!(
+            decide(&k, &req("deploy:write", "::ffff:10.1.2.3"), NOW),
+            Ok(())
+        );
+        assert_eq!(
+            decide(&k, &req("db:read", "10.1.2.3"), NOW),
+            Err(VerifyCode::ScopeDenied)
+        );
+        assert_eq!(
+            decide(&k, &req("deploy:write", "11.0.0.1"), NOW),
+            Err(VerifyCode::SourceDenied)
+        );
         let mut other_env = req("deploy:write", "10.1.2.3");
         other_env.environment = Some("dev".into());
-        assert_eq!(decide(&k, &other_env, NOW), Err(VerifyCode::EnvironmentMismatch));
         assert_eq!(
-            decide(&k, &req("deploy:write", "10.1.2.3"), datetime!(2026-02-01 0:00 UTC)),
+            decide(&k, &other_env, NOW),
+            Err(VerifyCode::EnvironmentMismatch)
+        );
+        assert_eq!(
+            decide(
+                &k,
+                &req("deploy:write", "10.1.2.3"),
+                datetime!(2026-02-01 0:00 UTC)
+            ),
             Err(VerifyCode::Expired)
         );
         let mut s = key();
         s.state = KeyState::Suspended;
-        assert_eq!(decide(&s, &req("deploy:write", "10.1.2.3"), NOW), Err(VerifyCode::Suspended));
+        assert_eq!(
+            decide(&s, &req("deploy:write", "10.1.2.3"), NOW),
+            Err(VerifyCode::Suspended)
+        );
         s.state = KeyState::Revoked;
-        assert_eq!(decide(&s, &req("deploy:write", "10.1.2.3"), NOW), Err(VerifyCode::Revoked));
+        assert_eq!(
+            decide(&s, &req("deploy:write", "10.1.2.3"), NOW),
+            Err(VerifyCode::Revoked)
+        );
         let mut capped = key();
         capped.max_uses = Some(1);
         capped.uses = 1;
-        assert_eq!(decide(&capped, &req("deploy:write", "10.1.2.3"), NOW), Err(VerifyCode::UsageExhausted));
+        assert_eq!(
+            decide(&capped, &req("deploy:write", "10.1.2.3"), NOW),
+            Err(VerifyCode::UsageExhausted)
+        );
     }
 
     #[test]
     fn cidr_key_without_source_is_denied() {
         let k = key();
-        let r = VerifyRequest { source_ip: None, ..Default::default() };
+        let r = VerifyRequest {
+            source_ip: None,
+            ..Default::default()
+        };
         assert_eq!(decide(&k, &r, NOW), Err(VerifyCode::SourceDenied));
     }
 

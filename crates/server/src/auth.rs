@@ -69,11 +69,14 @@ impl FromRequestParts<SharedState> for Principal {
     }
 }
 
-async fn authenticate(app: &SharedState, headers: &HeaderMap) -> Result<Arc<TokenRecord>, ApiError> {
+async fn authenticate(
+    app: &SharedState,
+    headers: &HeaderMap,
+) -> Result<Arc<TokenRecord>, ApiError> {
     const HOW: &str = "send `Authorization: Bearer <admin token>`";
-    let value = headers
-        .get(AUTHORIZATION)
-        .ok_or(ApiError::Unauthenticated("missing admin token: send `Authorization: Bearer <admin token>`"))?;
+    let value = headers.get(AUTHORIZATION).ok_or(ApiError::Unauthenticated(
+        "missing admin token: send `Authorization: Bearer <admin token>`",
+    ))?;
     let presented = value
         .to_str()
         .ok()
@@ -81,9 +84,8 @@ async fn authenticate(app: &SharedState, headers: &HeaderMap) -> Result<Arc<Toke
         .map(str::trim)
         .ok_or(ApiError::Unauthenticated(HOW))?;
     let invalid = ApiError::Unauthenticated("invalid, expired or revoked admin token");
-    let parsed = key_format::parse(presented, &app.config.key_prefix).map_err(|_| {
-        ApiError::Unauthenticated("malformed admin token")
-    })?;
+    let parsed = key_format::parse(presented, &app.config.key_prefix)
+        .map_err(|_| ApiError::Unauthenticated("malformed admin token"))?;
     if parsed.environment != ADMIN_ENV {
         return Err(ApiError::Unauthenticated(
             "this is a key, not an admin token: keys are checked with POST /v1/verify",
@@ -94,20 +96,27 @@ async fn authenticate(app: &SharedState, headers: &HeaderMap) -> Result<Arc<Toke
         None => {
             let generation = app.tokens.generation();
             let loaded = app.store.get_token(&parsed.id).await?.map(Arc::new);
-            app.tokens.insert(parsed.id.clone(), loaded.clone(), generation);
+            app.tokens
+                .insert(parsed.id.clone(), loaded.clone(), generation);
             loaded
         }
     };
     let token = token.ok_or(invalid)?;
     if !app.hasher.matches(&parsed.plain, &token.hash) || !token.is_usable(app.now()) {
-        return Err(ApiError::Unauthenticated("invalid, expired or revoked admin token"));
+        return Err(ApiError::Unauthenticated(
+            "invalid, expired or revoked admin token",
+        ));
     }
     Ok(token)
 }
 
 /// The address of the client: the peer, unless the peer is a trusted proxy, in which case
 /// the right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
-pub fn client_ip(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
+pub fn client_ip(
+    peer: Option<IpAddr>,
+    headers: &HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> Option<IpAddr> {
     let peer = peer?;
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
@@ -147,8 +156,14 @@ mod tests {
         let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         let proxy: IpAddr = "10.0.0.1".parse().unwrap();
         let stranger: IpAddr = "8.8.8.8".parse().unwrap();
-        assert_eq!(client_ip(Some(proxy), &h, &trusted), Some("1.2.3.4".parse().unwrap()));
+        assert_eq!(
+            client_ip(Some(proxy), &h, &trusted),
+            Some("1.2.3.4".parse().unwrap())
+        );
         assert_eq!(client_ip(Some(stranger), &h, &trusted), Some(stranger));
-        assert_eq!(client_ip(Some(proxy), &HeaderMap::new(), &trusted), Some(proxy));
+        assert_eq!(
+            client_ip(Some(proxy), &HeaderMap::new(), &trusted),
+            Some(proxy)
+        );
     }
 }

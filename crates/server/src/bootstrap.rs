@@ -15,9 +15,15 @@ use time::OffsetDateTime;
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
     #[error("data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("pepper file {path}: {source}")]
-    PepperIo { path: String, source: std::io::Error },
+    PepperIo {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("pepper: {0}")]
     Pepper(#[from] keywarden_core::hashing::PepperError),
     #[error("key prefix: {0}")]
@@ -25,7 +31,10 @@ pub enum BootstrapError {
     #[error("store: {0}")]
     Store(#[from] keywarden_store::StoreError),
     #[error("admin token file {path}: {source}")]
-    TokenFile { path: String, source: std::io::Error },
+    TokenFile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub fn ensure_data_dir(dir: &Path) -> Result<(), BootstrapError> {
@@ -98,7 +107,13 @@ pub fn new_token(
     spec: TokenSpec<'_>,
     now: OffsetDateTime,
 ) -> Result<(TokenRecord, PlainKey), key_format::FormatError> {
-    let TokenSpec { name, role, environments, created_by, expires_at } = spec;
+    let TokenSpec {
+        name,
+        role,
+        environments,
+        created_by,
+        expires_at,
+    } = spec;
     let parsed = key_format::generate(&mut rand::rngs::OsRng, prefix, ADMIN_ENV)?;
     let record = TokenRecord {
         id: parsed.id.clone(),

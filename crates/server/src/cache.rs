@@ -23,7 +23,10 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
     /// the propagation issue lands).
     pub fn new(capacity: u64, ttl: Duration) -> Self {
         Self {
-            entries: Cache::builder().max_capacity(capacity).time_to_live(ttl).build(),
+            entries: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
             generation: AtomicU64::new(0),
         }
     }

@@ -57,11 +57,30 @@ pub fn violation(code: &str, field: &str, message: impl Into<String>) -> Violati
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, message, violations) = match self {
-            Self::Unauthenticated(m) => (StatusCode::UNAUTHORIZED, codes::UNAUTHENTICATED, m.to_owned(), vec![]),
+            Self::Unauthenticated(m) => (
+                StatusCode::UNAUTHORIZED,
+                codes::UNAUTHENTICATED,
+                m.to_owned(),
+                vec![],
+            ),
             Self::Forbidden(m) => (StatusCode::FORBIDDEN, codes::FORBIDDEN, m, vec![]),
-            Self::KeyNotFound(id) => (StatusCode::NOT_FOUND, codes::KEY_NOT_FOUND, format!("no key with id {id}"), vec![]),
-            Self::TokenNotFound(id) => (StatusCode::NOT_FOUND, codes::TOKEN_NOT_FOUND, format!("no token with id {id}"), vec![]),
-            Self::Coded { status, code, message } => (status, code, message, vec![]),
+            Self::KeyNotFound(id) => (
+                StatusCode::NOT_FOUND,
+                codes::KEY_NOT_FOUND,
+                format!("no key with id {id}"),
+                vec![],
+            ),
+            Self::TokenNotFound(id) => (
+                StatusCode::NOT_FOUND,
+                codes::TOKEN_NOT_FOUND,
+                format!("no token with id {id}"),
+                vec![],
+            ),
+            Self::Coded {
+                status,
+                code,
+                message,
+            } => (status, code, message, vec![]),
             Self::Validation(v) => {
                 let code = match v.as_slice() {
                     [one] => one.code.clone(),
@@ -99,7 +118,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub fn error_response(status: StatusCode, code: impl Into<String>, message: String, violations: Vec<Violation>) -> Response {
+pub fn error_response(
+    status: StatusCode,
+    code: impl Into<String>,
+    message: String,
+    violations: Vec<Violation>,
+) -> Response {
     let body = ErrorBody {
         error: ErrorDetail {
             code: code.into(),

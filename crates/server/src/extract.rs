@@ -2,13 +2,13 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::http::header::CONTENT_TYPE;
-use serde_json::error::Category;
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use keywarden_proto::codes;
 use serde::de::DeserializeOwned;
+use serde_json::error::Category;
 
 use crate::error::ApiError;
 
@@ -30,7 +30,10 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match read_json(req, state).await? {
             Some(v) => Ok(Self(v)),
-            None => Err(ApiError::bad_request(codes::INVALID_BODY, "a JSON body is required")),
+            None => Err(ApiError::bad_request(
+                codes::INVALID_BODY,
+                "a JSON body is required",
+            )),
         }
     }
 }
@@ -47,7 +50,10 @@ where
     }
 }
 
-async fn read_json<S: Send + Sync, T: DeserializeOwned>(req: Request, state: &S) -> Result<Option<T>, ApiError> {
+async fn read_json<S: Send + Sync, T: DeserializeOwned>(
+    req: Request,
+    state: &S,
+) -> Result<Option<T>, ApiError> {
     let is_json = req
         .headers()
         .get(CONTENT_TYPE)
@@ -136,7 +142,9 @@ pub(crate) fn redact_quoted(msg: &str) -> String {
 mod tests {
     #[test]
     fn quoted_values_are_redacted() {
-        let m = super::redact_quoted(r#"invalid type: string "kw_prod_secret", expected u64 at line 1"#);
+        let m = super::redact_quoted(
+            r#"invalid type: string "kw_prod_secret", expected u64 at line 1"#,
+        );
         assert_eq!(m, "invalid type: string \"…\", expected u64 at line 1");
     }
 }

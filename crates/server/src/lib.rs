@@ -27,7 +27,9 @@ use keywarden_proto::codes;
 use keywarden_store::Store;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -74,7 +76,10 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::keys::rotate_key))
         .routes(routes!(routes::keys::key_usage))
         .routes(routes!(routes::verify::verify))
-        .routes(routes!(routes::tokens::create_token, routes::tokens::list_tokens))
+        .routes(routes!(
+            routes::tokens::create_token,
+            routes::tokens::list_tokens
+        ))
         .routes(routes!(routes::tokens::revoke_token))
         .with_state(state)
         .split_for_parts();
@@ -95,9 +100,17 @@ pub fn router(state: SharedState) -> Router {
     let (router, doc) = api(state);
     let doc = Arc::new(doc);
     router
-        .route("/v1/openapi.json", get(move || async move { Json((*doc).clone()) }))
+        .route(
+            "/v1/openapi.json",
+            get(move || async move { Json((*doc).clone()) }),
+        )
         .fallback(|| async {
-            error_response(StatusCode::NOT_FOUND, codes::ROUTE_NOT_FOUND, "no such route".to_owned(), vec![])
+            error_response(
+                StatusCode::NOT_FOUND,
+                codes::ROUTE_NOT_FOUND,
+                "no such route".to_owned(),
+                vec![],
+            )
         })
         .method_not_allowed_fallback(|| async {
             error_response(
@@ -117,9 +130,16 @@ pub fn router(state: SharedState) -> Router {
         )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(RequestIds))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, "internal error".to_owned(), vec![])
-        }))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    codes::INTERNAL,
+                    "internal error".to_owned(),
+                    vec![],
+                )
+            },
+        ))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +149,10 @@ pub enum StartError {
     #[error("store: {0}")]
     Store(#[from] keywarden_store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
@@ -146,12 +169,14 @@ pub struct RunningServer {
 
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer, StartError> {
     bootstrap::ensure_data_dir(&config.data_dir)?;
-    keywarden_core::key_format::validate_prefix(&config.key_prefix).map_err(bootstrap::BootstrapError::from)?;
+    keywarden_core::key_format::validate_prefix(&config.key_prefix)
+        .map_err(bootstrap::BootstrapError::from)?;
     let hasher = bootstrap::load_hasher(&config.data_dir, config.pepper.as_deref())?;
     let store = Store::connect(&config.database_url()).await?;
     let now = keywarden_core::clock::truncate_to_millis(clock.now());
     let bootstrap_token =
-        bootstrap::bootstrap_admin(&store, &hasher, &config.key_prefix, &config.data_dir, now).await?;
+        bootstrap::bootstrap_admin(&store, &hasher, &config.key_prefix, &config.data_dir, now)
+            .await?;
 
     let (usage_tx, usage_rx) = usage::channel();
     let (stop_usage, stop_usage_rx) = watch::channel(false);
@@ -164,17 +189,26 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
     let state: SharedState = Arc::new(AppState::new(store, hasher, clock, config, usage_tx));
     let app = router(state.clone());
     let (stop_http, mut stop_http_rx) = watch::channel(false);
     let http = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = stop_http_rx.wait_for(|stop| *stop).await;
-            })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop_http_rx.wait_for(|stop| *stop).await;
+        })
+        .await
     });
     tracing::info!(%addr, "keywarden listening");
     Ok(RunningServer {

@@ -1,7 +1,7 @@
 //! Keys: insert, read, list, change state (optimistically), rotate, count capped uses.
 
-use keywarden_core::model::{AuditEntry, KeyRecord, KeyState, Subject};
 use keywarden_core::clock::from_millis;
+use keywarden_core::model::{AuditEntry, KeyRecord, KeyState, Subject};
 use keywarden_core::KeyId;
 use sqlx::Row;
 use time::OffsetDateTime;
@@ -115,7 +115,11 @@ impl Store {
             keys.push(key_from_row(row)?);
             last_seq = Some(row.try_get::<i64, _>("seq")?);
         }
-        let next = if rows.len() > limit as usize { last_seq } else { None };
+        let next = if rows.len() > limit as usize {
+            last_seq
+        } else {
+            None
+        };
         Ok((keys, next))
     }
 
@@ -191,7 +195,10 @@ impl Store {
     }
 }
 
-async fn insert_key_row(tx: &mut sqlx::Transaction<'static, sqlx::Any>, key: &KeyRecord) -> Result<()> {
+async fn insert_key_row(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    key: &KeyRecord,
+) -> Result<()> {
     let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
     let cidrs: Vec<String> = key.allowed_cidrs.iter().map(ToString::to_string).collect();
     sqlx::query(
@@ -238,7 +245,10 @@ async fn insert_key_row(tx: &mut sqlx::Transaction<'static, sqlx::Any>, key: &Ke
     Ok(())
 }
 
-async fn update_lifecycle(tx: &mut sqlx::Transaction<'static, sqlx::Any>, key: &KeyRecord) -> Result<bool> {
+async fn update_lifecycle(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    key: &KeyRecord,
+) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE keys SET state = $1, state_reason = $2, state_changed_at = $3, expires_at = $4, \
          rotated_to = $5, version = version + 1 WHERE id = $6 AND version = $7",

@@ -57,7 +57,8 @@ pub(crate) const KEY_COLUMNS: &str = "seq, id, hash, pepper_version, hint, name,
 pub(crate) fn key_from_row(row: &AnyRow) -> Result<KeyRecord> {
     let state: String = row.try_get("state")?;
     let scopes: Vec<String> = from_json("scopes", &row.try_get::<String, _>("scopes")?)?;
-    let cidrs: Vec<String> = from_json("allowed_cidrs", &row.try_get::<String, _>("allowed_cidrs")?)?;
+    let cidrs: Vec<String> =
+        from_json("allowed_cidrs", &row.try_get::<String, _>("allowed_cidrs")?)?;
     Ok(KeyRecord {
         id: key_id("id", &row.try_get::<String, _>("id")?)?,
         hash: hash(row)?,
@@ -78,7 +79,9 @@ pub(crate) fn key_from_row(row: &AnyRow) -> Result<KeyRecord> {
             .parse::<KeyState>()
             .map_err(|e| decode_error("state", e))?,
         state_reason: row.try_get("state_reason")?,
-        state_changed_at: row.try_get::<Option<i64>, _>("state_changed_at")?.map(from_millis),
+        state_changed_at: row
+            .try_get::<Option<i64>, _>("state_changed_at")?
+            .map(from_millis),
         allowed_cidrs: cidrs
             .iter()
             .map(|c| c.parse().map_err(|e| decode_error("allowed_cidrs", e)))
@@ -88,7 +91,9 @@ pub(crate) fn key_from_row(row: &AnyRow) -> Result<KeyRecord> {
             .map(|v| u64_of("max_uses", v))
             .transpose()?,
         uses: u64_of("uses", row.try_get("uses")?)?,
-        last_used_at: row.try_get::<Option<i64>, _>("last_used_at")?.map(from_millis),
+        last_used_at: row
+            .try_get::<Option<i64>, _>("last_used_at")?
+            .map(from_millis),
         last_used_from: row.try_get("last_used_from")?,
         rotated_from: row
             .try_get::<Option<String>, _>("rotated_from")?
@@ -120,8 +125,12 @@ pub(crate) fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
             .transpose()?,
         created_at: from_millis(row.try_get("created_at")?),
         created_by: row.try_get("created_by")?,
-        expires_at: row.try_get::<Option<i64>, _>("expires_at")?.map(from_millis),
-        revoked_at: row.try_get::<Option<i64>, _>("revoked_at")?.map(from_millis),
+        expires_at: row
+            .try_get::<Option<i64>, _>("expires_at")?
+            .map(from_millis),
+        revoked_at: row
+            .try_get::<Option<i64>, _>("revoked_at")?
+            .map(from_millis),
     })
 }
 

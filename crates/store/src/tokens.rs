@@ -36,10 +36,12 @@ impl Store {
     }
 
     pub async fn get_token(&self, id: &KeyId) -> Result<Option<TokenRecord>> {
-        let row = sqlx::query(&format!("SELECT {TOKEN_COLUMNS} FROM admin_tokens WHERE id = $1"))
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM admin_tokens WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(token_from_row).transpose()
     }
 
@@ -53,13 +55,20 @@ impl Store {
     }
 
     /// Returns false when the token does not exist or was already revoked.
-    pub async fn revoke_token(&self, id: &KeyId, at: OffsetDateTime, audit: &AuditEntry) -> Result<bool> {
+    pub async fn revoke_token(
+        &self,
+        id: &KeyId,
+        at: OffsetDateTime,
+        audit: &AuditEntry,
+    ) -> Result<bool> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(ms(at))
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(ms(at))
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
         if done.rows_affected() != 1 {
             return Ok(false);
         }

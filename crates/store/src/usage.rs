@@ -35,7 +35,9 @@ impl Store {
             let mut tuples = Vec::with_capacity(chunk.len());
             for e in chunk {
                 let cols = [
-                    e.key_id.as_ref().map_or_else(|| "NULL".to_owned(), |k| p.push_text(k.as_str())),
+                    e.key_id
+                        .as_ref()
+                        .map_or_else(|| "NULL".to_owned(), |k| p.push_text(k.as_str())),
                     p.push_int(ms(e.time)),
                     p.push_text(e.code.as_str()),
                     opt_text(&mut p, &e.source_ip),

@@ -14,8 +14,8 @@ use keywarden_core::role::Permission;
 use keywarden_core::scope::Scope;
 use keywarden_core::{validate, KeyRecord};
 use keywarden_proto::{
-    codes, CreateKeyRequest, CreatedKey, ErrorBody, KeyList, KeyView, RotateRequest, RotatedKey, Secret,
-    StateChangeRequest, UsageEventView, UsageList, Violation,
+    codes, CreateKeyRequest, CreatedKey, ErrorBody, KeyList, KeyView, RotateRequest, RotatedKey,
+    Secret, StateChangeRequest, UsageEventView, UsageList, Violation,
 };
 use keywarden_store::{KeyFilter, StateFilter};
 use serde::Deserialize;
@@ -52,8 +52,12 @@ pub async fn create_key(
             spec.environment
         )));
     }
-    let parsed = key_format::generate(&mut rand::rngs::OsRng, &app.config.key_prefix, &spec.environment)
-        .map_err(|e| ApiError::invalid(codes::FIELD_INVALID, "environment", e.to_string()))?;
+    let parsed = key_format::generate(
+        &mut rand::rngs::OsRng,
+        &app.config.key_prefix,
+        &spec.environment,
+    )
+    .map_err(|e| ApiError::invalid(codes::FIELD_INVALID, "environment", e.to_string()))?;
     let record = KeyRecord {
         id: parsed.id.clone(),
         hash: app.hasher.hash(&parsed.plain),
@@ -99,21 +103,35 @@ pub fn validate_create(
     field(validate::name("name", &req.name));
     field(validate::owner(&req.owner));
     field(validate::environment(&req.environment));
-    field(validate::description(req.description.as_deref().unwrap_or("")));
+    field(validate::description(
+        req.description.as_deref().unwrap_or(""),
+    ));
     field(validate::metadata(&req.metadata));
     for s in &req.systems {
         field(validate::system(s));
     }
     if req.systems.len() > MAX_SYSTEMS {
-        v.push(violation(codes::FIELD_INVALID, "systems", format!("at most {MAX_SYSTEMS} systems")));
+        v.push(violation(
+            codes::FIELD_INVALID,
+            "systems",
+            format!("at most {MAX_SYSTEMS} systems"),
+        ));
     }
 
     let mut scopes = Vec::new();
     if req.scopes.is_empty() {
-        v.push(violation(codes::SCOPE_INVALID, "scopes", "at least one scope is required (least privilege: name what the key may do)"));
+        v.push(violation(
+            codes::SCOPE_INVALID,
+            "scopes",
+            "at least one scope is required (least privilege: name what the key may do)",
+        ));
     }
     if req.scopes.len() > MAX_SCOPES {
-        v.push(violation(codes::SCOPE_INVALID, "scopes", format!("at most {MAX_SCOPES} scopes")));
+        v.push(violation(
+            codes::SCOPE_INVALID,
+            "scopes",
+            format!("at most {MAX_SCOPES} scopes"),
+        ));
     }
     for s in &req.scopes {
         match Scope::granted(s) {
@@ -126,7 +144,11 @@ pub fn validate_create(
 
     let mut cidrs = Vec::new();
     if req.allowed_cidrs.len() > MAX_CIDRS {
-        v.push(violation(codes::CIDR_INVALID, "allowed_cidrs", format!("at most {MAX_CIDRS} CIDRs")));
+        v.push(violation(
+            codes::CIDR_INVALID,
+            "allowed_cidrs",
+            format!("at most {MAX_CIDRS} CIDRs"),
+        ));
     }
     for c in &req.allowed_cidrs {
         match parse_cidr(c) {
@@ -142,7 +164,11 @@ pub fn validate_create(
     cidrs.dedup();
 
     if req.max_uses == Some(0) {
-        v.push(violation(codes::FIELD_INVALID, "max_uses", "must be at least 1 (1 makes a one-time key)"));
+        v.push(violation(
+            codes::FIELD_INVALID,
+            "max_uses",
+            "must be at least 1 (1 makes a one-time key)",
+        ));
     }
     if req.max_uses.is_some_and(|m| i64::try_from(m).is_err()) {
         v.push(violation(codes::FIELD_INVALID, "max_uses", "too large"));
@@ -150,16 +176,31 @@ pub fn validate_create(
 
     let expires_at = match (&req.ttl, req.expires_at) {
         (Some(_), Some(_)) => {
-            v.push(violation(codes::FIELD_INVALID, "ttl", "give either ttl or expires_at, not both"));
+            v.push(violation(
+                codes::FIELD_INVALID,
+                "ttl",
+                "give either ttl or expires_at, not both",
+            ));
             None
         }
         (Some(ttl), None) => match parse_duration(ttl) {
             Ok(d) if d <= time::Duration::ZERO => {
-                v.push(violation(codes::DURATION_INVALID, "ttl", "must be longer than zero"));
+                v.push(violation(
+                    codes::DURATION_INVALID,
+                    "ttl",
+                    "must be longer than zero",
+                ));
                 None
             }
             Ok(d) if d > max_ttl => {
-                v.push(violation(codes::TTL_TOO_LONG, "ttl", format!("at most {}", keywarden_core::duration::format_duration(max_ttl))));
+                v.push(violation(
+                    codes::TTL_TOO_LONG,
+                    "ttl",
+                    format!(
+                        "at most {}",
+                        keywarden_core::duration::format_duration(max_ttl)
+                    ),
+                ));
                 None
             }
             Ok(d) => Some(now + d),
@@ -169,11 +210,22 @@ pub fn validate_create(
             }
         },
         (None, Some(at)) if at <= now => {
-            v.push(violation(codes::FIELD_INVALID, "expires_at", "must be in the future"));
+            v.push(violation(
+                codes::FIELD_INVALID,
+                "expires_at",
+                "must be in the future",
+            ));
             None
         }
         (None, Some(at)) if at > now + max_ttl => {
-            v.push(violation(codes::TTL_TOO_LONG, "expires_at", format!("at most {} from now", keywarden_core::duration::format_duration(max_ttl))));
+            v.push(violation(
+                codes::TTL_TOO_LONG,
+                "expires_at",
+                format!(
+                    "at most {} from now",
+                    keywarden_core::duration::format_duration(max_ttl)
+                ),
+            ));
             None
         }
         (None, Some(at)) => Some(keywarden_core::clock::truncate_to_millis(at)),
@@ -188,7 +240,10 @@ pub fn validate_create(
     systems.dedup();
     Ok(KeyRecord {
         id: keywarden_core::KeyId::generate(&mut rand::rngs::OsRng),
-        hash: keywarden_core::hashing::KeyHash { pepper_version: 0, digest: [0; 32] },
+        hash: keywarden_core::hashing::KeyHash {
+            pepper_version: 0,
+            digest: [0; 32],
+        },
         hint: String::new(),
         name: req.name.clone(),
         description: req.description.clone().unwrap_or_default(),
@@ -280,7 +335,12 @@ pub async fn list_keys(
     let now = app.now();
     let (keys, next) = app
         .store
-        .list_keys(&filter, now, parse_limit(q.limit)?, parse_cursor(q.cursor.as_deref())?)
+        .list_keys(
+            &filter,
+            now,
+            parse_limit(q.limit)?,
+            parse_cursor(q.cursor.as_deref())?,
+        )
         .await?;
     Ok(Json(KeyList {
         keys: keys.iter().map(|k| key_view(k, now, None)).collect(),
@@ -288,7 +348,11 @@ pub async fn list_keys(
     }))
 }
 
-async fn load_in_reach(app: &SharedState, principal: &Principal, id: &str) -> Result<KeyRecord, ApiError> {
+async fn load_in_reach(
+    app: &SharedState,
+    principal: &Principal,
+    id: &str,
+) -> Result<KeyRecord, ApiError> {
     let id = parse_key_id(id)?;
     match app.store.get_key(&id).await? {
         // Keys outside an issuer's environments are reported as absent, not forbidden.
@@ -348,7 +412,9 @@ async fn change_state(
             return Ok(Json(key_view(&updated, now, None)));
         }
     }
-    Err(ApiError::Conflict("the key kept changing concurrently; try again".to_owned()))
+    Err(ApiError::Conflict(
+        "the key kept changing concurrently; try again".to_owned(),
+    ))
 }
 
 fn past_tense(a: Action) -> &'static str {
@@ -418,9 +484,14 @@ pub async fn rotate_key(
     let grace = match body.grace.as_deref() {
         None => app.config.default_rotation_grace,
         Some(g) => {
-            let d = parse_duration(g).map_err(|e| ApiError::invalid(codes::DURATION_INVALID, "grace", e.to_string()))?;
+            let d = parse_duration(g)
+                .map_err(|e| ApiError::invalid(codes::DURATION_INVALID, "grace", e.to_string()))?;
             if d > time::Duration::days(30) {
-                return Err(ApiError::invalid(codes::DURATION_INVALID, "grace", "at most 30d"));
+                return Err(ApiError::invalid(
+                    codes::DURATION_INVALID,
+                    "grace",
+                    "at most 30d",
+                ));
             }
             d
         }
@@ -428,9 +499,14 @@ pub async fn rotate_key(
     for _ in 0..5 {
         let old = load_in_reach(&app, &principal, &id).await?;
         let now = app.now();
-        lifecycle::transition(&old, Action::Rotate, now).map_err(|e| ApiError::InvalidState(e.to_string()))?;
-        let parsed = key_format::generate(&mut rand::rngs::OsRng, &app.config.key_prefix, &old.environment)
+        lifecycle::transition(&old, Action::Rotate, now)
             .map_err(|e| ApiError::InvalidState(e.to_string()))?;
+        let parsed = key_format::generate(
+            &mut rand::rngs::OsRng,
+            &app.config.key_prefix,
+            &old.environment,
+        )
+        .map_err(|e| ApiError::InvalidState(e.to_string()))?;
         let ttl = lifecycle::successor_ttl(&old).min(app.config.max_ttl);
         let successor = KeyRecord {
             id: parsed.id.clone(),
@@ -489,7 +565,9 @@ pub async fn rotate_key(
             ));
         }
     }
-    Err(ApiError::Conflict("the key kept changing concurrently; try again".to_owned()))
+    Err(ApiError::Conflict(
+        "the key kept changing concurrently; try again".to_owned(),
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -514,7 +592,11 @@ pub async fn key_usage(
     let key = load_in_reach(&app, &principal, &id).await?;
     let (events, next) = app
         .store
-        .list_usage(&key.id, parse_limit(q.limit)?, parse_cursor(q.cursor.as_deref())?)
+        .list_usage(
+            &key.id,
+            parse_limit(q.limit)?,
+            parse_cursor(q.cursor.as_deref())?,
+        )
         .await?;
     Ok(Json(UsageList {
         events: events

@@ -52,10 +52,12 @@ pub fn reason(r: Option<String>) -> Result<Option<String>, ApiError> {
 
 pub fn parse_cursor(c: Option<&str>) -> Result<Option<i64>, ApiError> {
     c.map(|c| {
-        c.parse::<i64>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| ApiError::bad_request(codes::INVALID_CURSOR, "cursor must come from a previous page's next_cursor"))
+        c.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            ApiError::bad_request(
+                codes::INVALID_CURSOR,
+                "cursor must come from a previous page's next_cursor",
+            )
+        })
     })
     .transpose()
 }
@@ -64,6 +66,9 @@ pub fn parse_limit(l: Option<u32>) -> Result<u32, ApiError> {
     match l {
         None => Ok(100),
         Some(n @ 1..=1000) => Ok(n),
-        Some(_) => Err(ApiError::bad_request(codes::INVALID_QUERY, "limit must be between 1 and 1000")),
+        Some(_) => Err(ApiError::bad_request(
+            codes::INVALID_QUERY,
+            "limit must be between 1 and 1000",
+        )),
     }
 }

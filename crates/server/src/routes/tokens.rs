@@ -6,7 +6,9 @@ use axum::Json;
 use keywarden_core::duration::parse_duration;
 use keywarden_core::role::{Permission, Role};
 use keywarden_core::validate;
-use keywarden_proto::{codes, CreateTokenRequest, CreatedToken, ErrorBody, Secret, TokenList, TokenView};
+use keywarden_proto::{
+    codes, CreateTokenRequest, CreatedToken, ErrorBody, Secret, TokenList, TokenView,
+};
 use serde_json::json;
 
 use super::{audit, parse_key_id};
@@ -41,10 +43,18 @@ pub async fn create_token(
     };
     if let Some(envs) = &req.environments {
         if role.is_some_and(|r| r != Role::Issuer) {
-            v.push(violation(codes::FIELD_INVALID, "environments", "only issuer tokens are limited to environments"));
+            v.push(violation(
+                codes::FIELD_INVALID,
+                "environments",
+                "only issuer tokens are limited to environments",
+            ));
         }
         if envs.is_empty() {
-            v.push(violation(codes::FIELD_INVALID, "environments", "give at least one environment, or leave it out for all"));
+            v.push(violation(
+                codes::FIELD_INVALID,
+                "environments",
+                "give at least one environment, or leave it out for all",
+            ));
         }
         for e in envs {
             if let Err(e) = validate::environment(e) {
@@ -54,7 +64,11 @@ pub async fn create_token(
     }
     let expires_at = match req.ttl.as_deref().map(parse_duration).transpose() {
         Ok(Some(d)) if d <= time::Duration::ZERO => {
-            v.push(violation(codes::DURATION_INVALID, "ttl", "must be longer than zero"));
+            v.push(violation(
+                codes::DURATION_INVALID,
+                "ttl",
+                "must be longer than zero",
+            ));
             None
         }
         Ok(d) => d.map(|d| now + d),
@@ -80,7 +94,7 @@ pub async fn create_token(
         expires_at,
     };
     let (record, secret) = new_token(&app.hasher, &app.config.key_prefix, spec, now)
-    .map_err(|e| ApiError::invalid(codes::FIELD_INVALID, "token", e.to_string()))?;
+        .map_err(|e| ApiError::invalid(codes::FIELD_INVALID, "token", e.to_string()))?;
     let entry = audit(
         principal.actor(),
         now,
@@ -105,7 +119,10 @@ pub async fn create_token(
 #[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
     responses((status = 200, body = TokenList), (status = 403, body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn list_tokens(State(app): State<SharedState>, principal: Principal) -> Result<Json<TokenList>, ApiError> {
+pub async fn list_tokens(
+    State(app): State<SharedState>,
+    principal: Principal,
+) -> Result<Json<TokenList>, ApiError> {
     principal.require(Permission::TokensRead)?;
     let tokens = app.store.list_tokens().await?;
     Ok(Json(TokenList {
@@ -126,14 +143,27 @@ pub async fn revoke_token(
     principal.require(Permission::TokensWrite)?;
     let id = parse_key_id(&id)?;
     let now = app.now();
-    let entry = audit(principal.actor(), now, "token.revoked", format!("token:{id}"), None, json!({}));
+    let entry = audit(
+        principal.actor(),
+        now,
+        "token.revoked",
+        format!("token:{id}"),
+        None,
+        json!({}),
+    );
     if !app.store.revoke_token(&id, now, &entry).await? {
         return match app.store.get_token(&id).await? {
-            Some(_) => Err(ApiError::InvalidState("token is already revoked".to_owned())),
+            Some(_) => Err(ApiError::InvalidState(
+                "token is already revoked".to_owned(),
+            )),
             None => Err(ApiError::TokenNotFound(id.to_string())),
         };
     }
     app.tokens.evict(&id);
-    let token = app.store.get_token(&id).await?.ok_or_else(|| ApiError::TokenNotFound(id.to_string()))?;
+    let token = app
+        .store
+        .get_token(&id)
+        .await?
+        .ok_or_else(|| ApiError::TokenNotFound(id.to_string()))?;
     Ok(Json(token_view(&token)))
 }

@@ -47,18 +47,18 @@ pub async fn verify(
         user_agent: principal.user_agent,
         counted: outcome.counted,
     };
-    app.usage
-        .send(event)
-        .await
-        .map_err(|_| ApiError::Coded {
-            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            code: codes::STORE_UNAVAILABLE,
-            message: "server is shutting down".to_owned(),
-        })?;
+    app.usage.send(event).await.map_err(|_| ApiError::Coded {
+        status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        code: codes::STORE_UNAVAILABLE,
+        message: "server is shutting down".to_owned(),
+    })?;
     Ok(Json(outcome.into_response()))
 }
 
-fn validate_request(req: &WireRequest, client_ip: Option<IpAddr>) -> Result<VerifyRequest, ApiError> {
+fn validate_request(
+    req: &WireRequest,
+    client_ip: Option<IpAddr>,
+) -> Result<VerifyRequest, ApiError> {
     let mut v = Vec::new();
     let scope = match req.scope.as_deref().map(Scope::requested).transpose() {
         Ok(s) => s,
@@ -77,14 +77,22 @@ fn validate_request(req: &WireRequest, client_ip: Option<IpAddr>) -> Result<Veri
         Some(s) => match s.trim().parse::<IpAddr>() {
             Ok(ip) => Some(ip),
             Err(_) => {
-                v.push(violation(codes::FIELD_INVALID, "source_ip", "not an IPv4 or IPv6 address"));
+                v.push(violation(
+                    codes::FIELD_INVALID,
+                    "source_ip",
+                    "not an IPv4 or IPv6 address",
+                ));
                 None
             }
         },
     };
     if let Some(s) = &req.subject {
         if s.is_empty() || s.len() > 255 || s.chars().any(char::is_control) {
-            v.push(violation(codes::FIELD_INVALID, "subject", "1-255 characters, no control characters"));
+            v.push(violation(
+                codes::FIELD_INVALID,
+                "subject",
+                "1-255 characters, no control characters",
+            ));
         }
     }
     if !v.is_empty() {
@@ -143,7 +151,12 @@ impl Outcome {
     }
 }
 
-async fn check(app: &AppState, key: &str, ask: &VerifyRequest, now: OffsetDateTime) -> Result<Outcome, ApiError> {
+async fn check(
+    app: &AppState,
+    key: &str,
+    ask: &VerifyRequest,
+    now: OffsetDateTime,
+) -> Result<Outcome, ApiError> {
     let Ok(parsed) = key_format::parse(key, &app.config.key_prefix) else {
         return Ok(Outcome::unknown(VerifyCode::Malformed, None));
     };
@@ -156,7 +169,8 @@ async fn check(app: &AppState, key: &str, ask: &VerifyRequest, now: OffsetDateTi
         None => {
             let generation = app.keys.generation();
             let loaded = app.store.get_key(&parsed.id).await?.map(Arc::new);
-            app.keys.insert(parsed.id.clone(), loaded.clone(), generation);
+            app.keys
+                .insert(parsed.id.clone(), loaded.clone(), generation);
             loaded
         }
     };

@@ -1,0 +1,225 @@
+//! Every verify code that applies today, and exact usage caps under concurrency.
+
+use keywarden_core::key_format::{assemble, parse};
+use keywarden_core::KeyId;
+use serde_json::json;
+
+use crate::harness::{key_body, Backend, TestServer};
+
+crate::on_both_backends!(
+    codes,
+    one_time_key_is_exact_under_concurrency,
+    capped_key_counts_exactly,
+    source_from_peer_and_trusted_proxy
+);
+
+async fn codes(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut body = key_body("codes");
+    body["allowed_cidrs"] = json!(["10.0.0.0/8", "2001:db8::/32"]);
+    let (_, secret) = s.create_key(body).await;
+    let at = |extra: serde_json::Value| {
+        let mut v = json!({"key": secret, "source_ip": "10.2.3.4"});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+
+    let ok = s
+        .verify(at(
+            json!({"scope": "db:orders:read", "environment": "prod"}),
+        ))
+        .await;
+    assert_eq!(ok["valid"], true);
+    assert_eq!(ok["code"], "VALID");
+    assert_eq!(ok["owner"], "alice@example.com");
+    assert_eq!(ok["environment"], "prod");
+    assert_eq!(ok["scopes"], json!(["db:*", "deploy:write"]));
+    assert!(ok["expires_at"].is_string());
+    assert!(ok.get("remaining_uses").is_none());
+
+    assert_eq!(
+        s.verify(at(json!({"scope": "deploy:read"}))).await["code"],
+        "SCOPE_DENIED"
+    );
+    assert_eq!(
+        s.verify(at(json!({"scope": "db"}))).await["code"],
+        "SCOPE_DENIED"
+    );
+    assert_eq!(
+        s.verify(at(json!({"environment": "dev"}))).await["code"],
+        "ENVIRONMENT_MISMATCH"
+    );
+    assert_eq!(
+        s.verify(at(json!({"source_ip": "11.0.0.1"}))).await["code"],
+        "SOURCE_DENIED"
+    );
+    assert_eq!(
+        s.verify(at(json!({"source_ip": "2001:db8::1"}))).await["code"],
+        "VALID"
+    );
+    let denied = s.verify(at(json!({"source_ip": "11.0.0.1"}))).await;
+    assert_eq!(denied["valid"], false);
+    assert!(denied.get("owner").is_none(), "denials reveal no metadata");
+
+    assert_eq!(s.verify_code("kw_prod_garbage").await, "MALFORMED");
+    assert_eq!(s.verify_code("").await, "MALFORMED");
+    let mut typo = secret.clone().into_bytes();
+    typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };
+    assert_eq!(
+        s.verify_code(&String::from_utf8(typo).unwrap()).await,
+        "MALFORMED",
+        "checksum catches typos"
+    );
+
+    // Well-formed keys that keywarden never issued: an unknown id, and a known id with a
+    // forged secret (valid checksum, wrong hash).
+    let parsed = parse(&secret, "kw").unwrap();
+    let unknown = assemble(
+        "kw",
+        "prod",
+        KeyId::parse("AAAAAAAAAAAAAAAA").unwrap(),
+        &"x".repeat(32),
+    );
+    assert_eq!(s.verify_code(unknown.plain.expose()).await, "NOT_FOUND");
+    let forged = assemble("kw", "prod", parsed.id.clone(), &"y".repeat(32));
+    let v = s
+        .verify(json!({"key": forged.plain.expose(), "source_ip": "10.0.0.1"}))
+        .await;
+    assert_eq!(v["code"], "NOT_FOUND");
+    assert!(v.get("key_id").is_none());
+    let other_prefix = assemble("acme", "prod", parsed.id, &"y".repeat(32));
+    assert_eq!(
+        s.verify_code(other_prefix.plain.expose()).await,
+        "MALFORMED"
+    );
+    assert_eq!(
+        s.verify_code(&s.admin).await,
+        "NOT_FOUND",
+        "admin tokens are not keys"
+    );
+
+    s.clock.advance(time::Duration::days(30));
+    assert_eq!(s.verify(at(json!({}))).await["code"], "EXPIRED");
+    s.stop().await;
+}
+
+async fn one_time_key_is_exact_under_concurrency(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut body = key_body("one-time");
+    body["max_uses"] = json!(1);
+    let (id, secret) = s.create_key(body).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let http = s.http.clone();
+        let url = s.url("/v1/verify");
+        let admin = s.admin.clone();
+        let secret = secret.clone();
+        tasks.push(tokio::spawn(async move {
+            let v: serde_json::Value = http
+                .post(url)
+                .bearer_auth(admin)
+                .json(&json!({"key": secret, "subject": format!("node-{i}")}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["code"].as_str().unwrap().to_owned()
+        }));
+    }
+    let mut valid = 0;
+    let mut exhausted = 0;
+    for t in tasks {
+        match t.await.unwrap().as_str() {
+            "VALID" => valid += 1,
+            "USAGE_EXHAUSTED" => exhausted += 1,
+            other => panic!("unexpected code {other}"),
+        }
+    }
+    assert_eq!((valid, exhausted), (1, 49));
+    let usage = s.wait_for_usage(&id, 50).await;
+    assert_eq!(
+        usage["events"].as_array().unwrap().len(),
+        50,
+        "every verify is a usage event"
+    );
+    let (_, key) = s.get(&format!("/v1/keys/{id}")).await;
+    assert_eq!(key["uses"], 1);
+    assert_eq!(key["remaining_uses"], 0);
+    assert_eq!(
+        key["subjects"].as_array().unwrap().len(),
+        1,
+        "only the enrolment that succeeded"
+    );
+    s.stop().await;
+}
+
+async fn capped_key_counts_exactly(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut body = key_body("capped");
+    body["max_uses"] = json!(3);
+    let (_, secret) = s.create_key(body).await;
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let v = s.verify(json!({"key": secret})).await;
+        assert_eq!(v["code"], "VALID");
+        remaining.push(v["remaining_uses"].as_u64().unwrap());
+    }
+    assert_eq!(remaining, [2, 1, 0]);
+    assert_eq!(s.verify_code(&secret).await, "USAGE_EXHAUSTED");
+    s.stop().await;
+}
+
+async fn source_from_peer_and_trusted_proxy(b: Backend) {
+    // Loopback is trusted here, so X-Forwarded-For from the test client is believed.
+    let s = TestServer::start_with(b, |c| {
+        c.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()]
+    })
+    .await;
+    let mut body = key_body("cidr");
+    body["allowed_cidrs"] = json!(["203.0.113.0/24"]);
+    let (id, secret) = s.create_key(body).await;
+    let call = |xff: &'static str| {
+        s.http
+            .post(s.url("/v1/verify"))
+            .bearer_auth(&s.admin)
+            .header("x-forwarded-for", xff)
+            .json(&json!({"key": secret}))
+            .send()
+    };
+    let v: serde_json::Value = call("203.0.113.9").await.unwrap().json().await.unwrap();
+    assert_eq!(v["code"], "VALID");
+    let v: serde_json::Value = call("198.51.100.1, 127.0.0.1")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["code"], "SOURCE_DENIED");
+    let usage = s.wait_for_usage(&id, 2).await;
+    assert_eq!(usage["events"][0]["source_ip"], "198.51.100.1");
+    s.stop().await;
+
+    // Without trusted proxies the peer address (loopback) is the source: XFF is ignored.
+    let s = TestServer::start(b).await;
+    let mut body = key_body("cidr");
+    body["allowed_cidrs"] = json!(["203.0.113.0/24"]);
+    let (_, secret) = s.create_key(body).await;
+    let v: serde_json::Value = s
+        .http
+        .post(s.url("/v1/verify"))
+        .bearer_auth(&s.admin)
+        .header("x-forwarded-for", "203.0.113.9")
+        .json(&json!({"key": secret}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["code"], "SOURCE_DENIED");
+    s.stop().await;
+}
