@@ -66,8 +66,9 @@ pub fn postgres_or_skip() -> Option<Backend> {
     None
 }
 
-/// A fresh schema per test so tests run in parallel on one database.
-async fn postgres_schema_url() -> String {
+/// A fresh schema per test so tests run in parallel on one database; returns its URL and
+/// name.
+async fn postgres_schema_url() -> (String, String) {
     use sqlx::Connection;
     let base = postgres_url();
     let schema = format!(
@@ -82,7 +83,16 @@ async fn postgres_schema_url() -> String {
         .await
         .expect("create schema");
     let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}options=-c%20search_path%3D{schema}")
+    (format!("{base}{sep}options=-c%20search_path%3D{schema}"), schema)
+}
+
+async fn drop_schema(schema: &str) {
+    use sqlx::Connection;
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&postgres_url()).await {
+        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .execute(&mut conn)
+            .await;
+    }
 }
 
 pub struct TestServer {
@@ -92,6 +102,7 @@ pub struct TestServer {
     pub admin: String,
     pub http: reqwest::Client,
     _dir: tempfile::TempDir,
+    schema: Option<String>,
 }
 
 pub const START: time::OffsetDateTime = datetime!(2026-06-01 12:00 UTC);
@@ -105,8 +116,11 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::new(dir.path().join("data"));
         config.listen = "127.0.0.1:0".parse().expect("addr");
+        let mut schema = None;
         if backend == Backend::Postgres {
-            config.database_url = Some(postgres_schema_url().await);
+            let (url, name) = postgres_schema_url().await;
+            config.database_url = Some(url);
+            schema = Some(name);
         }
         tweak(&mut config);
         let clock = Arc::new(ManualClock::new(START));
@@ -129,6 +143,7 @@ impl TestServer {
                 .build()
                 .expect("client"),
             _dir: dir,
+            schema,
         }
     }
 
@@ -218,6 +233,9 @@ impl TestServer {
     pub async fn stop(mut self) {
         if let Some(s) = self.server.take() {
             s.shutdown().await;
+        }
+        if let Some(schema) = self.schema.take() {
+            drop_schema(&schema).await;
         }
     }
 }

@@ -6,4 +6,6 @@ mod auth;
 mod harness;
 mod input;
 mod lifecycle;
+mod openapi;
+mod process;
 mod verify;

@@ -1,0 +1,211 @@
+//! The real binary: `serve` in a child process driven by the CLI. Checks the first-start
+//! files, CLI exit codes, that no secret reaches the logs, and that SIGTERM flushes every
+//! usage event.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+struct Served {
+    child: Child,
+    base: String,
+    bootstrap: String,
+    stdout_rest: mpsc::Receiver<String>,
+    /// Drained continuously so the server never blocks on a full pipe.
+    stderr: std::thread::JoinHandle<String>,
+}
+
+fn bin() -> Command {
+    Command::new(assert_cmd::cargo::cargo_bin("keywarden"))
+}
+
+fn serve(data_dir: &Path) -> Served {
+    let mut child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KEYWARDEN_DATA_DIR", data_dir)
+        .env("KEYWARDEN_LOG", "trace")
+        .env_remove("KEYWARDEN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keywarden serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = stderr_pipe.read_to_string(&mut all);
+        all
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut bootstrap = String::new();
+    let base = loop {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("server prints its address");
+        if line.trim().starts_with("kw_admin_") {
+            bootstrap = line.trim().to_owned();
+        }
+        if let Some(addr) = line.strip_prefix("keywarden listening on ") {
+            break addr.trim().to_owned();
+        }
+    };
+    Served {
+        child,
+        base,
+        bootstrap,
+        stdout_rest: rx,
+        stderr,
+    }
+}
+
+fn cli(s: &Served, data_dir: &Path, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut cmd = bin();
+    cmd.args(args)
+        .env("KEYWARDEN_SERVER", &s.base)
+        .env("KEYWARDEN_DATA_DIR", data_dir)
+        .env_remove("KEYWARDEN_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_of(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = serve(&data);
+    let mut secrets = vec![s.bootstrap.clone()];
+    assert!(s.bootstrap.starts_with("kw_admin_"));
+
+    // First start: token file and pepper are private.
+    let token_file = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    assert_eq!(token_file.trim(), s.bootstrap);
+    assert_eq!(mode(&data.join("admin-token")), 0o600);
+    assert_eq!(mode(&data.join("pepper")), 0o600);
+    let pepper = std::fs::read_to_string(data.join("pepper")).unwrap();
+    let pepper_hex = pepper.lines().find(|l| l.starts_with("v1:")).unwrap()[3..].to_owned();
+    secrets.push(pepper_hex);
+
+    // The CLI finds the token in the data directory by itself.
+    let (rc, out, err) = cli(&s, &data, &[
+        "key", "create", "--json", "--name", "ci-deploy", "--owner", "alice@example.com",
+        "--environment", "prod", "--system", "github", "--scope", "deploy:write", "--ttl", "30d",
+        "--meta", "team=infra", "--allow-cidr", "127.0.0.0/8",
+    ], None);
+    assert_eq!(rc, 0, "{err}");
+    let created = json_of(&out);
+    let key = created["secret"].as_str().unwrap().to_owned();
+    let id = created["key"]["id"].as_str().unwrap().to_owned();
+    secrets.push(key.clone());
+
+    let (rc, out, _) = cli(&s, &data, &["verify", &key, "--scope", "deploy:write"], None);
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.starts_with("VALID"), "{out}");
+    let (rc, out, _) = cli(&s, &data, &["verify", &key, "--scope", "db:read"], None);
+    assert_eq!((rc, out.trim().split(' ').next().unwrap()), (1, "SCOPE_DENIED"));
+    let (rc, out, _) = cli(&s, &data, &["verify", "-", "--json"], Some(&format!("{key}\n")));
+    assert_eq!((rc, json_of(&out)["code"].clone()), (0, json!("VALID")));
+
+    let (rc, out, err) = cli(&s, &data, &["key", "rotate", &id, "--grace", "0s", "--json"], None);
+    assert_eq!(rc, 0, "{err}");
+    let successor = json_of(&out)["secret"].as_str().unwrap().to_owned();
+    secrets.push(successor.clone());
+    let (rc, out, _) = cli(&s, &data, &["verify", &key], None);
+    assert_eq!((rc, out.trim().split(' ').next().unwrap()), (1, "EXPIRED"));
+    let (rc, out, _) = cli(&s, &data, &["key", "list"], None);
+    assert_eq!(rc, 0);
+    assert!(out.contains("ci-deploy") && out.contains("expired") && out.contains("active"), "{out}");
+    let (rc, out, _) = cli(&s, &data, &["key", "usage", &id], None);
+    assert_eq!(rc, 0);
+    assert!(out.contains("SCOPE_DENIED"), "{out}");
+
+    let (rc, out, err) = cli(&s, &data, &["token", "create", "--name", "gateway", "--role", "verifier", "--json"], None);
+    assert_eq!(rc, 0, "{err}");
+    let verifier = json_of(&out)["secret"].as_str().unwrap().to_owned();
+    secrets.push(verifier.clone());
+
+    // Usage errors and refusals exit 2 with a message.
+    let (rc, _, err) = cli(&s, &data, &["key", "create", "--name", "x"], None);
+    assert_eq!(rc, 2, "{err}");
+    let (rc, _, err) = cli(&s, &data, &["key", "show", "AAAAAAAAAAAAAAAA"], None);
+    assert_eq!(rc, 2);
+    assert!(err.contains("KEY_NOT_FOUND"), "{err}");
+    let (rc, _, err) = cli(&s, &data, &["--token", &verifier, "key", "list"], None);
+    assert_eq!(rc, 2);
+    assert!(err.contains("FORBIDDEN"), "{err}");
+    assert!(!err.contains(&verifier));
+
+    // A burst of verifies, then SIGTERM straight away: every event must reach the store.
+    let http = reqwest::Client::new();
+    let burst = 300;
+    for i in 0..burst {
+        let v: Value = http
+            .post(format!("{}/v1/verify", s.base))
+            .bearer_auth(&verifier)
+            .json(&json!({"key": successor, "subject": format!("host-{}", i % 7)}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["code"], "VALID");
+    }
+    let status = Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let mut child = s.child;
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "graceful exit: {exit:?}");
+    let logs = s.stderr.join().unwrap();
+    let rest: Vec<String> = s.stdout_rest.try_iter().collect();
+
+    let store = keywarden_store::Store::connect(&format!("sqlite://{}", data.join("keywarden.db").display()))
+        .await
+        .unwrap();
+    // 3 CLI verifies + 1 after rotation + the burst.
+    assert_eq!(store.count_usage().await.unwrap(), 4 + burst);
+    let successor_id = keywarden_core::key_format::parse(&successor, "kw").unwrap().id;
+    assert_eq!(store.subjects(&successor_id).await.unwrap().len(), 7);
+
+    assert!(logs.contains("usage events flushed"), "shutdown is logged");
+    assert!(logs.lines().count() > 20, "trace logging was on: {}", logs.lines().count());
+    for secret in &secrets {
+        assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
+        assert!(!rest.iter().any(|l| l.contains(secret.as_str())), "a secret reached stdout after start");
+        // Not even the secret part alone.
+        let tail = &secret[secret.len().saturating_sub(38)..];
+        assert!(!logs.contains(tail));
+    }
+    store.close().await;
+}
