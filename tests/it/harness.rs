@@ -83,7 +83,10 @@ async fn postgres_schema_url() -> (String, String) {
         .await
         .expect("create schema");
     let sep = if base.contains('?') { '&' } else { '?' };
-    (format!("{base}{sep}options=-c%20search_path%3D{schema}"), schema)
+    (
+        format!("{base}{sep}options=-c%20search_path%3D{schema}"),
+        schema,
+    )
 }
 
 async fn drop_schema(schema: &str) {

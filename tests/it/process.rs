@@ -51,7 +51,9 @@ fn serve(data_dir: &Path) -> Served {
     });
     let mut bootstrap = String::new();
     let base = loop {
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("server prints its address");
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server prints its address");
         if line.trim().starts_with("kw_admin_") {
             bootstrap = line.trim().to_owned();
         }
@@ -80,7 +82,12 @@ fn cli(s: &Served, data_dir: &Path, args: &[&str], stdin: Option<&str>) -> (i32,
     let mut child = cmd.spawn().unwrap();
     if let Some(input) = stdin {
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     } else {
         drop(child.stdin.take());
     }
@@ -118,26 +125,65 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
     secrets.push(pepper_hex);
 
     // The CLI finds the token in the data directory by itself.
-    let (rc, out, err) = cli(&s, &data, &[
-        "key", "create", "--json", "--name", "ci-deploy", "--owner", "alice@example.com",
-        "--environment", "prod", "--system", "github", "--scope", "deploy:write", "--ttl", "30d",
-        "--meta", "team=infra", "--allow-cidr", "127.0.0.0/8",
-    ], None);
+    let (rc, out, err) = cli(
+        &s,
+        &data,
+        &[
+            "key",
+            "create",
+            "--json",
+            "--name",
+            "ci-deploy",
+            "--owner",
+            "alice@example.com",
+            "--environment",
+            "prod",
+            "--system",
+            "github",
+            "--scope",
+            "deploy:write",
+            "--ttl",
+            "30d",
+            "--meta",
+            "team=infra",
+            "--allow-cidr",
+            "127.0.0.0/8",
+        ],
+        None,
+    );
     assert_eq!(rc, 0, "{err}");
     let created = json_of(&out);
     let key = created["secret"].as_str().unwrap().to_owned();
     let id = created["key"]["id"].as_str().unwrap().to_owned();
     secrets.push(key.clone());
 
-    let (rc, out, _) = cli(&s, &data, &["verify", &key, "--scope", "deploy:write"], None);
+    let (rc, out, _) = cli(
+        &s,
+        &data,
+        &["verify", &key, "--scope", "deploy:write"],
+        None,
+    );
     assert_eq!(rc, 0, "{out}");
     assert!(out.starts_with("VALID"), "{out}");
     let (rc, out, _) = cli(&s, &data, &["verify", &key, "--scope", "db:read"], None);
-    assert_eq!((rc, out.trim().split(' ').next().unwrap()), (1, "SCOPE_DENIED"));
-    let (rc, out, _) = cli(&s, &data, &["verify", "-", "--json"], Some(&format!("{key}\n")));
+    assert_eq!(
+        (rc, out.trim().split(' ').next().unwrap()),
+        (1, "SCOPE_DENIED")
+    );
+    let (rc, out, _) = cli(
+        &s,
+        &data,
+        &["verify", "-", "--json"],
+        Some(&format!("{key}\n")),
+    );
     assert_eq!((rc, json_of(&out)["code"].clone()), (0, json!("VALID")));
 
-    let (rc, out, err) = cli(&s, &data, &["key", "rotate", &id, "--grace", "0s", "--json"], None);
+    let (rc, out, err) = cli(
+        &s,
+        &data,
+        &["key", "rotate", &id, "--grace", "0s", "--json"],
+        None,
+    );
     assert_eq!(rc, 0, "{err}");
     let successor = json_of(&out)["secret"].as_str().unwrap().to_owned();
     secrets.push(successor.clone());
@@ -145,12 +191,22 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
     assert_eq!((rc, out.trim().split(' ').next().unwrap()), (1, "EXPIRED"));
     let (rc, out, _) = cli(&s, &data, &["key", "list"], None);
     assert_eq!(rc, 0);
-    assert!(out.contains("ci-deploy") && out.contains("expired") && out.contains("active"), "{out}");
+    assert!(
+        out.contains("ci-deploy") && out.contains("expired") && out.contains("active"),
+        "{out}"
+    );
     let (rc, out, _) = cli(&s, &data, &["key", "usage", &id], None);
     assert_eq!(rc, 0);
     assert!(out.contains("SCOPE_DENIED"), "{out}");
 
-    let (rc, out, err) = cli(&s, &data, &["token", "create", "--name", "gateway", "--role", "verifier", "--json"], None);
+    let (rc, out, err) = cli(
+        &s,
+        &data,
+        &[
+            "token", "create", "--name", "gateway", "--role", "verifier", "--json",
+        ],
+        None,
+    );
     assert_eq!(rc, 0, "{err}");
     let verifier = json_of(&out)["secret"].as_str().unwrap().to_owned();
     secrets.push(verifier.clone());
@@ -182,7 +238,10 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
             .unwrap();
         assert_eq!(v["code"], "VALID");
     }
-    let status = Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let mut child = s.child;
     let exit = child.wait().unwrap();
@@ -190,19 +249,31 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
     let logs = s.stderr.join().unwrap();
     let rest: Vec<String> = s.stdout_rest.try_iter().collect();
 
-    let store = keywarden_store::Store::connect(&format!("sqlite://{}", data.join("keywarden.db").display()))
-        .await
-        .unwrap();
+    let store = keywarden_store::Store::connect(&format!(
+        "sqlite://{}",
+        data.join("keywarden.db").display()
+    ))
+    .await
+    .unwrap();
     // 3 CLI verifies + 1 after rotation + the burst.
     assert_eq!(store.count_usage().await.unwrap(), 4 + burst);
-    let successor_id = keywarden_core::key_format::parse(&successor, "kw").unwrap().id;
+    let successor_id = keywarden_core::key_format::parse(&successor, "kw")
+        .unwrap()
+        .id;
     assert_eq!(store.subjects(&successor_id).await.unwrap().len(), 7);
 
     assert!(logs.contains("usage events flushed"), "shutdown is logged");
-    assert!(logs.lines().count() > 20, "trace logging was on: {}", logs.lines().count());
+    assert!(
+        logs.lines().count() > 20,
+        "trace logging was on: {}",
+        logs.lines().count()
+    );
     for secret in &secrets {
         assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
-        assert!(!rest.iter().any(|l| l.contains(secret.as_str())), "a secret reached stdout after start");
+        assert!(
+            !rest.iter().any(|l| l.contains(secret.as_str())),
+            "a secret reached stdout after start"
+        );
         // Not even the secret part alone.
         let tail = &secret[secret.len().saturating_sub(38)..];
         assert!(!logs.contains(tail));
