@@ -50,16 +50,12 @@ pub async fn run_writer(
 
 /// Writes a batch, retrying until it lands: usage is an audit record, not telemetry.
 async fn write(store: &Store, batch: &mut Vec<UsageEvent>) {
-    if batch.is_empty() {
-        return;
-    }
     let mut backoff = Duration::from_millis(50);
-    loop {
-        match store.record_usage(batch).await {
-            Ok(()) => {
-                batch.clear();
-                return;
-            }
+    while !batch.is_empty() {
+        let (events, result) = store.record_usage(std::mem::take(batch)).await;
+        *batch = events;
+        match result {
+            Ok(()) => batch.clear(),
             Err(e) => {
                 tracing::error!(error = %e, events = batch.len(), "writing usage events failed; retrying");
                 tokio::time::sleep(backoff).await;

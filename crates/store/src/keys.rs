@@ -63,7 +63,7 @@ impl Store {
         limit: u32,
         after: Option<i64>,
     ) -> Result<(Vec<KeyRecord>, Option<i64>)> {
-        let mut p = Params::default();
+        let mut p = Params::new(self.backend);
         let mut clauses: Vec<String> = Vec::new();
         if let Some(env) = &filter.environment {
             clauses.push(format!("environment = {}", p.push_text(env)));

@@ -10,6 +10,7 @@ mod keys;
 mod rows;
 mod tokens;
 mod usage;
+mod usage_sqlite;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -28,7 +29,7 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
-    #[error("unsupported database url: expected sqlite:// or postgres://")]
+    #[error("unsupported database url: expected sqlite://PATH (a file) or postgres://")]
     UnsupportedUrl,
 }
 
@@ -44,10 +45,24 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    usage_sqlite: Option<usage_sqlite::SqliteUsageSink>,
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The file behind `sqlite://PATH?…` or `sqlite:PATH`.
+fn sqlite_path(url: &str) -> Result<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or(StoreError::UnsupportedUrl)?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    if path.is_empty() || path == ":memory:" {
+        return Err(StoreError::UnsupportedUrl);
+    }
+    Ok(std::path::PathBuf::from(path))
+}
 
 impl Store {
     /// Connects to `sqlite://path` (created if missing) or `postgres://…` and migrates.
@@ -79,6 +94,8 @@ impl Store {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        // 64 MiB page cache: usage batches update key rows at random.
+                        conn.execute("PRAGMA cache_size = -65536").await?;
                         conn.execute("PRAGMA foreign_keys = ON").await?;
                     }
                     Ok(())
@@ -86,11 +103,21 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
-        }
-        Ok(Self { pool, backend })
+        let usage_sqlite = match backend {
+            Backend::Sqlite => {
+                SQLITE_MIGRATIONS.run(&pool).await?;
+                Some(usage_sqlite::SqliteUsageSink::open(&sqlite_path(&url)?)?)
+            }
+            Backend::Postgres => {
+                POSTGRES_MIGRATIONS.run(&pool).await?;
+                None
+            }
+        };
+        Ok(Self {
+            pool,
+            backend,
+            usage_sqlite,
+        })
     }
 
     pub fn backend(&self) -> Backend {

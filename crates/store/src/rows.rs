@@ -12,7 +12,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::{Result, StoreError};
+use crate::{Backend, Result, StoreError};
 
 pub fn decode_error(what: &str, detail: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {detail}"))
@@ -134,9 +134,13 @@ pub(crate) fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
     })
 }
 
-/// Postgres and SQLite both accept `$N`; this numbers them while a query is assembled.
-#[derive(Default)]
+/// Collects the parameters of a query assembled at run time, and writes its placeholders:
+/// `$N` for PostgreSQL, anonymous `?` for SQLite. (SQLite resolves named and numbered
+/// parameters through a list scanned linearly, so a 4000-parameter batch insert written with
+/// `$N` spends its time in prepare and bind: quadratic. Fixed queries keep `$N`.)
+/// Placeholders must be pushed in the order they appear in the SQL text.
 pub(crate) struct Params {
+    backend: Backend,
     pub values: Vec<Param>,
 }
 
@@ -146,14 +150,28 @@ pub(crate) enum Param {
 }
 
 impl Params {
+    pub fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            values: Vec::new(),
+        }
+    }
+
+    fn placeholder(&self) -> String {
+        match self.backend {
+            Backend::Sqlite => "?".to_owned(),
+            Backend::Postgres => format!("${}", self.values.len()),
+        }
+    }
+
     pub fn push_int(&mut self, v: i64) -> String {
         self.values.push(Param::Int(v));
-        format!("${}", self.values.len())
+        self.placeholder()
     }
 
     pub fn push_text(&mut self, v: impl Into<String>) -> String {
         self.values.push(Param::Text(v.into()));
-        format!("${}", self.values.len())
+        self.placeholder()
     }
 
     pub fn bind<'q>(

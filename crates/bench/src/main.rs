@@ -1,0 +1,277 @@
+//! `cargo run --release -p keywarden-bench`: drives `POST /v1/verify` with wrk (64
+//! connections) against N keys, next to an axum handler that returns a fixed body, in the
+//! same run, and prints requests/s and p50/p99 for both.
+//!
+//! Needs `wrk` (Debian package `wrk`). This is a benchmark, not a test: it asserts nothing.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use keywarden_core::clock::Clock;
+use keywarden_core::key_format;
+use keywarden_core::model::{Actor, AuditEntry, KeyState};
+use keywarden_core::scope::Scope;
+use keywarden_core::KeyRecord;
+use time::OffsetDateTime;
+
+#[derive(Parser)]
+struct Args {
+    /// Keys in the store; requests pick among them at random.
+    #[arg(long, default_value_t = 100_000)]
+    keys: usize,
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    #[arg(long, default_value_t = 2)]
+    threads: u32,
+    /// Seconds per measured run.
+    #[arg(long, default_value_t = 10)]
+    duration: u32,
+    /// `sqlite` (default, in a temp dir) or a postgres:// URL.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+struct SystemClock;
+
+impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // a benchmark runs on real time
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+struct WrkResult {
+    requests: i64,
+    rps: f64,
+    p50: String,
+    p99: String,
+    non_2xx: u64,
+}
+
+fn run_wrk(args: &Args, url: &str, script: &Path, seconds: u32) -> Result<WrkResult> {
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            &args.threads.to_string(),
+            "-c",
+            &args.connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(url)
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_owned()))
+    };
+    let rps = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .context("wrk printed no Requests/sec")?;
+    let non_2xx = field("Non-2xx or 3xx responses:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // "  123456 requests in 10.00s, 12.34MB read"
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Ok(WrkResult {
+        requests,
+        rps,
+        p50: field("50%").unwrap_or_default(),
+        p99: field("99%").unwrap_or_default(),
+        non_2xx,
+    })
+}
+
+fn write_script(path: &Path, token: &str, keys_file: Option<&Path>) -> Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    let load = match keys_file {
+        Some(k) => format!(
+            r#"
+local keys = {{}}
+for line in io.lines("{}") do keys[#keys + 1] = line end
+math.randomseed(os.time())
+request = function()
+  local k = keys[math.random(#keys)]
+  return wrk.format(nil, nil, nil, '{{"key":"' .. k .. '","scope":"deploy:write","subject":"bench-host"}}')
+end
+"#,
+            k.display()
+        ),
+        None => String::new(),
+    };
+    write!(
+        f,
+        r#"wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {token}"
+wrk.body = '{{"key":"x"}}'
+{load}"#
+    )?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let mut config = keywarden_server::Config::new(dir.path().join("data"));
+    config.listen = "127.0.0.1:0".parse()?;
+    config.database_url.clone_from(&args.database_url);
+    let server = keywarden_server::start(config, Arc::new(SystemClock)).await?;
+    let admin = server
+        .bootstrap_token
+        .as_ref()
+        .context("fresh store has a bootstrap token")?
+        .expose()
+        .to_owned();
+    let state = server.state.clone();
+
+    eprintln!("creating {} keys…", args.keys);
+    let started = Instant::now();
+    let now = state.now();
+    let keys_path = dir.path().join("keys.txt");
+    let mut keys_file = std::io::BufWriter::new(std::fs::File::create(&keys_path)?);
+    for i in 0..args.keys {
+        let parsed = key_format::generate(&mut rand::rngs::OsRng, "kw", "prod")?;
+        let record = KeyRecord {
+            id: parsed.id.clone(),
+            hash: state.hasher.hash(&parsed.plain),
+            hint: parsed.plain.hint(),
+            name: format!("bench-{i}"),
+            description: String::new(),
+            owner: "bench@example.com".into(),
+            systems: vec!["bench".into()],
+            environment: "prod".into(),
+            scopes: vec![Scope::granted("deploy:*")?],
+            created_at: now,
+            created_by: "bench".into(),
+            expires_at: now + time::Duration::days(30),
+            state: KeyState::Active,
+            state_reason: None,
+            state_changed_at: None,
+            allowed_cidrs: vec![],
+            max_uses: None,
+            uses: 0,
+            last_used_at: None,
+            last_used_from: None,
+            rotated_from: None,
+            rotated_to: None,
+            metadata: Default::default(),
+            version: 1,
+        };
+        let audit = AuditEntry {
+            time: now,
+            actor: Actor {
+                id: "system:bench".into(),
+                name: "bench".into(),
+                ..Actor::default()
+            },
+            action: "key.created".into(),
+            target: format!("key:{}", record.id),
+            reason: None,
+            details: "{}".into(),
+        };
+        state.store.insert_key(&record, &audit).await?;
+        writeln!(keys_file, "{}", parsed.plain.expose())?;
+    }
+    keys_file.flush()?;
+    eprintln!("created in {:.1}s", started.elapsed().as_secs_f64());
+
+    // The ceiling: an axum handler that returns a fixed body, on the same machine.
+    let fixed = axum::Router::new().route(
+        "/",
+        axum::routing::post(|| async {
+            (
+                [("content-type", "application/json")],
+                r#"{"valid":true,"code":"VALID"}"#,
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let fixed_addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, fixed).await });
+
+    let verify_script = dir.path().join("verify.lua");
+    write_script(&verify_script, &admin, Some(&keys_path))?;
+    let fixed_script = dir.path().join("fixed.lua");
+    write_script(&fixed_script, &admin, None)?;
+    let verify_url = format!("http://{}/v1/verify", server.addr);
+    let fixed_url = format!("http://{fixed_addr}/");
+
+    eprintln!("warming up (cache fill)…");
+    let warm = run_wrk(&args, &verify_url, &verify_script, 5)?;
+    // Let the writer catch up so the count below covers only the measured run.
+    let mut events_before = state.store.count_usage().await?;
+    for _ in 0..100 {
+        if events_before >= warm.requests {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        events_before = state.store.count_usage().await?;
+    }
+    eprintln!("measuring…");
+    let base = run_wrk(&args, &fixed_url, &fixed_script, args.duration)?;
+    let verify = run_wrk(&args, &verify_url, &verify_script, args.duration)?;
+    let base2 = run_wrk(&args, &fixed_url, &fixed_script, args.duration)?;
+    server.shutdown().await;
+
+    let ceiling = (base.rps + base2.rps) / 2.0;
+    println!(
+        "keywarden verify benchmark: {} keys, {} connections, {} wrk threads, {}s runs, store {}",
+        args.keys,
+        args.connections,
+        args.threads,
+        args.duration,
+        args.database_url
+            .as_deref()
+            .map_or("sqlite", |_| "postgres")
+    );
+    println!("| target | req/s | p50 | p99 | non-2xx |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| fixed-body axum (before) | {:.0} | {} | {} | {} |",
+        base.rps, base.p50, base.p99, base.non_2xx
+    );
+    println!(
+        "| POST /v1/verify | {:.0} | {} | {} | {} |",
+        verify.rps, verify.p50, verify.p99, verify.non_2xx
+    );
+    println!(
+        "| fixed-body axum (after) | {:.0} | {} | {} | {} |",
+        base2.rps, base2.p50, base2.p99, base2.non_2xx
+    );
+    println!("verify / ceiling = {:.2}", verify.rps / ceiling);
+
+    // Usage events were on: after the graceful stop every verify must be stored.
+    let url = args.database_url.clone().unwrap_or_else(|| {
+        format!(
+            "sqlite://{}",
+            dir.path().join("data").join("keywarden.db").display()
+        )
+    });
+    let store = keywarden_store::Store::connect(&url).await?;
+    let stored = store.count_usage().await? - events_before;
+    store.close().await;
+    println!(
+        "usage events stored for the measured run: {stored} of {} verify requests",
+        verify.requests
+    );
+    Ok(())
+}
