@@ -106,6 +106,7 @@ pub struct TestServer {
     pub http: reqwest::Client,
     _dir: tempfile::TempDir,
     schema: Option<String>,
+    pub config: Config,
 }
 
 pub const START: time::OffsetDateTime = datetime!(2026-06-01 12:00 UTC);
@@ -127,7 +128,7 @@ impl TestServer {
         }
         tweak(&mut config);
         let clock = Arc::new(ManualClock::new(START));
-        let server = keywarden_server::start(config, clock.clone())
+        let server = keywarden_server::start(config.clone(), clock.clone())
             .await
             .expect("server starts");
         let admin = server
@@ -147,6 +148,7 @@ impl TestServer {
                 .expect("client"),
             _dir: dir,
             schema,
+            config,
         }
     }
 
@@ -231,6 +233,21 @@ impl TestServer {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("usage events for {key_id} did not reach {n}");
+    }
+
+    /// Stops the server and starts it again on the same data directory and database.
+    /// Returns whether the new start made a bootstrap token.
+    pub async fn restart(&mut self) -> bool {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        let server = keywarden_server::start(self.config.clone(), self.clock.clone())
+            .await
+            .expect("server restarts");
+        let bootstrapped = server.bootstrap_token.is_some();
+        self.base = format!("http://{}", server.addr);
+        self.server = Some(server);
+        bootstrapped
     }
 
     pub async fn stop(mut self) {
