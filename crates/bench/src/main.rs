@@ -31,6 +31,9 @@ struct Args {
     /// Seconds per measured run.
     #[arg(long, default_value_t = 10)]
     duration: u32,
+    /// Usage writer flush interval in milliseconds (the server's default is 5).
+    #[arg(long)]
+    flush_ms: Option<u64>,
     /// `sqlite` (default, in a temp dir) or a postgres:// URL.
     #[arg(long)]
     database_url: Option<String>,
@@ -134,6 +137,9 @@ async fn main() -> Result<()> {
     let mut config = keywarden_server::Config::new(dir.path().join("data"));
     config.listen = "127.0.0.1:0".parse()?;
     config.database_url.clone_from(&args.database_url);
+    if let Some(ms) = args.flush_ms {
+        config.usage_flush_interval = std::time::Duration::from_millis(ms);
+    }
     let server = keywarden_server::start(config, Arc::new(SystemClock)).await?;
     let admin = server
         .bootstrap_token
