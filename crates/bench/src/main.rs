@@ -102,21 +102,43 @@ fn run_wrk(args: &Args, url: &str, script: &Path, seconds: u32) -> Result<WrkRes
     })
 }
 
-fn write_script(path: &Path, token: &str, keys_file: Option<&Path>) -> Result<()> {
+/// How a verify script picks keys: `Walk` visits every key once per pass (thread `t` of
+/// `n` takes keys t, t+n, …), to fill the cache; `Random` picks uniformly.
+#[derive(Clone, Copy)]
+enum Pick {
+    Walk { threads: u32 },
+    Random,
+}
+
+fn write_script(path: &Path, token: &str, keys: Option<(&Path, Pick)>) -> Result<()> {
     let mut f = std::fs::File::create(path)?;
-    let load = match keys_file {
-        Some(k) => format!(
-            r#"
-local keys = {{}}
+    let load = match keys {
+        Some((file, pick)) => {
+            let choose = match pick {
+                Pick::Walk { threads } => format!(
+                    "i = i + 1\n  local k = keys[((tid + (i - 1) * {threads}) % #keys) + 1]"
+                ),
+                Pick::Random => "local k = keys[math.random(#keys)]".to_owned(),
+            };
+            format!(
+                r#"
+local next_tid = 0
+function setup(thread)
+  thread:set("tid", next_tid)
+  next_tid = next_tid + 1
+end
+keys = {{}}
 for line in io.lines("{}") do keys[#keys + 1] = line end
 math.randomseed(os.time())
+i = 0
 request = function()
-  local k = keys[math.random(#keys)]
+  {choose}
   return wrk.format(nil, nil, nil, '{{"key":"' .. k .. '","scope":"deploy:write","subject":"bench-host"}}')
 end
 "#,
-            k.display()
-        ),
+                file.display()
+            )
+        }
         None => String::new(),
     };
     write!(
@@ -214,15 +236,27 @@ async fn main() -> Result<()> {
     let fixed_addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, fixed).await });
 
+    let warm_script = dir.path().join("warm.lua");
+    write_script(
+        &warm_script,
+        &admin,
+        Some((&keys_path, Pick::Walk { threads: args.threads })),
+    )?;
     let verify_script = dir.path().join("verify.lua");
-    write_script(&verify_script, &admin, Some(&keys_path))?;
+    write_script(&verify_script, &admin, Some((&keys_path, Pick::Random)))?;
     let fixed_script = dir.path().join("fixed.lua");
     write_script(&fixed_script, &admin, None)?;
     let verify_url = format!("http://{}/v1/verify", server.addr);
     let fixed_url = format!("http://{fixed_addr}/");
 
-    eprintln!("warming up (cache fill)…");
-    let warm = run_wrk(&args, &verify_url, &verify_script, 5)?;
+    // Walk every key once so the measured run sees a warm cache, as a gateway's steady
+    // state would; entries live 60 s, longer than warm-up plus the runs below.
+    let warm_seconds = u32::try_from(args.keys / 10_000).unwrap_or(u32::MAX).max(3);
+    eprintln!("warming up: walking all keys for {warm_seconds}s…");
+    let warm = run_wrk(&args, &verify_url, &warm_script, warm_seconds)?;
+    if usize::try_from(warm.requests).unwrap_or(0) < args.keys {
+        eprintln!("warning: warm-up made {} requests, fewer than the {} keys", warm.requests, args.keys);
+    }
     // Let the writer catch up so the count below covers only the measured run.
     let mut events_before = state.store.count_usage().await?;
     for _ in 0..100 {

@@ -62,9 +62,27 @@ pub async fn create_key(
         id: parsed.id.clone(),
         hash: app.hasher.hash(&parsed.plain),
         hint: parsed.plain.hint(),
-        created_by: principal.actor().id,
+        name: spec.name,
+        description: spec.description,
+        owner: spec.owner,
+        systems: spec.systems,
+        environment: spec.environment,
+        scopes: spec.scopes,
         created_at: now,
-        ..spec
+        created_by: principal.actor().id,
+        expires_at: spec.expires_at,
+        state: KeyState::Active,
+        state_reason: None,
+        state_changed_at: None,
+        allowed_cidrs: spec.allowed_cidrs,
+        max_uses: spec.max_uses,
+        uses: 0,
+        last_used_at: None,
+        last_used_from: None,
+        rotated_from: None,
+        rotated_to: None,
+        metadata: spec.metadata,
+        version: 1,
     };
     let entry = audit(
         principal.actor(),
@@ -86,14 +104,27 @@ pub async fn create_key(
     ))
 }
 
-/// Validates a create request, collecting every violation. The returned record lacks
-/// id, hash, hint and creator, which the caller fills in.
+/// A create request that passed validation: normalised (sorted, deduplicated) fields.
+pub struct KeySpec {
+    pub name: String,
+    pub description: String,
+    pub owner: String,
+    pub systems: Vec<String>,
+    pub environment: String,
+    pub scopes: Vec<Scope>,
+    pub expires_at: OffsetDateTime,
+    pub allowed_cidrs: Vec<IpNet>,
+    pub max_uses: Option<u64>,
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// Validates a create request, collecting every violation.
 pub fn validate_create(
     req: &CreateKeyRequest,
     now: OffsetDateTime,
     default_ttl: time::Duration,
     max_ttl: time::Duration,
-) -> Result<KeyRecord, ApiError> {
+) -> Result<KeySpec, ApiError> {
     let mut v: Vec<Violation> = Vec::new();
     let mut field = |r: Result<(), validate::FieldError>| {
         if let Err(e) = r {
@@ -238,34 +269,17 @@ pub fn validate_create(
     let mut systems = req.systems.clone();
     systems.sort();
     systems.dedup();
-    Ok(KeyRecord {
-        id: keywarden_core::KeyId::generate(&mut rand::rngs::OsRng),
-        hash: keywarden_core::hashing::KeyHash {
-            pepper_version: 0,
-            digest: [0; 32],
-        },
-        hint: String::new(),
+    Ok(KeySpec {
         name: req.name.clone(),
         description: req.description.clone().unwrap_or_default(),
         owner: req.owner.clone(),
         systems,
         environment: req.environment.clone(),
         scopes,
-        created_at: now,
-        created_by: String::new(),
         expires_at,
-        state: KeyState::Active,
-        state_reason: None,
-        state_changed_at: None,
         allowed_cidrs: cidrs,
         max_uses: req.max_uses,
-        uses: 0,
-        last_used_at: None,
-        last_used_from: None,
-        rotated_from: None,
-        rotated_to: None,
         metadata: req.metadata.clone(),
-        version: 1,
     })
 }
 
