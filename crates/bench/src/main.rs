@@ -14,9 +14,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use keywarden_core::clock::Clock;
 use keywarden_core::key_format;
-use keywarden_core::model::{Actor, AuditEntry, KeyState};
-use keywarden_core::scope::Scope;
-use keywarden_core::KeyRecord;
+use keywarden_core::model::{Actor, AuditEntry};
+use keywarden_proto::CreateKeyRequest;
+use keywarden_server::routes::keys::validate_create;
 use time::OffsetDateTime;
 
 #[derive(Parser)]
@@ -178,32 +178,23 @@ async fn main() -> Result<()> {
     let mut keys_file = std::io::BufWriter::new(std::fs::File::create(&keys_path)?);
     for i in 0..args.keys {
         let parsed = key_format::generate(&mut rand::rngs::OsRng, "kw", "prod")?;
-        let record = KeyRecord {
-            id: parsed.id.clone(),
-            hash: state.hasher.hash(&parsed.plain),
-            hint: parsed.plain.hint(),
+        let request = CreateKeyRequest {
             name: format!("bench-{i}"),
-            description: String::new(),
             owner: "bench@example.com".into(),
-            systems: vec!["bench".into()],
             environment: "prod".into(),
-            scopes: vec![Scope::granted("deploy:*")?],
-            created_at: now,
-            created_by: "bench".into(),
-            expires_at: now + time::Duration::days(30),
-            state: KeyState::Active,
-            state_reason: None,
-            state_changed_at: None,
-            allowed_cidrs: vec![],
-            max_uses: None,
-            uses: 0,
-            last_used_at: None,
-            last_used_from: None,
-            rotated_from: None,
-            rotated_to: None,
-            metadata: Default::default(),
-            version: 1,
+            systems: vec!["bench".into()],
+            scopes: vec!["deploy:*".into()],
+            ttl: Some("30d".into()),
+            ..CreateKeyRequest::default()
         };
+        let spec = validate_create(
+            &request,
+            now,
+            state.config.default_ttl,
+            state.config.max_ttl,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let record = spec.issue(&parsed, &state.hasher, "bench".into(), now);
         let audit = AuditEntry {
             time: now,
             actor: Actor {
@@ -240,7 +231,12 @@ async fn main() -> Result<()> {
     write_script(
         &warm_script,
         &admin,
-        Some((&keys_path, Pick::Walk { threads: args.threads })),
+        Some((
+            &keys_path,
+            Pick::Walk {
+                threads: args.threads,
+            },
+        )),
     )?;
     let verify_script = dir.path().join("verify.lua");
     write_script(&verify_script, &admin, Some((&keys_path, Pick::Random)))?;
@@ -255,7 +251,10 @@ async fn main() -> Result<()> {
     eprintln!("warming up: walking all keys for {warm_seconds}s…");
     let warm = run_wrk(&args, &verify_url, &warm_script, warm_seconds)?;
     if usize::try_from(warm.requests).unwrap_or(0) < args.keys {
-        eprintln!("warning: warm-up made {} requests, fewer than the {} keys", warm.requests, args.keys);
+        eprintln!(
+            "warning: warm-up made {} requests, fewer than the {} keys",
+            warm.requests, args.keys
+        );
     }
     // Let the writer catch up so the count below covers only the measured run.
     let mut events_before = state.store.count_usage().await?;

@@ -7,7 +7,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use ipnet::IpNet;
 use keywarden_core::duration::parse_duration;
-use keywarden_core::key_format;
+use keywarden_core::hashing::KeyHasher;
+use keywarden_core::key_format::{self, ParsedKey};
 use keywarden_core::lifecycle::{self, Action};
 use keywarden_core::model::KeyState;
 use keywarden_core::role::Permission;
@@ -58,32 +59,7 @@ pub async fn create_key(
         &spec.environment,
     )
     .map_err(|e| ApiError::invalid(codes::FIELD_INVALID, "environment", e.to_string()))?;
-    let record = KeyRecord {
-        id: parsed.id.clone(),
-        hash: app.hasher.hash(&parsed.plain),
-        hint: parsed.plain.hint(),
-        name: spec.name,
-        description: spec.description,
-        owner: spec.owner,
-        systems: spec.systems,
-        environment: spec.environment,
-        scopes: spec.scopes,
-        created_at: now,
-        created_by: principal.actor().id,
-        expires_at: spec.expires_at,
-        state: KeyState::Active,
-        state_reason: None,
-        state_changed_at: None,
-        allowed_cidrs: spec.allowed_cidrs,
-        max_uses: spec.max_uses,
-        uses: 0,
-        last_used_at: None,
-        last_used_from: None,
-        rotated_from: None,
-        rotated_to: None,
-        metadata: spec.metadata,
-        version: 1,
-    };
+    let record = spec.issue(&parsed, &app.hasher, principal.actor().id, now);
     let entry = audit(
         principal.actor(),
         now,
@@ -116,6 +92,44 @@ pub struct KeySpec {
     pub allowed_cidrs: Vec<IpNet>,
     pub max_uses: Option<u64>,
     pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl KeySpec {
+    /// The record of a newly issued key: active, unused, with the hash of `parsed`.
+    pub fn issue(
+        self,
+        parsed: &ParsedKey,
+        hasher: &KeyHasher,
+        created_by: String,
+        now: OffsetDateTime,
+    ) -> KeyRecord {
+        KeyRecord {
+            id: parsed.id.clone(),
+            hash: hasher.hash(&parsed.plain),
+            hint: parsed.plain.hint(),
+            name: self.name,
+            description: self.description,
+            owner: self.owner,
+            systems: self.systems,
+            environment: self.environment,
+            scopes: self.scopes,
+            created_at: now,
+            created_by,
+            expires_at: self.expires_at,
+            state: KeyState::Active,
+            state_reason: None,
+            state_changed_at: None,
+            allowed_cidrs: self.allowed_cidrs,
+            max_uses: self.max_uses,
+            uses: 0,
+            last_used_at: None,
+            last_used_from: None,
+            rotated_from: None,
+            rotated_to: None,
+            metadata: self.metadata,
+            version: 1,
+        }
+    }
 }
 
 /// Validates a create request, collecting every violation.
