@@ -103,6 +103,17 @@ async fn bad_bodies(b: Backend) {
     let (st, v) = raw(&s, "/v1/keys", "application/json", wrong.to_string()).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
     assert!(!v.to_string().contains(&secret), "{v}");
+    // Nor when it is sent as a field name.
+    let (st, v) = raw(
+        &s,
+        "/v1/verify",
+        "application/json",
+        format!("{{\"{secret}\": 1}}"),
+    )
+    .await;
+    assert_eq!((st, code(&v)), (StatusCode::BAD_REQUEST, "UNKNOWN_FIELD"));
+    assert!(!v.to_string().contains(&secret), "{v}");
+    assert!(!v.to_string().contains(&secret[secret.len() - 38..]), "{v}");
     s.stop().await;
 }
 

@@ -120,6 +120,8 @@ fn query_rejection(r: QueryRejection) -> ApiError {
 
 /// serde quotes offending string values in its messages (`invalid type: string "…"`); a
 /// caller who put a key in the wrong field must not get it echoed into an error.
+/// Anything shaped like a key elsewhere in the message (say, sent as a field name, which
+/// serde echoes in backticks) is redacted too.
 pub(crate) fn redact_quoted(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len());
     let mut inside = false;
@@ -135,6 +137,31 @@ pub(crate) fn redact_quoted(msg: &str) -> String {
             out.push(c);
         }
     }
+    redact_key_shaped(&out)
+}
+
+/// Replaces runs of `[A-Za-z0-9_]` long enough to hold a key secret and containing `_`.
+fn redact_key_shaped(msg: &str) -> String {
+    const SHORTEST_KEY: usize = 1 + 1 + 1 + 1 + 16 + 1 + 38;
+    let mut out = String::with_capacity(msg.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.len() >= SHORTEST_KEY && word.contains('_') {
+            out.push_str("<redacted>");
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in msg.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
     out
 }
 
@@ -146,5 +173,17 @@ mod tests {
             r#"invalid type: string "kw_prod_secret", expected u64 at line 1"#,
         );
         assert_eq!(m, "invalid type: string \"…\", expected u64 at line 1");
+    }
+
+    #[test]
+    fn key_shaped_words_are_redacted() {
+        let key = format!("kw_prod_{}_{}", "A".repeat(16), "b".repeat(38));
+        let m = super::redact_quoted(&format!(
+            "unknown field `{key}`, expected one of `name`, `owner`"
+        ));
+        assert_eq!(
+            m,
+            "unknown field `<redacted>`, expected one of `name`, `owner`"
+        );
     }
 }
