@@ -8,9 +8,9 @@ use keywarden_core::model::UsageEvent;
 use keywarden_store::Store;
 use tokio::sync::{mpsc, watch};
 
-/// Bounded so a stalled store pushes back on verify instead of eating memory; nothing is
-/// dropped.
-pub const QUEUE_CAPACITY: usize = 65_536;
+/// Bounded so a stalled store pushes back on verify instead of eating memory, and so the
+/// events held in memory stay a fraction of a second's worth at full load.
+pub const QUEUE_CAPACITY: usize = 16_384;
 const MAX_BATCH: usize = 5_000;
 
 pub fn channel() -> (mpsc::Sender<UsageEvent>, mpsc::Receiver<UsageEvent>) {

@@ -23,6 +23,8 @@ use crate::error::{violation, ApiError};
 use crate::extract::JsonBody;
 use crate::state::{AppState, SharedState};
 
+const USAGE_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Verify a key. Always 200 for a well-formed request; `valid` and `code` say the verdict.
 #[utoipa::path(post, path = "/v1/verify", tag = "verify", request_body = keywarden_proto::VerifyRequest,
     responses((status = 200, body = VerifyResponse), (status = 422, body = ErrorBody), (status = 401, body = ErrorBody)),
@@ -47,11 +49,25 @@ pub async fn verify(
         user_agent: principal.user_agent,
         counted: outcome.counted,
     };
-    app.usage.send(event).await.map_err(|_| ApiError::Coded {
+    // No verdict leaves without its usage event queued. A full queue means the store has
+    // stalled: wait up to a second, then fail closed rather than answer unrecorded.
+    let unavailable = |message: &str| ApiError::Coded {
         status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
         code: codes::STORE_UNAVAILABLE,
-        message: "server is shutting down".to_owned(),
-    })?;
+        message: message.to_owned(),
+    };
+    match tokio::time::timeout(USAGE_QUEUE_WAIT, app.usage.send(event)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(unavailable("server is shutting down")),
+        Err(_) => {
+            tracing::error!(
+                "usage queue full for 1s: the store is not keeping up; failing verify closed"
+            );
+            return Err(unavailable(
+                "usage events cannot be recorded right now; try again",
+            ));
+        }
+    }
     Ok(Json(outcome.into_response()))
 }
 
