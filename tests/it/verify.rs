@@ -223,3 +223,71 @@ async fn source_from_peer_and_trusted_proxy(b: Backend) {
     assert_eq!(v["code"], "SOURCE_DENIED");
     s.stop().await;
 }
+
+/// A stalled store must not let verdicts out unrecorded: with the queue full for a second,
+/// verify answers 503; once the store is free again, every answered verify is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_fails_closed_when_usage_cannot_be_written() {
+    use sqlx::Connection;
+    let s = TestServer::start_with(Backend::Sqlite, |c| c.usage_queue_capacity = 2).await;
+    let (id, secret) = s.create_key(key_body("stalled")).await;
+    assert_eq!(s.verify_code(&secret).await, "VALID");
+    s.wait_for_usage(&id, 1).await;
+
+    // Another process-like connection takes SQLite's write lock and holds it.
+    let db = s.config.data_dir.join("keywarden.db");
+    let mut blocker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let http = s.http.clone();
+        let url = s.url("/v1/verify");
+        let admin = s.admin.clone();
+        let secret = secret.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(admin)
+                .json(&json!({"key": secret}))
+                .send()
+                .await
+                .unwrap();
+            (
+                resp.status().as_u16(),
+                resp.json::<serde_json::Value>().await.unwrap(),
+            )
+        }));
+    }
+    let mut answered = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, v) => {
+                assert_eq!(v["code"], "VALID");
+                answered += 1;
+            }
+            (503, v) => {
+                assert_eq!(v["error"]["code"], "STORE_UNAVAILABLE");
+                refused += 1;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(refused > 0, "a stalled store must refuse some verifies");
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    drop(blocker);
+
+    let usage = s.wait_for_usage(&id, 1 + answered).await;
+    assert_eq!(
+        usage["events"].as_array().unwrap().len(),
+        1 + answered,
+        "every answered verify is stored, no refused one is"
+    );
+    s.stop().await;
+}

@@ -24,6 +24,8 @@ pub struct Config {
     /// How often buffered usage events are written. The crash-loss window is this plus
     /// one batch write.
     pub usage_flush_interval: Duration,
+    /// Usage events held in memory at most; when full for a second, verify fails closed.
+    pub usage_queue_capacity: usize,
     /// Whether to print the bootstrap token to stdout (the binary does; tests read the file).
     pub print_bootstrap_token: bool,
 }
@@ -41,6 +43,7 @@ impl Config {
             max_ttl: time::Duration::days(365),
             default_rotation_grace: time::Duration::hours(24),
             usage_flush_interval: Duration::from_millis(5),
+            usage_queue_capacity: crate::usage::QUEUE_CAPACITY,
             print_bootstrap_token: false,
         }
     }

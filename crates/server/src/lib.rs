@@ -195,7 +195,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         bootstrap::bootstrap_admin(&store, &hasher, &config.key_prefix, &config.data_dir, now)
             .await?;
 
-    let (usage_tx, usage_rx) = usage::channel();
+    let (usage_tx, usage_rx) = usage::channel(config.usage_queue_capacity);
     let (stop_usage, stop_usage_rx) = watch::channel(false);
     let usage = tokio::spawn(usage::run_writer(
         store.clone(),

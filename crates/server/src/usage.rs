@@ -8,13 +8,13 @@ use keywarden_core::model::UsageEvent;
 use keywarden_store::Store;
 use tokio::sync::{mpsc, watch};
 
-/// Bounded so a stalled store pushes back on verify instead of eating memory, and so the
-/// events held in memory stay a fraction of a second's worth at full load.
+/// Default bound of the queue: a stalled store pushes back on verify instead of eating
+/// memory, and the events held in memory stay a fraction of a second's worth at full load.
 pub const QUEUE_CAPACITY: usize = 16_384;
 const MAX_BATCH: usize = 5_000;
 
-pub fn channel() -> (mpsc::Sender<UsageEvent>, mpsc::Receiver<UsageEvent>) {
-    mpsc::channel(QUEUE_CAPACITY)
+pub fn channel(capacity: usize) -> (mpsc::Sender<UsageEvent>, mpsc::Receiver<UsageEvent>) {
+    mpsc::channel(capacity.max(1))
 }
 
 /// Runs until `shutdown` flips to true, then drains every queued event and returns.
