@@ -35,23 +35,42 @@ pub async fn run_writer(
         // Drain what is queued now, in batches; stop once a drain comes back short.
         loop {
             let full = drain(&mut rx, &mut batch);
-            write(&store, &mut batch).await;
+            write(&store, &mut batch, None).await;
             if !full {
                 break;
             }
         }
     }
     rx.close();
+    // Stopping: keep retrying a broken store for a while, but do not hang the shutdown.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_PATIENCE;
+    let mut lost = 0;
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        write(&store, &mut batch).await;
+        lost += write(&store, &mut batch, Some(deadline)).await;
     }
-    tracing::info!("usage events flushed");
+    if lost > 0 {
+        tracing::error!(lost, "usage events could not be written before shutdown");
+    } else {
+        tracing::info!("usage events flushed");
+    }
 }
 
-/// Writes a batch, retrying until it lands: usage is an audit record, not telemetry.
-async fn write(store: &Store, batch: &mut Vec<UsageEvent>) {
+const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Writes a batch, retrying until it lands (usage is an audit record, not telemetry) or
+/// until `deadline`; returns how many events were given up.
+async fn write(
+    store: &Store,
+    batch: &mut Vec<UsageEvent>,
+    deadline: Option<tokio::time::Instant>,
+) -> usize {
     let mut backoff = Duration::from_millis(50);
     while !batch.is_empty() {
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            let lost = batch.len();
+            batch.clear();
+            return lost;
+        }
         let (events, result) = store.record_usage(std::mem::take(batch)).await;
         *batch = events;
         match result {
@@ -63,6 +82,7 @@ async fn write(store: &Store, batch: &mut Vec<UsageEvent>) {
             }
         }
     }
+    0
 }
 
 /// Moves queued events into `batch` without waiting; true when it stopped because the
