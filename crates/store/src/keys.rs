@@ -6,7 +6,7 @@ use keywarden_core::KeyId;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::rows::{insert_audit, json, key_from_row, ms, opt_ms, Params, KEY_COLUMNS};
+use crate::rows::{insert_audit, json, key_from_row, ms, opt_ms, Params, KEY_COLUMNS, KEY_FROM};
 use crate::{Result, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,10 +48,12 @@ impl Store {
     }
 
     pub async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM keys WHERE id = $1"))
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
@@ -105,7 +107,7 @@ impl Store {
         };
         // One extra row tells whether there is a next page.
         let sql = format!(
-            "SELECT {KEY_COLUMNS} FROM keys {where_clause} ORDER BY seq DESC LIMIT {}",
+            "SELECT {KEY_COLUMNS} FROM {KEY_FROM} {where_clause} ORDER BY seq DESC LIMIT {}",
             u64::from(limit) + 1
         );
         let rows = p.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
@@ -204,9 +206,9 @@ async fn insert_key_row(
     sqlx::query(
         "INSERT INTO keys (id, hash, pepper_version, hint, name, description, owner, systems, \
          environment, scopes, created_at, created_by, expires_at, state, state_reason, \
-         state_changed_at, allowed_cidrs, max_uses, uses, last_used_at, last_used_from, \
-         rotated_from, rotated_to, metadata, version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-         $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)",
+         state_changed_at, allowed_cidrs, max_uses, uses, rotated_from, rotated_to, metadata, \
+         version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+         $17, $18, $19, $20, $21, $22, $23)",
     )
     .bind(key.id.as_str())
     .bind(key.hash.to_hex())
@@ -227,8 +229,6 @@ async fn insert_key_row(
     .bind(json(&cidrs)?)
     .bind(key.max_uses.map(|m| i64::try_from(m).unwrap_or(i64::MAX)))
     .bind(i64::try_from(key.uses).unwrap_or(i64::MAX))
-    .bind(opt_ms(key.last_used_at))
-    .bind(&key.last_used_from)
     .bind(key.rotated_from.as_ref().map(|k| k.as_str().to_owned()))
     .bind(key.rotated_to.as_ref().map(|k| k.as_str().to_owned()))
     .bind(json(&key.metadata)?)

@@ -51,8 +51,11 @@ fn u64_of(what: &str, v: i64) -> Result<u64> {
 
 pub(crate) const KEY_COLUMNS: &str = "seq, id, hash, pepper_version, hint, name, description, \
     owner, systems, environment, scopes, created_at, created_by, expires_at, state, state_reason, \
-    state_changed_at, allowed_cidrs, max_uses, uses, last_used_at, last_used_from, rotated_from, \
-    rotated_to, metadata, version";
+    state_changed_at, allowed_cidrs, max_uses, uses, batched_uses, last_used_at, last_used_from, \
+    rotated_from, rotated_to, metadata, version";
+
+/// Keys with their usage stats; column names do not overlap, so filters need no prefix.
+pub(crate) const KEY_FROM: &str = "keys LEFT JOIN key_usage ON key_usage.key_id = keys.id";
 
 pub(crate) fn key_from_row(row: &AnyRow) -> Result<KeyRecord> {
     let state: String = row.try_get("state")?;
@@ -90,7 +93,11 @@ pub(crate) fn key_from_row(row: &AnyRow) -> Result<KeyRecord> {
             .try_get::<Option<i64>, _>("max_uses")?
             .map(|v| u64_of("max_uses", v))
             .transpose()?,
-        uses: u64_of("uses", row.try_get("uses")?)?,
+        uses: u64_of("uses", row.try_get("uses")?)?
+            + u64_of(
+                "batched_uses",
+                row.try_get::<Option<i64>, _>("batched_uses")?.unwrap_or(0),
+            )?,
         last_used_at: row
             .try_get::<Option<i64>, _>("last_used_at")?
             .map(from_millis),

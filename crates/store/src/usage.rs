@@ -21,7 +21,7 @@ pub struct StoredUsage {
     pub event: UsageEvent,
 }
 
-/// What a batch changes on keys: valid uses per key (the newest time and address win),
+/// What a batch changes on keys (in `key_usage` and `key_subjects`): valid uses per key (the newest time and address win),
 /// and first/last sighting per (key, subject).
 pub(crate) struct Folds<'a> {
     pub keys: Vec<(&'a str, KeyFold<'a>)>,
@@ -80,10 +80,14 @@ pub(crate) fn fold(events: &[UsageEvent]) -> Folds<'_> {
     }
 }
 
-pub(crate) const UPDATE_KEY_USE: &str = "last_used_at = CASE WHEN keys.last_used_at IS NULL \
-    OR keys.last_used_at <= v.column3 THEN v.column3 ELSE keys.last_used_at END, \
-    last_used_from = CASE WHEN keys.last_used_at IS NULL OR keys.last_used_at <= v.column3 \
-    THEN v.column4 ELSE keys.last_used_from END";
+/// Follows `VALUES (key_id, batched_uses, last_used_at, last_used_from), …`. Every SET
+/// expression sees the row as it was before the update, on both backends.
+pub(crate) const UPSERT_KEY_USAGE_TAIL: &str = "ON CONFLICT (key_id) DO UPDATE SET \
+    batched_uses = key_usage.batched_uses + excluded.batched_uses, \
+    last_used_from = CASE WHEN excluded.last_used_at >= key_usage.last_used_at \
+    THEN excluded.last_used_from ELSE key_usage.last_used_from END, \
+    last_used_at = CASE WHEN excluded.last_used_at >= key_usage.last_used_at \
+    THEN excluded.last_used_at ELSE key_usage.last_used_at END";
 
 pub(crate) const UPSERT_SUBJECT_TAIL: &str = "ON CONFLICT (key_id, subject) DO UPDATE SET \
     last_seen = CASE WHEN excluded.last_seen > key_subjects.last_seen THEN excluded.last_seen \
@@ -154,17 +158,18 @@ impl Store {
                 .iter()
                 .map(|(id, f)| {
                     format!(
-                        "(CAST({} AS TEXT), CAST({} AS BIGINT), CAST({} AS BIGINT), CAST({} AS TEXT))",
+                        "({}, {}, {}, {})",
                         p.push_text(*id),
                         p.push_int(f.uncounted),
                         p.push_int(ms(f.last_at)),
-                        f.last_from.map_or_else(|| "NULL".to_owned(), |s| p.push_text(s)),
+                        f.last_from
+                            .map_or_else(|| "NULL".to_owned(), |s| p.push_text(s)),
                     )
                 })
                 .collect();
             let sql = format!(
-                "UPDATE keys SET uses = keys.uses + v.column2, {UPDATE_KEY_USE} \
-                 FROM (VALUES {}) AS v WHERE keys.id = v.column1",
+                "INSERT INTO key_usage (key_id, batched_uses, last_used_at, last_used_from) \
+                 VALUES {} {UPSERT_KEY_USAGE_TAIL}",
                 rows.join(", ")
             );
             p.bind(sqlx::query(&sql)).execute(&mut *tx).await?;

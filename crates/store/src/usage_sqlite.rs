@@ -11,7 +11,7 @@ use keywarden_core::model::UsageEvent;
 use rusqlite::{params, Connection, TransactionBehavior};
 
 use crate::rows::{decode_error, ms};
-use crate::usage::{fold, UPDATE_KEY_USE, UPSERT_SUBJECT_TAIL};
+use crate::usage::{fold, UPSERT_KEY_USAGE_TAIL, UPSERT_SUBJECT_TAIL};
 use crate::{Result, StoreError};
 
 #[derive(Clone)]
@@ -74,8 +74,8 @@ impl SqliteUsageSink {
             let folds = fold(events);
             let mut update = tx
                 .prepare_cached(&format!(
-                    "UPDATE keys SET uses = keys.uses + v.column2, {UPDATE_KEY_USE} \
-                     FROM (VALUES (?1, ?2, ?3, ?4)) AS v WHERE keys.id = v.column1"
+                    "INSERT INTO key_usage (key_id, batched_uses, last_used_at, last_used_from) \
+                     VALUES (?1, ?2, ?3, ?4) {UPSERT_KEY_USAGE_TAIL}"
                 ))
                 .map_err(err)?;
             for (id, f) in &folds.keys {
