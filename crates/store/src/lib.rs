@@ -19,7 +19,6 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use keys::{KeyFilter, StateFilter};
-pub use rows::decode_error;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::{Backend, Result, StoreError};
 
-pub fn decode_error(what: &str, detail: impl std::fmt::Display) -> StoreError {
+pub(crate) fn decode_error(what: &str, detail: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {detail}"))
 }
 
