@@ -83,7 +83,6 @@ async fn authenticate(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or(ApiError::Unauthenticated(HOW))?;
-    let invalid = ApiError::Unauthenticated("invalid, expired or revoked admin token");
     let parsed = key_format::parse(presented, &app.config.key_prefix)
         .map_err(|_| ApiError::Unauthenticated("malformed admin token"))?;
     if parsed.environment != ADMIN_ENV {
@@ -91,23 +90,18 @@ async fn authenticate(
             "this is a key, not an admin token: keys are checked with POST /v1/verify",
         ));
     }
-    let token = match app.tokens.get(&parsed.id) {
-        Some(cached) => cached,
-        None => {
-            let generation = app.tokens.generation();
-            let loaded = app.store.get_token(&parsed.id).await?.map(Arc::new);
-            app.tokens
-                .insert(parsed.id.clone(), loaded.clone(), generation);
-            loaded
-        }
-    };
-    let token = token.ok_or(invalid)?;
-    if !app.hasher.matches(&parsed.plain, &token.hash) || !token.is_usable(app.now()) {
-        return Err(ApiError::Unauthenticated(
+    let token = app
+        .tokens
+        .get_or_load(&parsed.id, || async {
+            Ok::<_, ApiError>(app.store.get_token(&parsed.id).await?.map(Arc::new))
+        })
+        .await?;
+    match token {
+        Some(t) if app.hasher.matches(&parsed.plain, &t.hash) && t.is_usable(app.now()) => Ok(t),
+        _ => Err(ApiError::Unauthenticated(
             "invalid, expired or revoked admin token",
-        ));
+        )),
     }
-    Ok(token)
 }
 
 /// The address of the client: the peer, unless the peer is a trusted proxy, in which case

@@ -35,12 +35,26 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
         self.entries.get(id)
     }
 
-    /// Call before reading the store; pass the result to [`Self::insert`].
-    pub fn generation(&self) -> u64 {
+    /// The cached value, or `load`'s, cached unless a change raced the load.
+    pub async fn get_or_load<E, Fut>(&self, id: &KeyId, load: impl FnOnce() -> Fut) -> Result<T, E>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        if let Some(v) = self.get(id) {
+            return Ok(v);
+        }
+        let generation = self.generation();
+        let v = load().await?;
+        self.insert(id.clone(), v.clone(), generation);
+        Ok(v)
+    }
+
+    /// Read before loading from the store; see [`Self::insert`].
+    fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
 
-    pub fn insert(&self, id: KeyId, value: T, read_at_generation: u64) {
+    fn insert(&self, id: KeyId, value: T, read_at_generation: u64) {
         if self.generation() != read_at_generation {
             return;
         }

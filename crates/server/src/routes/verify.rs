@@ -180,16 +180,12 @@ async fn check(
         // Admin tokens authenticate to keywarden; they are not keys for other systems.
         return Ok(Outcome::unknown(VerifyCode::NotFound, None));
     }
-    let record = match app.keys.get(&parsed.id) {
-        Some(entry) => entry,
-        None => {
-            let generation = app.keys.generation();
-            let loaded = app.store.get_key(&parsed.id).await?.map(Arc::new);
-            app.keys
-                .insert(parsed.id.clone(), loaded.clone(), generation);
-            loaded
-        }
-    };
+    let record = app
+        .keys
+        .get_or_load(&parsed.id, || async {
+            Ok::<_, ApiError>(app.store.get_key(&parsed.id).await?.map(Arc::new))
+        })
+        .await?;
     let Some(record) = record else {
         return Ok(Outcome::unknown(VerifyCode::NotFound, Some(parsed.id)));
     };
