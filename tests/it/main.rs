@@ -8,4 +8,5 @@ mod input;
 mod lifecycle;
 mod openapi;
 mod process;
+mod usage_log;
 mod verify;

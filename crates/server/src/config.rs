@@ -26,6 +26,11 @@ pub struct Config {
     pub usage_flush_interval: Duration,
     /// Usage events held in memory at most; when full for a second, verify fails closed.
     pub usage_queue_capacity: usize,
+    /// How often logged usage is folded into the keys' stats (SQLite), and after how many
+    /// keys with unfolded usage a fold comes early. Reads include unfolded usage either
+    /// way; this bounds the overlay's memory and the refold after a crash.
+    pub usage_fold_interval: Duration,
+    pub usage_fold_max_keys: usize,
     /// Whether to print the bootstrap token to stdout (the binary does; tests read the file).
     pub print_bootstrap_token: bool,
 }
@@ -44,6 +49,8 @@ impl Config {
             default_rotation_grace: time::Duration::hours(24),
             usage_flush_interval: Duration::from_millis(5),
             usage_queue_capacity: crate::usage::QUEUE_CAPACITY,
+            usage_fold_interval: Duration::from_secs(10),
+            usage_fold_max_keys: 100_000,
             print_bootstrap_token: false,
         }
     }

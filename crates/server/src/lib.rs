@@ -200,7 +200,11 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let usage = tokio::spawn(usage::run_writer(
         store.clone(),
         usage_rx,
-        config.usage_flush_interval,
+        usage::Schedule {
+            flush: config.usage_flush_interval,
+            fold: config.usage_fold_interval,
+            fold_max_keys: config.usage_fold_max_keys,
+        },
         stop_usage_rx,
     ));
 

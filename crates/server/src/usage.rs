@@ -1,6 +1,8 @@
 //! The usage pipeline: verify handlers enqueue events; one writer drains the queue on a
 //! short tick and writes each drain as one batch. Waking a writer per event costs a large
-//! share of throughput (DESIGN.md); a tick of a few milliseconds does not.
+//! share of throughput (DESIGN.md); a tick of a few milliseconds does not. The same task
+//! folds the logged usage into the keys' stats every few seconds (see the store's
+//! `usage_sqlite`), so appends and folds never overlap.
 
 use std::time::Duration;
 
@@ -17,14 +19,24 @@ pub fn channel(capacity: usize) -> (mpsc::Sender<UsageEvent>, mpsc::Receiver<Usa
     mpsc::channel(capacity.max(1))
 }
 
-/// Runs until `shutdown` flips to true, then drains every queued event and returns.
+/// When the writer writes and folds.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub flush: Duration,
+    pub fold: Duration,
+    pub fold_max_keys: usize,
+}
+
+/// Runs until `shutdown` flips to true, then drains every queued event, folds, and returns.
 pub async fn run_writer(
     store: Store,
     mut rx: mpsc::Receiver<UsageEvent>,
-    interval: Duration,
+    schedule: Schedule,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = tokio::time::interval(schedule.flush);
+    let mut last_fold = tokio::time::Instant::now();
+    let mut fold_retry_at: Option<tokio::time::Instant> = None;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -40,6 +52,23 @@ pub async fn run_writer(
                 break;
             }
         }
+        // A fold goes a chunk per tick, so appends never wait long behind it.
+        let due = store.folding()
+            || last_fold.elapsed() >= schedule.fold
+            || store.unfolded_keys() >= schedule.fold_max_keys;
+        if due && fold_retry_at.is_none_or(|t| tokio::time::Instant::now() >= t) {
+            match store.fold_usage_step(keywarden_store::FOLD_CHUNK).await {
+                Ok(true) => last_fold = tokio::time::Instant::now(),
+                Ok(false) => {}
+                // The chunk stays in the overlay; retried after a pause, not every tick.
+                Err(e) => {
+                    tracing::error!(error = %e, "folding usage into key stats failed; retrying in 1s");
+                    fold_retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    continue;
+                }
+            }
+            fold_retry_at = None;
+        }
     }
     rx.close();
     // Stopping: keep retrying a broken store for a while, but do not hang the shutdown.
@@ -52,6 +81,10 @@ pub async fn run_writer(
         tracing::error!(lost, "usage events could not be written before shutdown");
     } else {
         tracing::info!("usage events flushed");
+    }
+    // Not folding is safe (the next start refolds from the log), only slower to start.
+    if let Err(e) = store.fold_usage().await {
+        tracing::error!(error = %e, "folding usage at shutdown failed; the next start refolds");
     }
 }
 

@@ -48,13 +48,22 @@ impl Store {
     }
 
     pub async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>> {
+        let _folding = self.fold_lock.read().await;
         let row = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE id = $1"
         ))
         .bind(id.as_str())
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(key_from_row).transpose()
+        let mut key = row.as_ref().map(key_from_row).transpose()?;
+        if let Some(k) = key.as_mut() {
+            self.with_pending(|p| {
+                if let Some(p) = p {
+                    p.apply_to(k);
+                }
+            })?;
+        }
+        Ok(key)
     }
 
     /// Newest first. `after` is the `seq` cursor returned by the previous page.
@@ -110,6 +119,7 @@ impl Store {
             "SELECT {KEY_COLUMNS} FROM {KEY_FROM} {where_clause} ORDER BY seq DESC LIMIT {}",
             u64::from(limit) + 1
         );
+        let _folding = self.fold_lock.read().await;
         let rows = p.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
         let mut keys = Vec::with_capacity(rows.len());
         let mut last_seq = None;
@@ -117,6 +127,11 @@ impl Store {
             keys.push(key_from_row(row)?);
             last_seq = Some(row.try_get::<i64, _>("seq")?);
         }
+        self.with_pending(|p| {
+            if let Some(p) = p {
+                keys.iter_mut().for_each(|k| p.apply_to(k));
+            }
+        })?;
         let next = if rows.len() > limit as usize {
             last_seq
         } else {
@@ -178,6 +193,7 @@ impl Store {
     }
 
     pub async fn subjects(&self, id: &KeyId) -> Result<Vec<Subject>> {
+        let _folding = self.fold_lock.read().await;
         let rows = sqlx::query(
             "SELECT subject, first_seen, last_seen FROM key_subjects WHERE key_id = $1 \
              ORDER BY first_seen, subject",
@@ -185,7 +201,8 @@ impl Store {
         .bind(id.as_str())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
+        let stored = rows
+            .iter()
             .map(|r| {
                 Ok(Subject {
                     subject: r.try_get("subject")?,
@@ -193,7 +210,11 @@ impl Store {
                     last_seen: from_millis(r.try_get("last_seen")?),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        self.with_pending(|p| match p {
+            Some(p) => p.merge_subjects(id.as_str(), stored),
+            None => stored,
+        })
     }
 }
 

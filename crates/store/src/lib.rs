@@ -10,6 +10,7 @@ mod keys;
 mod rows;
 mod tokens;
 mod usage;
+mod usage_pending;
 mod usage_sqlite;
 
 use std::str::FromStr;
@@ -19,6 +20,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use keys::{KeyFilter, StateFilter};
+pub use usage::FOLD_CHUNK;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,6 +47,10 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     usage_sqlite: Option<usage_sqlite::SqliteUsageSink>,
+    /// Readers of usage stats hold it shared while they read the tables and the pending
+    /// overlay; a fold holds it exclusively from its commit until the overlay is cleared,
+    /// so no reader counts a use twice or not at all.
+    fold_lock: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -116,6 +122,7 @@ impl Store {
             pool,
             backend,
             usage_sqlite,
+            fold_lock: std::sync::Arc::default(),
         })
     }
 

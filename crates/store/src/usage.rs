@@ -10,7 +10,17 @@ use sqlx::Row;
 use time::OffsetDateTime;
 
 use crate::rows::{decode_error, ms, Params};
-use crate::{Result, Store};
+use crate::usage_pending::Pending;
+use crate::usage_sqlite::lock;
+use crate::{Backend, Result, Store};
+
+const USAGE_COLUMNS: &str =
+    "u.seq, u.key_id, u.time, u.code, u.source_ip, u.scope, u.environment, \
+    u.subject, u.user_agent, u.counted";
+
+/// Keys per fold transaction: small enough that a fold step holds up the appends (and
+/// readers of key stats) for milliseconds, not a large share of the queue's capacity.
+pub const FOLD_CHUNK: usize = 2_000;
 
 /// Rows per INSERT statement: 9 parameters each stays far below both backends' limits.
 const ROWS_PER_INSERT: usize = 100;
@@ -94,21 +104,20 @@ pub(crate) const UPSERT_SUBJECT_TAIL: &str = "ON CONFLICT (key_id, subject) DO U
     ELSE key_subjects.last_seen END";
 
 impl Store {
-    /// Writes a batch of usage events in one transaction, and folds them into the keys:
-    /// `uses` (for uncapped keys; capped ones were counted at verify time), `last_used_*`,
-    /// and the distinct subjects a key enrolled. Takes the batch and hands it back, so the
-    /// caller can retry it on error or reuse its allocation.
+    /// Writes a batch of usage events in one transaction. On PostgreSQL the batch is also
+    /// folded into the keys at once (`uses` for uncapped keys, `last_used_*`, subjects);
+    /// on SQLite it is appended to the log and folded later by [`Store::fold_usage`], and
+    /// reads add what is not folded yet. Takes the batch and hands it back, so the caller
+    /// can retry it on error or reuse its allocation.
     pub async fn record_usage(&self, events: Vec<UsageEvent>) -> (Vec<UsageEvent>, Result<()>) {
         if events.is_empty() {
             return (events, Ok(()));
         }
         match &self.usage_sqlite {
-            // SQLite: one connection of our own driving prepared statements, about three
-            // times cheaper per event than assembling multi-row statements through sqlx.
             Some(sink) => {
                 let sink = sink.clone();
                 match tokio::task::spawn_blocking(move || {
-                    let r = sink.write(&events);
+                    let r = sink.append(&events);
                     (events, r)
                 })
                 .await
@@ -121,6 +130,49 @@ impl Store {
                 let r = self.record_usage_sql(&events).await;
                 (events, r)
             }
+        }
+    }
+
+    /// Folds the next chunk of at most `max_keys` keys of logged usage into the keys'
+    /// stats; true when no fold is left in progress. SQLite only: on PostgreSQL batches
+    /// are folded as they are written, and this does nothing.
+    pub async fn fold_usage_step(&self, max_keys: usize) -> Result<bool> {
+        let Some(sink) = self.usage_sqlite.clone() else {
+            return Ok(true);
+        };
+        let _readers_wait = self.fold_lock.write().await;
+        tokio::task::spawn_blocking(move || sink.fold_step(max_keys))
+            .await
+            .map_err(|e| decode_error("usage fold thread", e))?
+    }
+
+    /// Folds all logged usage into the keys' stats.
+    pub async fn fold_usage(&self) -> Result<()> {
+        while !self.fold_usage_step(FOLD_CHUNK).await? {}
+        // A fold that was in progress ends with its own keys; fold what came after too.
+        while !self.fold_usage_step(FOLD_CHUNK).await? {}
+        Ok(())
+    }
+
+    /// Keys with usage logged and not folded yet (0 on PostgreSQL).
+    pub fn unfolded_keys(&self) -> usize {
+        self.with_pending(|p| p.map_or(0, |p| p.keys.len()))
+            .unwrap_or(0)
+    }
+
+    /// Whether a fold has started and not finished (false on PostgreSQL).
+    pub fn folding(&self) -> bool {
+        self.usage_sqlite
+            .as_ref()
+            .is_some_and(|s| s.folding().unwrap_or(false))
+    }
+
+    /// Runs `f` on the overlay of unfolded usage (`None` on PostgreSQL). Callers that
+    /// combine it with stats read from the tables hold `fold_lock` shared around both.
+    pub(crate) fn with_pending<R>(&self, f: impl FnOnce(Option<&Pending>) -> R) -> Result<R> {
+        match &self.usage_sqlite {
+            Some(sink) => Ok(f(Some(&*lock(&sink.pending)?))),
+            None => Ok(f(None)),
         }
     }
 
@@ -141,12 +193,13 @@ impl Store {
                     opt_text(&mut p, &e.environment),
                     opt_text(&mut p, &e.subject),
                     opt_text(&mut p, &e.user_agent),
+                    p.push_int(i64::from(e.counted)),
                 ];
                 tuples.push(format!("({})", cols.join(", ")));
             }
             let sql = format!(
                 "INSERT INTO usage_events (key_id, time, code, source_ip, scope, environment, \
-                 subject, user_agent) VALUES {}",
+                 subject, user_agent, counted) VALUES {}",
                 tuples.join(", ")
             );
             p.bind(sqlx::query(&sql)).execute(&mut *tx).await?;
@@ -199,24 +252,52 @@ impl Store {
         Ok(())
     }
 
-    /// Usage events of one key, newest first; `before` is the previous page's cursor.
+    /// Usage events of one key, newest first. `cursor` is the previous page's
+    /// `next` (the seq the next page starts at).
     pub async fn list_usage(
         &self,
         id: &KeyId,
         limit: u32,
-        before: Option<i64>,
+        cursor: Option<i64>,
     ) -> Result<(Vec<StoredUsage>, Option<i64>)> {
-        let rows = sqlx::query(
-            "SELECT seq, key_id, time, code, source_ip, scope, environment, subject, user_agent \
-             FROM usage_events WHERE key_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
-        )
-        .bind(id.as_str())
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(i64::from(limit) + 1)
-        .fetch_all(&self.pool)
-        .await?;
+        let fetch = i64::from(limit) + 1;
+        let rows = match self.backend {
+            Backend::Postgres => {
+                sqlx::query(&format!(
+                "SELECT {USAGE_COLUMNS} FROM usage_events u WHERE u.key_id = $1 AND u.seq <= $2 \
+                     ORDER BY u.seq DESC LIMIT $3"
+            ))
+                .bind(id.as_str())
+                .bind(cursor.unwrap_or(i64::MAX))
+                .bind(fetch)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            // No per-key index on SQLite: walk the key's chain of prev_seq from its head.
+            Backend::Sqlite => {
+                let start = match cursor {
+                    Some(c) => Some(c),
+                    None => self.usage_head(id).await?,
+                };
+                let Some(start) = start else {
+                    return Ok((Vec::new(), None));
+                };
+                sqlx::query(&format!(
+                    "WITH RECURSIVE chain(seq, n) AS (SELECT $1, 1 UNION ALL \
+                     SELECT e.prev_seq, c.n + 1 FROM chain c JOIN usage_events e ON e.seq = c.seq \
+                     WHERE e.key_id = $2 AND e.prev_seq IS NOT NULL AND c.n < $3) \
+                     SELECT {USAGE_COLUMNS} FROM chain JOIN usage_events u ON u.seq = chain.seq \
+                     WHERE u.key_id = $2 ORDER BY u.seq DESC"
+                ))
+                .bind(start)
+                .bind(id.as_str())
+                .bind(fetch)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
         let mut out = Vec::with_capacity(rows.len());
-        for row in rows.iter().take(limit as usize) {
+        for row in &rows {
             let code: String = row.try_get("code")?;
             out.push(StoredUsage {
                 seq: row.try_get("seq")?,
@@ -229,16 +310,32 @@ impl Store {
                     environment: row.try_get("environment")?,
                     subject: row.try_get("subject")?,
                     user_agent: row.try_get("user_agent")?,
-                    counted: false,
+                    counted: row.try_get::<i64, _>("counted")? != 0,
                 },
             });
         }
-        let next = if rows.len() > limit as usize {
-            out.last().map(|u| u.seq)
+        let next = if out.len() > limit as usize {
+            out.pop().map(|u| u.seq)
         } else {
             None
         };
         Ok((out, next))
+    }
+
+    /// The newest event of a key: pending in the overlay, else as last folded.
+    async fn usage_head(&self, id: &KeyId) -> Result<Option<i64>> {
+        let _folding = self.fold_lock.read().await;
+        if let Some(head) = self.with_pending(|p| p.and_then(|p| p.head(id.as_str())))? {
+            return Ok(Some(head));
+        }
+        let row = sqlx::query("SELECT last_seq FROM key_usage WHERE key_id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get::<Option<i64>, _>("last_seq")?,
+            None => None,
+        })
     }
 
     /// Number of stored usage events (all keys); used by tests and the benchmark.

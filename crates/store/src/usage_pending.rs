@@ -1,0 +1,190 @@
+//! Usage stats written to the log but not yet folded into `key_usage` and `key_subjects`
+//! (SQLite). Folding every event as it comes costs several random b-tree writes per
+//! event, more than the rest of a verify; folding a few seconds of events at once, in key
+//! order, costs one write per key and page. Until then readers add this overlay to what
+//! the tables hold, so reads stay as fresh as the log.
+
+use std::collections::HashMap;
+
+use keywarden_core::clock::{from_millis, to_millis};
+use keywarden_core::model::{KeyRecord, Subject, UsageEvent};
+use keywarden_core::verify::VerifyCode;
+
+/// One key's events since the last fold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct KeyDelta {
+    /// Valid uses not already counted against a cap at verify time.
+    pub uses: i64,
+    pub last_at: Option<i64>,
+    pub last_from: Option<String>,
+    /// The key's newest event (head of its chain in the log).
+    pub head: i64,
+    /// (subject, first seen, last seen), unix ms; a key enrolls few subjects.
+    pub subjects: Vec<(String, i64, i64)>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    pub keys: HashMap<String, KeyDelta>,
+    /// Every event up to this seq is reflected in the tables or here.
+    pub max_seq: i64,
+    /// Heads of keys already folded: saves the append a read of `key_usage.last_seq`.
+    /// A cache, cleared when it grows past [`HEADS_CACHED`].
+    pub folded_heads: HashMap<String, i64>,
+    /// The fold in progress, folded a chunk at a time between appends: the keys still to
+    /// fold (in reverse key order, taken from the end), and the `max_seq` it started at.
+    pub fold_queue: Vec<String>,
+    pub fold_upto: i64,
+}
+
+pub(crate) const HEADS_CACHED: usize = 1_000_000;
+
+/// The event's fields that stats are made of, as stored in the log.
+pub(crate) struct LoggedEvent<'a> {
+    pub seq: i64,
+    pub key_id: Option<&'a str>,
+    pub time: i64,
+    pub valid: bool,
+    pub counted: bool,
+    pub source_ip: Option<&'a str>,
+    pub subject: Option<&'a str>,
+}
+
+impl<'a> LoggedEvent<'a> {
+    pub fn of(seq: i64, e: &'a UsageEvent) -> Self {
+        Self {
+            seq,
+            key_id: e.key_id.as_ref().map(|k| k.as_str()),
+            time: to_millis(e.time),
+            valid: e.code == VerifyCode::Valid,
+            counted: e.counted,
+            source_ip: e.source_ip.as_deref(),
+            subject: e.subject.as_deref(),
+        }
+    }
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key's newest event, if it is pending.
+    pub fn head(&self, key_id: &str) -> Option<i64> {
+        self.keys.get(key_id).map(|d| d.head)
+    }
+
+    /// Adds one logged event; events must come in `seq` order.
+    pub fn add(&mut self, e: &LoggedEvent<'_>) {
+        self.max_seq = self.max_seq.max(e.seq);
+        let Some(id) = e.key_id else { return };
+        // Look up before inserting: the common case is a key already pending, and
+        // `entry` would allocate its id for every event.
+        let d = match self.keys.get_mut(id) {
+            Some(d) => d,
+            None => self.keys.entry(id.to_owned()).or_default(),
+        };
+        d.head = d.head.max(e.seq);
+        if !e.valid {
+            return;
+        }
+        if !e.counted {
+            d.uses += 1;
+        }
+        // The same rule as the fold's SQL: the newest use wins, ties to the later event.
+        if d.last_at.is_none_or(|t| e.time >= t) {
+            d.last_at = Some(e.time);
+            d.last_from = e.source_ip.map(str::to_owned).or(d.last_from.take());
+        }
+        if let Some(s) = e.subject {
+            match d.subjects.iter_mut().find(|(known, _, _)| known == s) {
+                Some(seen) => {
+                    seen.1 = seen.1.min(e.time);
+                    seen.2 = seen.2.max(e.time);
+                }
+                None => d.subjects.push((s.to_owned(), e.time, e.time)),
+            }
+        }
+    }
+
+    /// `key` as stored, plus what is pending for it.
+    pub fn apply_to(&self, key: &mut KeyRecord) {
+        let Some(d) = self.keys.get(key.id.as_str()) else {
+            return;
+        };
+        key.uses += u64::try_from(d.uses).unwrap_or(0);
+        if let Some(at) = d.last_at {
+            let at = from_millis(at);
+            if key.last_used_at.is_none_or(|stored| at >= stored) {
+                key.last_used_at = Some(at);
+                key.last_used_from.clone_from(&d.last_from);
+            }
+        }
+    }
+
+    /// `stored` subjects of `key_id`, plus pending sightings, in first-seen order.
+    pub fn merge_subjects(&self, key_id: &str, mut stored: Vec<Subject>) -> Vec<Subject> {
+        let pending = self.keys.get(key_id).map_or(&[][..], |d| &d.subjects[..]);
+        for (subject, first, last) in pending {
+            let (first, last) = (from_millis(*first), from_millis(*last));
+            match stored.iter_mut().find(|s| &s.subject == subject) {
+                Some(s) => {
+                    s.first_seen = s.first_seen.min(first);
+                    s.last_seen = s.last_seen.max(last);
+                }
+                None => stored.push(Subject {
+                    subject: subject.clone(),
+                    first_seen: first,
+                    last_seen: last,
+                }),
+            }
+        }
+        stored.sort_by(|a, b| (a.first_seen, &a.subject).cmp(&(b.first_seen, &b.subject)));
+        stored
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(
+        seq: i64,
+        key: &'static str,
+        time: i64,
+        valid: bool,
+        from: Option<&'static str>,
+    ) -> LoggedEvent<'static> {
+        LoggedEvent {
+            seq,
+            key_id: Some(key),
+            time,
+            valid,
+            counted: false,
+            source_ip: from,
+            subject: Some("host-a"),
+        }
+    }
+
+    #[test]
+    fn denied_events_move_the_head_but_not_the_stats() {
+        let mut p = Pending::default();
+        p.add(&ev(1, "k", 10, true, Some("10.0.0.1")));
+        p.add(&ev(2, "k", 20, false, Some("10.0.0.2")));
+        let d = &p.keys["k"];
+        assert_eq!((d.uses, d.last_at, d.head), (1, Some(10), 2));
+        assert_eq!(d.last_from.as_deref(), Some("10.0.0.1"));
+        assert_eq!(d.subjects, vec![("host-a".to_owned(), 10, 10)]);
+        assert_eq!(p.max_seq, 2);
+    }
+
+    #[test]
+    fn counted_uses_are_not_counted_twice() {
+        let mut p = Pending::default();
+        let mut e = ev(1, "k", 10, true, None);
+        e.counted = true;
+        p.add(&e);
+        assert_eq!(p.keys["k"].uses, 0);
+        assert_eq!(p.keys["k"].last_at, Some(10));
+    }
+}

@@ -1,0 +1,146 @@
+//! The usage log: a key's events are read newest first across folds and pages, stats are
+//! exact before and after a fold, and (SQLite) a crash between the log and the fold loses
+//! nothing and counts nothing twice.
+
+use serde_json::{json, Value};
+
+use crate::harness::{key_body, Backend, TestServer};
+use crate::on_both_backends;
+
+on_both_backends!(events_and_stats_across_folds_and_pages);
+
+/// Folds only when the test says so.
+async fn start(b: Backend) -> TestServer {
+    TestServer::start_with(b, |c| {
+        c.usage_fold_interval = std::time::Duration::from_secs(3600);
+    })
+    .await
+}
+
+async fn all_events(s: &TestServer, id: &str, page: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/keys/{id}/usage?limit={page}&cursor={c}"),
+            None => format!("/v1/keys/{id}/usage?limit={page}"),
+        };
+        let (status, v) = s.get(&path).await;
+        assert_eq!(status, 200, "{v}");
+        let events = v["events"].as_array().unwrap();
+        assert!(events.len() <= page);
+        out.extend(events.iter().cloned());
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return out,
+        }
+    }
+}
+
+async fn verify_as(s: &TestServer, secret: &str, subject: &str, scope: &str) {
+    s.verify(json!({"key": secret, "scope": scope, "subject": subject, "source_ip": "192.0.2.1"}))
+        .await;
+}
+
+async fn events_and_stats_across_folds_and_pages(b: Backend) {
+    let s = start(b).await;
+    let (a_id, a) = s.create_key(key_body("a")).await;
+    let (b_id, bk) = s.create_key(key_body("b")).await;
+    // Interleaved, so each key's chain skips the other's events.
+    for i in 0..4 {
+        verify_as(&s, &a, &format!("a-{i}"), "deploy:write").await;
+        verify_as(&s, &bk, "b-0", "deploy:write").await;
+    }
+    verify_as(&s, &a, "a-x", "nope:nope").await; // denied: an event, not a use
+    s.wait_for_usage(&a_id, 5).await;
+    s.wait_for_usage(&b_id, 4).await;
+
+    let check = |events: Vec<Value>, n: usize, subject_prefix: &str| {
+        assert_eq!(events.len(), n);
+        let times: Vec<&str> = events.iter().map(|e| e["time"].as_str().unwrap()).collect();
+        let mut sorted = times.clone();
+        sorted.sort_by(|x, y| y.cmp(x));
+        assert_eq!(times, sorted, "newest first");
+        assert!(events
+            .iter()
+            .all(|e| e["subject"].as_str().unwrap().starts_with(subject_prefix)));
+    };
+    let a_events = all_events(&s, &a_id, 2).await;
+    assert_eq!(a_events[0]["code"], "SCOPE_DENIED", "newest first");
+    check(a_events, 5, "a-");
+    check(all_events(&s, &b_id, 3).await, 4, "b-");
+
+    let uses = |v: &Value| v["uses"].as_u64().unwrap();
+    let (_, key_a) = s.get(&format!("/v1/keys/{a_id}")).await;
+    assert_eq!(uses(&key_a), 4);
+    assert_eq!(key_a["subjects"].as_array().unwrap().len(), 4);
+
+    let store = s.server.as_ref().unwrap().state.store.clone();
+    store.fold_usage().await.unwrap();
+    assert_eq!(store.unfolded_keys(), 0);
+    let (_, folded) = s.get(&format!("/v1/keys/{a_id}")).await;
+    assert_eq!(folded["uses"], key_a["uses"], "a fold counts nothing twice");
+    assert_eq!(folded["subjects"], key_a["subjects"]);
+    assert_eq!(folded["last_used_at"], key_a["last_used_at"]);
+
+    // After the fold, new events chain onto the folded ones.
+    verify_as(&s, &a, "a-4", "deploy:write").await;
+    s.wait_for_usage(&a_id, 6).await;
+    let a_events = all_events(&s, &a_id, 4).await;
+    assert_eq!(a_events[0]["subject"], "a-4");
+    check(a_events, 6, "a-");
+    let (_, key_a) = s.get(&format!("/v1/keys/{a_id}")).await;
+    assert_eq!(uses(&key_a), 5);
+    s.stop().await;
+}
+
+/// A second store opened on the same file sees what a restart after a crash would: the
+/// log holds events the fold never saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_crash_before_or_during_a_fold_loses_and_doubles_nothing() {
+    let s = start(Backend::Sqlite).await;
+    let url = s.config.database_url();
+    let (a_id, a) = s.create_key(key_body("a")).await;
+    let (b_id, bk) = s.create_key(key_body("b")).await;
+    for i in 0..3 {
+        verify_as(&s, &a, &format!("a-{i}"), "deploy:write").await;
+    }
+    for _ in 0..2 {
+        verify_as(&s, &bk, "b-0", "deploy:write").await;
+    }
+    s.wait_for_usage(&a_id, 3).await;
+    s.wait_for_usage(&b_id, 2).await;
+    let a_key = keywarden_core::KeyId::parse(&a_id).unwrap();
+    let b_key = keywarden_core::KeyId::parse(&b_id).unwrap();
+
+    // Crash before any fold: the reopened store refolds the log.
+    let reopened = keywarden_store::Store::connect(&url).await.unwrap();
+    assert_eq!(reopened.unfolded_keys(), 2);
+    let got = reopened.get_key(&a_key).await.unwrap().unwrap();
+    assert_eq!(got.uses, 3);
+    assert_eq!(got.last_used_from.as_deref(), Some("192.0.2.1"));
+    assert_eq!(reopened.subjects(&a_key).await.unwrap().len(), 3);
+
+    // Crash in the middle of a fold: one key folded, the fold not finished.
+    assert!(!reopened.fold_usage_step(1).await.unwrap());
+    let again = keywarden_store::Store::connect(&url).await.unwrap();
+    assert_eq!(again.unfolded_keys(), 1, "the folded key is not refolded");
+    for (id, uses) in [(&a_key, 3), (&b_key, 2)] {
+        assert_eq!(again.get_key(id).await.unwrap().unwrap().uses, uses);
+    }
+    let (events, next) = again.list_usage(&a_key, 10, None).await.unwrap();
+    assert_eq!((events.len(), next), (3, None));
+
+    // Finish the fold: nothing pending, the same numbers from the tables alone.
+    again.fold_usage().await.unwrap();
+    let last = keywarden_store::Store::connect(&url).await.unwrap();
+    assert_eq!(last.unfolded_keys(), 0);
+    for (id, uses) in [(&a_key, 3), (&b_key, 2)] {
+        assert_eq!(last.get_key(id).await.unwrap().unwrap().uses, uses);
+    }
+    assert_eq!(last.subjects(&b_key).await.unwrap().len(), 1);
+    for st in [reopened, again, last] {
+        st.close().await;
+    }
+    s.stop().await;
+}
