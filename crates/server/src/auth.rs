@@ -133,15 +133,32 @@ pub fn client_ip(
 }
 
 pub fn header_text(headers: &HeaderMap, name: &str, max: usize) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().filter(|c| !c.is_control()).take(max).collect())
+    let s = headers.get(name).and_then(|v| v.to_str().ok())?;
+    // `to_str` admits visible ASCII, spaces and tabs; without a tab, a short value is kept whole.
+    if s.len() <= max && !s.bytes().any(|b| b.is_ascii_control()) {
+        return Some(s.to_owned());
+    }
+    Some(s.chars().filter(|c| !c.is_control()).take(max).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_text_drops_control_characters_and_truncates() {
+        let mut h = HeaderMap::new();
+        h.insert("user-agent", "curl/8.5".parse().unwrap());
+        h.insert("x-tabbed", "a\tb".parse().unwrap());
+        h.insert("x-long", "abcdef".parse().unwrap());
+        assert_eq!(
+            header_text(&h, "user-agent", 256).as_deref(),
+            Some("curl/8.5")
+        );
+        assert_eq!(header_text(&h, "x-tabbed", 256).as_deref(), Some("ab"));
+        assert_eq!(header_text(&h, "x-long", 4).as_deref(), Some("abcd"));
+        assert_eq!(header_text(&h, "x-missing", 4), None);
+    }
 
     #[test]
     fn forwarded_for_only_from_trusted_proxies() {

@@ -17,6 +17,7 @@ use keywarden_core::verify::{decide, VerifyCode, VerifyRequest};
 use keywarden_core::{validate, KeyId, KeyRecord};
 use keywarden_proto::{codes, ErrorBody, VerifyRequest as WireRequest, VerifyResponse};
 use time::OffsetDateTime;
+use tokio::sync::mpsc::error::TrySendError;
 
 use crate::auth::Principal;
 use crate::error::{violation, ApiError};
@@ -56,9 +57,19 @@ pub async fn verify(
         code: codes::STORE_UNAVAILABLE,
         message: message.to_owned(),
     };
-    match tokio::time::timeout(USAGE_QUEUE_WAIT, app.usage.send(event)).await {
+    // try_send first: the queue has room almost always, and a timeout costs a clock read.
+    let queued = match app.usage.try_send(event) {
+        Ok(()) => Ok(Ok(())),
+        Err(TrySendError::Closed(_)) => Ok(Err(())),
+        Err(TrySendError::Full(event)) => {
+            tokio::time::timeout(USAGE_QUEUE_WAIT, app.usage.send(event))
+                .await
+                .map(|sent| sent.map_err(|_| ()))
+        }
+    };
+    match queued {
         Ok(Ok(())) => {}
-        Ok(Err(_)) => return Err(unavailable("server is shutting down")),
+        Ok(Err(())) => return Err(unavailable("server is shutting down")),
         Err(_) => {
             tracing::error!(
                 "usage queue full for 1s: the store is not keeping up; failing verify closed"
