@@ -9,6 +9,9 @@
 //! benchmark. An entry here costs a hash, a read lock and a clock read. When a shard is
 //! full an insert drops an arbitrary entry: a miss only costs a store read, so recency is
 //! not worth paying for on every hit.
+//!
+//! Lifetimes are jittered (±20%): entries loaded together, say by the first requests
+//! after a start, would otherwise all expire together and send a burst of store reads.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -99,11 +102,14 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
                 shard.remove(&victim);
             }
         }
+        let ttl = self
+            .ttl
+            .mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.8..1.2));
         shard.insert(
             id,
             Slot {
                 value,
-                expires: Instant::now() + self.ttl,
+                expires: Instant::now() + ttl,
             },
         );
     }
@@ -153,5 +159,32 @@ mod tests {
         let held: usize = c.shards.iter().map(|s| s.read().unwrap().len()).sum();
         assert!(held <= 128, "held {held}");
         assert_eq!(c.get(&id(9_999)), Some(1), "the newest entry is kept");
+    }
+
+    #[test]
+    fn lifetimes_are_spread() {
+        let ttl = Duration::from_secs(100);
+        let c: RecordCache<u32> = RecordCache::new(1_000, ttl);
+        for n in 0..200 {
+            c.insert(id(n), 1, c.generation());
+        }
+        let now = Instant::now();
+        let left: Vec<Duration> = c
+            .shards
+            .iter()
+            .flat_map(|s| {
+                let s = s.read().unwrap();
+                s.values()
+                    .map(|slot| slot.expires - now)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(left.len(), 200);
+        assert!(left
+            .iter()
+            .all(|d| *d <= ttl.mul_f64(1.2) && *d >= ttl.mul_f64(0.79)));
+        let spread =
+            left.iter().max().unwrap().as_secs_f64() - left.iter().min().unwrap().as_secs_f64();
+        assert!(spread > 20.0, "expiries spread over {spread:.1}s");
     }
 }

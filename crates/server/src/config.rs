@@ -31,6 +31,9 @@ pub struct Config {
     /// way; this bounds the overlay's memory and the refold after a crash.
     pub usage_fold_interval: Duration,
     pub usage_fold_max_keys: usize,
+    /// How long a key record stays in the verify cache at most (jittered ±20%). Changes
+    /// made through this node evict at once; this bounds staleness otherwise.
+    pub verify_cache_ttl: Duration,
     /// Whether to print the bootstrap token to stdout (the binary does; tests read the file).
     pub print_bootstrap_token: bool,
 }
@@ -51,6 +54,7 @@ impl Config {
             usage_queue_capacity: crate::usage::QUEUE_CAPACITY,
             usage_fold_interval: Duration::from_secs(10),
             usage_fold_max_keys: 100_000,
+            verify_cache_ttl: Duration::from_secs(60),
             print_bootstrap_token: false,
         }
     }

@@ -37,8 +37,8 @@ impl AppState {
             store,
             hasher,
             clock,
+            keys: RecordCache::new(1_000_000, config.verify_cache_ttl),
             config,
-            keys: RecordCache::new(1_000_000, Duration::from_secs(60)),
             tokens: RecordCache::new(10_000, Duration::from_secs(30)),
             usage,
         }
