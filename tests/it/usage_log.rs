@@ -144,3 +144,91 @@ async fn sqlite_crash_before_or_during_a_fold_loses_and_doubles_nothing() {
     }
     s.stop().await;
 }
+
+/// A database written by the first release (migration 0001 only, usage indexed by key)
+/// keeps its events, stats and subjects through 0002, and new events chain onto old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_usage_from_0001_survives_the_log_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first-release");
+    std::fs::create_dir(&first).unwrap();
+    let sql_dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/store/migrations/sqlite");
+    std::fs::copy(sql_dir.join("0001_init.sql"), first.join("0001_init.sql")).unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("kw.db").display());
+    let id = "AAAAAAAAAAAAAAAA";
+    {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::migrate::Migrator::new(first.as_path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO keys (id, hash, pepper_version, hint, name, description, owner, systems, \
+             environment, scopes, created_at, created_by, expires_at, state, allowed_cidrs, \
+             metadata) VALUES (?1, ?2, 1, 'abcd', 'old', '', 'a@example.com', '[]', 'prod', \
+             '[\"deploy:write\"]', 0, 'test', 99999999999999, 'active', '[]', '{}')",
+        )
+        .bind(id)
+        .bind("0".repeat(64))
+        .execute(&pool)
+        .await
+        .unwrap();
+        for (time, code) in [(1_000, "VALID"), (2_000, "SCOPE_DENIED"), (3_000, "VALID")] {
+            sqlx::query(
+                "INSERT INTO usage_events (key_id, time, code, subject) VALUES (?1, ?2, ?3, 'n1')",
+            )
+            .bind(id)
+            .bind(time)
+            .bind(code)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query("INSERT INTO key_usage VALUES (?1, 2, 3000, '192.0.2.9')")
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO key_subjects VALUES (?1, 'n1', 1000, 3000)")
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+
+    let store = keywarden_store::Store::connect(&url).await.unwrap();
+    let key_id = keywarden_core::KeyId::parse(id).unwrap();
+    assert_eq!(
+        store.unfolded_keys(),
+        0,
+        "the first release's usage was folded"
+    );
+    let key = store.get_key(&key_id).await.unwrap().unwrap();
+    assert_eq!(key.uses, 2);
+    assert_eq!(key.last_used_from.as_deref(), Some("192.0.2.9"));
+    assert_eq!(store.subjects(&key_id).await.unwrap().len(), 1);
+    let (events, _) = store.list_usage(&key_id, 10, None).await.unwrap();
+    let codes: Vec<&str> = events.iter().map(|e| e.event.code.as_str()).collect();
+    assert_eq!(codes, ["VALID", "SCOPE_DENIED", "VALID"]);
+
+    let mut new = events[0].event.clone();
+    new.time = time::OffsetDateTime::from_unix_timestamp(4).unwrap();
+    new.subject = Some("n2".to_owned());
+    let (_, written) = store.record_usage(vec![new]).await;
+    written.unwrap();
+    let (events, _) = store.list_usage(&key_id, 10, None).await.unwrap();
+    assert_eq!(
+        events.len(),
+        4,
+        "the new event chains onto the migrated ones"
+    );
+    assert_eq!(events[0].event.subject.as_deref(), Some("n2"));
+    let key = store.get_key(&key_id).await.unwrap().unwrap();
+    assert_eq!(key.uses, 3);
+    assert_eq!(store.subjects(&key_id).await.unwrap().len(), 2);
+    store.close().await;
+}
