@@ -2,8 +2,10 @@
 //!
 //! One implementation serves both backends through sqlx's `Any` driver: the queries use
 //! `$N` placeholders and types both SQLite and PostgreSQL share (BIGINT unix milliseconds,
-//! TEXT, JSON as TEXT), so the dialects differ only in `migrations/{sqlite,postgres}`.
-//! The same contract tests run against both (see `tests/it/store.rs`).
+//! TEXT, JSON as TEXT), so the dialects differ only in `migrations/{sqlite,postgres}`,
+//! except for usage: on SQLite it goes through its own sink (`usage_sqlite`), an
+//! append-only log read per key by its `prev_seq` chain; PostgreSQL indexes it by key.
+//! The API suites in `tests/it` run against both (`on_both_backends!`).
 
 mod audit;
 mod keys;

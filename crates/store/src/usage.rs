@@ -263,15 +263,16 @@ impl Store {
         let fetch = i64::from(limit) + 1;
         let rows = match self.backend {
             Backend::Postgres => {
-                sqlx::query(&format!(
-                "SELECT {USAGE_COLUMNS} FROM usage_events u WHERE u.key_id = $1 AND u.seq <= $2 \
-                     ORDER BY u.seq DESC LIMIT $3"
-            ))
-                .bind(id.as_str())
-                .bind(cursor.unwrap_or(i64::MAX))
-                .bind(fetch)
-                .fetch_all(&self.pool)
-                .await?
+                let sql = format!(
+                    "SELECT {USAGE_COLUMNS} FROM usage_events u WHERE u.key_id = $1 \
+                     AND u.seq <= $2 ORDER BY u.seq DESC LIMIT $3"
+                );
+                sqlx::query(&sql)
+                    .bind(id.as_str())
+                    .bind(cursor.unwrap_or(i64::MAX))
+                    .bind(fetch)
+                    .fetch_all(&self.pool)
+                    .await?
             }
             // No per-key index on SQLite: walk the key's chain of prev_seq from its head.
             Backend::Sqlite => {
