@@ -159,14 +159,22 @@ wrk.body = '{{"key":"x"}}'
     Ok(())
 }
 
-/// Waits until the usage writer has caught up (the stored count stops moving) and returns
-/// the count, so that a count taken after a run covers that run only.
-async fn settle(store: &keywarden_store::Store) -> Result<i64> {
-    let mut last = store.count_usage().await?;
-    for _ in 0..100 {
+/// Waits until the usage writer has caught up (its queue is empty and the stored count
+/// stays put for 300 ms, longer than a batch takes) and returns the count, so that a
+/// count taken after a run covers that run only.
+async fn settle(state: &keywarden_server::state::AppState) -> Result<i64> {
+    let mut last = state.store.count_usage().await?;
+    let mut still = 0;
+    for _ in 0..300 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let now = store.count_usage().await?;
-        if now == last {
+        let now = state.store.count_usage().await?;
+        let queue_empty = state.usage.capacity() == state.usage.max_capacity();
+        still = if now == last && queue_empty {
+            still + 1
+        } else {
+            0
+        };
+        if still >= 3 {
             break;
         }
         last = now;
@@ -284,11 +292,14 @@ async fn main() -> Result<()> {
         if walked >= args.keys {
             break;
         }
-        eprintln!("warm-up made {walked} requests, fewer than the {} keys", args.keys);
+        eprintln!(
+            "warm-up made {walked} requests, fewer than the {} keys",
+            args.keys
+        );
         let needed = f64::from(warm_seconds) * args.keys as f64 / walked.max(1) as f64;
         warm_seconds = (needed * 1.2).ceil().min(600.0) as u32;
     }
-    settle(&state.store).await?;
+    settle(&state).await?;
     eprintln!("measuring…");
     let fixed_static = run_wrk(&args, &fixed_url, &static_script, args.duration)?;
     // Each round: the ceiling is measured before and after, and verify runs on a cache
@@ -301,7 +312,7 @@ async fn main() -> Result<()> {
         if round > 0 {
             run_wrk(&args, &verify_url, &warm_script, warm_seconds)?;
         }
-        let counted_before = settle(&state.store).await?;
+        let counted_before = settle(&state).await?;
         let verify = run_wrk(&args, &verify_url, &verify_script, args.duration)?;
         verified += verify.requests;
         // The ceiling run after it must not start while the writer still drains.
