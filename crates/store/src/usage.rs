@@ -31,8 +31,10 @@ pub struct StoredUsage {
     pub event: UsageEvent,
 }
 
-/// What a batch changes on keys (in `key_usage` and `key_subjects`): valid uses per key (the newest time and address win),
-/// and first/last sighting per (key, subject).
+/// What a batch changes on keys (in `key_usage` and `key_subjects`) on PostgreSQL, which
+/// folds each batch as it writes it: valid uses per key (the newest time and address
+/// win), and first/last sighting per (key, subject). SQLite folds later, from
+/// `usage_pending`.
 pub(crate) struct Folds<'a> {
     pub keys: Vec<(&'a str, KeyFold<'a>)>,
     pub subjects: Vec<SubjectFold<'a>>,
