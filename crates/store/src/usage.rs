@@ -1,16 +1,12 @@
 //! Usage events: written in batches by the server's usage writer, read newest first.
 
-use std::collections::HashMap;
-
 use keywarden_core::clock::from_millis;
 use keywarden_core::model::UsageEvent;
-use keywarden_core::verify::VerifyCode;
 use keywarden_core::KeyId;
 use sqlx::Row;
-use time::OffsetDateTime;
 
 use crate::rows::{decode_error, ms, Params};
-use crate::usage_pending::Pending;
+use crate::usage_pending::{KeyDelta, LoggedEvent, Pending};
 use crate::usage_sqlite::lock;
 use crate::{Backend, Result, Store};
 
@@ -29,67 +25,6 @@ const ROWS_PER_INSERT: usize = 100;
 pub struct StoredUsage {
     pub seq: i64,
     pub event: UsageEvent,
-}
-
-/// What a batch changes on keys (in `key_usage` and `key_subjects`) on PostgreSQL, which
-/// folds each batch as it writes it: valid uses per key (the newest time and address
-/// win), and first/last sighting per (key, subject). SQLite folds later, from
-/// `usage_pending`.
-pub(crate) struct Folds<'a> {
-    pub keys: Vec<(&'a str, KeyFold<'a>)>,
-    pub subjects: Vec<SubjectFold<'a>>,
-}
-
-pub(crate) struct SubjectFold<'a> {
-    pub key_id: &'a str,
-    pub subject: &'a str,
-    pub first: OffsetDateTime,
-    pub last: OffsetDateTime,
-}
-
-pub(crate) struct KeyFold<'a> {
-    pub uncounted: i64,
-    pub last_at: OffsetDateTime,
-    pub last_from: Option<&'a str>,
-}
-
-pub(crate) fn fold(events: &[UsageEvent]) -> Folds<'_> {
-    let mut keys: HashMap<&str, KeyFold<'_>> = HashMap::new();
-    let mut subjects: HashMap<(&str, &str), (OffsetDateTime, OffsetDateTime)> = HashMap::new();
-    for e in events.iter().filter(|e| e.code == VerifyCode::Valid) {
-        let Some(id) = &e.key_id else { continue };
-        let f = keys.entry(id.as_str()).or_insert(KeyFold {
-            uncounted: 0,
-            last_at: e.time,
-            last_from: None,
-        });
-        if !e.counted {
-            f.uncounted += 1;
-        }
-        if e.time >= f.last_at {
-            f.last_at = e.time;
-            f.last_from = e.source_ip.as_deref().or(f.last_from);
-        }
-        if let Some(subject) = &e.subject {
-            let seen = subjects
-                .entry((id.as_str(), subject.as_str()))
-                .or_insert((e.time, e.time));
-            seen.0 = seen.0.min(e.time);
-            seen.1 = seen.1.max(e.time);
-        }
-    }
-    Folds {
-        keys: keys.into_iter().collect(),
-        subjects: subjects
-            .into_iter()
-            .map(|((key_id, subject), (first, last))| SubjectFold {
-                key_id,
-                subject,
-                first,
-                last,
-            })
-            .collect(),
-    }
 }
 
 /// Follows `VALUES (key_id, batched_uses, last_used_at, last_used_from), …`. Every SET
@@ -206,18 +141,30 @@ impl Store {
             );
             p.bind(sqlx::query(&sql)).execute(&mut *tx).await?;
         }
-        let folds = fold(events);
-        for chunk in folds.keys.chunks(ROWS_PER_INSERT) {
+        // The same fold rule as SQLite's overlay, applied to this batch alone. Keys with
+        // only denied events (no use) get no stats row, so unknown ids leave no trace here.
+        let mut folded = Pending::default();
+        for e in events {
+            folded.add(&LoggedEvent::of(0, e));
+        }
+        let mut used: Vec<(&String, &KeyDelta)> = folded
+            .keys
+            .iter()
+            .filter(|(_, d)| d.last_at.is_some())
+            .collect();
+        used.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for chunk in used.chunks(ROWS_PER_INSERT) {
             let mut p = Params::new(self.backend);
             let rows: Vec<String> = chunk
                 .iter()
-                .map(|(id, f)| {
+                .map(|(id, d)| {
                     format!(
                         "({}, {}, {}, {})",
-                        p.push_text(*id),
-                        p.push_int(f.uncounted),
-                        p.push_int(ms(f.last_at)),
-                        f.last_from
+                        p.push_text(id.as_str()),
+                        p.push_int(d.uses),
+                        p.push_int(d.last_at.unwrap_or_default()),
+                        d.last_from
+                            .as_deref()
                             .map_or_else(|| "NULL".to_owned(), |s| p.push_text(s)),
                     )
                 })
@@ -229,17 +176,25 @@ impl Store {
             );
             p.bind(sqlx::query(&sql)).execute(&mut *tx).await?;
         }
-        for chunk in folds.subjects.chunks(ROWS_PER_INSERT) {
+        let subjects: Vec<(&str, &str, i64, i64)> = used
+            .iter()
+            .flat_map(|(id, d)| {
+                d.subjects
+                    .iter()
+                    .map(|(s, first, last)| (id.as_str(), s.as_str(), *first, *last))
+            })
+            .collect();
+        for chunk in subjects.chunks(ROWS_PER_INSERT) {
             let mut p = Params::new(self.backend);
             let rows: Vec<String> = chunk
                 .iter()
-                .map(|f| {
+                .map(|(id, subject, first, last)| {
                     format!(
                         "({}, {}, {}, {})",
-                        p.push_text(f.key_id),
-                        p.push_text(f.subject),
-                        p.push_int(ms(f.first)),
-                        p.push_int(ms(f.last)),
+                        p.push_text(*id),
+                        p.push_text(*subject),
+                        p.push_int(*first),
+                        p.push_int(*last),
                     )
                 })
                 .collect();
