@@ -4,6 +4,7 @@
 //! verify decision. Nothing here performs IO, spawns tasks or reads the clock: time is
 //! always a parameter (see [`clock::Clock`] for the seam the server plugs a real clock into).
 
+pub mod audit_chain;
 pub mod base62;
 pub mod clock;
 pub mod duration;

@@ -126,7 +126,7 @@ impl TokenRecord {
 }
 
 /// Who did something, from where: attached to every audit entry.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Actor {
     /// `token:<id>` (with the token's name) or `system:<job>`.
     pub id: String,
@@ -136,8 +136,9 @@ pub struct Actor {
     pub request_id: Option<String>,
 }
 
-/// One audit entry, never holding a secret. Issue 3 chains these by hash.
-#[derive(Debug, Clone)]
+/// One audit entry, never holding a secret. The store chains them by hash
+/// (`audit_chain`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEntry {
     pub time: OffsetDateTime,
     pub actor: Actor,
