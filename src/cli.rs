@@ -50,6 +50,9 @@ pub enum Command {
     /// Manage keywarden's own admin tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Read, export, verify and archive the tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 #[derive(Debug, Args)]
@@ -203,4 +206,79 @@ pub enum TokenCommand {
     List,
     /// Revoke an admin token.
     Revoke { id: String },
+}
+
+/// Times on the command line: RFC 3339, a date (midnight UTC), or a duration ago (`24h`).
+#[derive(Debug, Args)]
+pub struct AuditFilterArgs {
+    /// Entries about this key id.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Actor id (`token:<id>`, `system:<job>`) or name.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// An action (`key.revoked`) or a prefix ending in `*` (`key.*`).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// From this time on: RFC 3339, a date, or a duration ago such as 24h.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Before this time: RFC 3339, a date, or a duration ago.
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List entries, oldest first (newest first with --newest-first).
+    List {
+        #[command(flatten)]
+        filter: AuditFilterArgs,
+        #[arg(long)]
+        newest_first: bool,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Stream entries as JSON lines or CSV, oldest first, in constant memory.
+    Export {
+        #[command(flatten)]
+        filter: AuditFilterArgs,
+        /// jsonl or csv.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print a signed checkpoint of the newest entry; keep it outside the database.
+    Checkpoint {
+        /// Sign this entry instead of the newest.
+        #[arg(long)]
+        seq: Option<i64>,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Walk the hash chain; exit 0 when intact, 1 at the first altered, removed,
+    /// inserted or reordered entry, or a chain truncated or replaced since a checkpoint.
+    Verify {
+        /// A checkpoint file from `audit checkpoint` (repeatable).
+        #[arg(long = "checkpoint")]
+        checkpoints: Vec<PathBuf>,
+        /// An archive file from `audit archive` (repeatable), checked with the live trail.
+        #[arg(long = "archive")]
+        archives: Vec<PathBuf>,
+    },
+    /// Move entries older than a date into a compressed, self-verifying file, and remove
+    /// them from the live trail once the file is safely written.
+    Archive {
+        /// Archive the entries before this time (RFC 3339 or a date).
+        #[arg(long)]
+        before: String,
+        /// The archive file to write (it must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }

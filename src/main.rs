@@ -1,5 +1,6 @@
 //! The `keywarden` binary: server and CLI in one.
 
+mod audit;
 mod cli;
 mod output;
 
@@ -46,6 +47,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Key(ref cmd) => key(&cli, cmd).await,
         Command::Verify(ref args) => verify(&cli, args).await,
         Command::Token(ref cmd) => token(&cli, cmd).await,
+        Command::Audit(ref cmd) => audit::run(&cli, cmd).await,
     }
 }
 
@@ -66,6 +68,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
     config.database_url.clone_from(&args.database_url);
     config.key_prefix.clone_from(&args.key_prefix);
     config.pepper = std::env::var("KEYWARDEN_PEPPER").ok();
+    config.audit_signing_key = std::env::var("KEYWARDEN_AUDIT_SIGNING_KEY").ok();
     config.trusted_proxies = args
         .trusted_proxies
         .iter()

@@ -1,7 +1,7 @@
 //! Human output: readable tables. `--json` output is the API's JSON as is.
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use keywarden_proto::{KeyView, TokenView, UsageEventView};
+use keywarden_proto::{AuditEntryView, KeyView, TokenView, UsageEventView};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -151,6 +151,22 @@ pub fn tokens_table(tokens: &[TokenView]) -> String {
             ts(k.created_at),
             opt_ts(k.expires_at),
             opt_ts(k.revoked_at),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn audit_table(entries: &[AuditEntryView]) -> String {
+    let mut t = table(&["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "FROM", "REASON"]);
+    for e in entries {
+        t.add_row(vec![
+            e.seq.to_string(),
+            ts(e.time),
+            format!("{} ({})", e.actor_name, e.actor),
+            e.action.clone(),
+            e.target.clone(),
+            opt(&e.source_ip),
+            opt(&e.reason),
         ]);
     }
     t.to_string()

@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use keywarden_proto::{
+    ArchiveRequest, ArchiveView, AuditChainView, AuditPage, CheckpointRequest, CheckpointView,
     CreateKeyRequest, CreateTokenRequest, CreatedKey, CreatedToken, ErrorBody, Health, KeyList,
     KeyView, RotateRequest, RotatedKey, StateChangeRequest, TokenList, TokenView, UsageList,
     VerifyRequest, VerifyResponse,
@@ -40,6 +41,8 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
+    /// For streamed answers (exports): no limit on the whole transfer, only on silence.
+    streaming: reqwest::Client,
     server: String,
     token: Option<String>,
 }
@@ -78,18 +81,107 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
+/// Filters of `GET /v1/audit` and `GET /v1/audit/export`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AuditQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+}
+
+/// A streamed answer, read a chunk or a line at a time (constant memory).
+pub struct Stream {
+    resp: reqwest::Response,
+    server: String,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl Stream {
+    /// The next chunk of bytes as it arrived; `None` at the end. A transfer cut short is an
+    /// error, never a quiet end.
+    pub async fn chunk(&mut self) -> Result<Option<Vec<u8>>> {
+        match self.resp.chunk().await {
+            Ok(c) => Ok(c.map(|b| b.to_vec())),
+            Err(source) => Err(ClientError::Connect {
+                server: self.server.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// The next line without its newline; `None` at the end.
+    pub async fn line(&mut self) -> Result<Option<String>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let rest = self.buf.split_off(i + 1);
+                let mut line = std::mem::replace(&mut self.buf, rest);
+                line.pop();
+                return String::from_utf8(line)
+                    .map(Some)
+                    .map_err(|e| ClientError::Unexpected {
+                        status: StatusCode::OK,
+                        detail: format!("a streamed line is not UTF-8: {e}"),
+                    });
+            }
+            if self.done {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                let line = std::mem::take(&mut self.buf);
+                return String::from_utf8(line)
+                    .map(Some)
+                    .map_err(|e| ClientError::Unexpected {
+                        status: StatusCode::OK,
+                        detail: format!("a streamed line is not UTF-8: {e}"),
+                    });
+            }
+            match self.chunk().await? {
+                Some(c) => self.buf.extend_from_slice(&c),
+                None => self.done = true,
+            }
+        }
+    }
+}
+
 impl Client {
     pub fn new(server: &str, token: Option<String>) -> Result<Self> {
+        let connect = |source| ClientError::Connect {
+            server: server.to_owned(),
+            source,
+        };
+        let agent = concat!("keywarden-cli/", env!("CARGO_PKG_VERSION"));
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
-            .user_agent(concat!("keywarden-cli/", env!("CARGO_PKG_VERSION")))
+            .user_agent(agent)
             .build()
-            .map_err(|source| ClientError::Connect {
-                server: server.to_owned(),
-                source,
-            })?;
+            .map_err(connect)?;
+        let streaming = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(agent)
+            .build()
+            .map_err(connect)?;
         Ok(Self {
             http,
+            streaming,
             server: server.trim_end_matches('/').to_owned(),
             token,
         })
@@ -209,6 +301,57 @@ impl Client {
             &serde_json::json!({}),
         )
         .await
+    }
+}
+
+impl Client {
+    pub async fn audit_list(&self, q: &AuditQuery) -> Result<AuditPage> {
+        self.get("/v1/audit", Some(q)).await
+    }
+
+    pub async fn audit_chain(&self) -> Result<AuditChainView> {
+        self.get::<(), _>("/v1/audit/chain", None).await
+    }
+
+    pub async fn audit_checkpoint(&self, seq: Option<i64>) -> Result<CheckpointView> {
+        self.post("/v1/audit/checkpoints", &CheckpointRequest { seq })
+            .await
+    }
+
+    pub async fn audit_archive(&self, req: &ArchiveRequest) -> Result<ArchiveView> {
+        self.post("/v1/audit/archives", req).await
+    }
+
+    /// `GET /v1/audit/export`, streamed.
+    pub async fn audit_export(&self, q: &AuditQuery) -> Result<Stream> {
+        let mut req = self
+            .streaming
+            .get(format!("{}/v1/audit/export", self.server))
+            .query(q);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|source| ClientError::Connect {
+            server: self.server.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.unwrap_or_default();
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(body) => ClientError::Api { status, body },
+                Err(_) => ClientError::Unexpected {
+                    status,
+                    detail: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                },
+            });
+        }
+        Ok(Stream {
+            resp,
+            server: self.server.clone(),
+            buf: Vec::new(),
+            done: false,
+        })
     }
 }
 

@@ -9,7 +9,7 @@ pub enum Role {
     Admin,
     /// Create and manage keys, optionally only in some environments.
     Issuer,
-    /// Read only: keys, usage, tokens.
+    /// Read only: keys, usage, tokens, the audit trail.
     Auditor,
     /// Only `/v1/verify`.
     Verifier,
@@ -23,6 +23,10 @@ pub enum Permission {
     Verify,
     TokensRead,
     TokensWrite,
+    /// Read the audit trail, export it, sign checkpoints.
+    AuditRead,
+    /// Move old entries out of the live trail into an archive file.
+    AuditArchive,
 }
 
 impl Role {
@@ -42,7 +46,7 @@ impl Role {
         match self {
             Self::Admin => true,
             Self::Issuer => matches!(p, KeysRead | KeysWrite | UsageRead),
-            Self::Auditor => matches!(p, KeysRead | UsageRead | TokensRead),
+            Self::Auditor => matches!(p, KeysRead | UsageRead | TokensRead | AuditRead),
             Self::Verifier => matches!(p, Verify),
         }
     }

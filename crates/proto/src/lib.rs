@@ -268,6 +268,88 @@ pub struct TokenList {
     pub tokens: Vec<TokenView>,
 }
 
+/// One audit entry with its place in the hash chain. `hash` is SHA-256 of `prev_hash`
+/// followed by the entry's canonical JSON (ARCHITECTURE.md, "Audit trail").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntryView {
+    pub seq: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// `token:<id>` or `system:<job>`.
+    pub actor: String,
+    pub actor_name: String,
+    pub source_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub action: String,
+    pub target: String,
+    pub reason: Option<String>,
+    /// The changed fields, before and after.
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntryView>,
+    pub next_cursor: Option<String>,
+}
+
+/// A range of the chain moved into an archive file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ArchiveView {
+    pub first_seq: i64,
+    pub last_seq: i64,
+    pub last_hash: String,
+    pub entries: i64,
+    pub file_sha256: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub archived_at: OffsetDateTime,
+    pub archived_by: String,
+}
+
+/// Where the chain stands: its last entry, the archived ranges before the live table, and
+/// the public key that signs checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditChainView {
+    pub head_seq: i64,
+    pub head_hash: String,
+    pub public_key: String,
+    pub archives: Vec<ArchiveView>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// The entry to sign; absent means the newest.
+    #[serde(default)]
+    pub seq: Option<i64>,
+}
+
+/// A signed `{seq, hash, time}`: keep it outside the database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointView {
+    pub seq: i64,
+    pub hash: String,
+    pub time: String,
+    pub public_key: String,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveRequest {
+    pub first_seq: i64,
+    pub last_seq: i64,
+    /// Hash of entry `last_seq`, as the archive file holds it.
+    pub last_hash: String,
+    /// SHA-256 of the archive file, recorded with the range.
+    pub file_sha256: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,
@@ -300,4 +382,6 @@ pub mod codes {
     pub const CONFLICT: &str = "CONFLICT";
     pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
     pub const INTERNAL: &str = "INTERNAL";
+    pub const AUDIT_ENTRY_NOT_FOUND: &str = "AUDIT_ENTRY_NOT_FOUND";
+    pub const ARCHIVE_MISMATCH: &str = "ARCHIVE_MISMATCH";
 }

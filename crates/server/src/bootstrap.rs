@@ -5,6 +5,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use keywarden_core::audit_chain::CheckpointSigner;
 use keywarden_core::hashing::{KeyHasher, Pepper};
 use keywarden_core::key_format::{self, PlainKey, ADMIN_ENV};
 use keywarden_core::model::{Actor, AuditEntry, TokenRecord};
@@ -30,6 +31,13 @@ pub enum BootstrapError {
     Prefix(#[from] key_format::FormatError),
     #[error("store: {0}")]
     Store(#[from] keywarden_store::StoreError),
+    #[error("audit signing key {path}: {source}")]
+    SigningKeyIo {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("audit signing key {0}: expected 64 hex characters (an Ed25519 seed)")]
+    SigningKeyInvalid(String),
     #[error("admin token file {path}: {source}")]
     TokenFile {
         path: String,
@@ -76,6 +84,39 @@ pub fn load_hasher(data_dir: &Path, inline: Option<&str>) -> Result<KeyHasher, B
     }
     let text = zeroize::Zeroizing::new(fs::read_to_string(&path).map_err(io)?);
     Ok(KeyHasher::new(&Pepper::parse_file(&text)?)?)
+}
+
+/// Loads the audit checkpoint signing key from `inline` (environment) or
+/// `<data-dir>/audit-signing.key`, creating the file (mode 0600) on first start.
+pub fn load_signer(
+    data_dir: &Path,
+    inline: Option<&str>,
+) -> Result<CheckpointSigner, BootstrapError> {
+    if let Some(text) = inline {
+        return CheckpointSigner::from_seed_hex(text)
+            .ok_or_else(|| BootstrapError::SigningKeyInvalid("from the environment".into()));
+    }
+    let path = data_dir.join("audit-signing.key");
+    let io = |source| BootstrapError::SigningKeyIo {
+        path: path.display().to_string(),
+        source,
+    };
+    if !path.exists() {
+        let signer = CheckpointSigner::generate(&mut rand::rngs::OsRng);
+        let text = zeroize::Zeroizing::new(format!(
+            "# keywarden audit checkpoint signing key (Ed25519 seed). Public key:\n# {}\n{}\n",
+            signer.public_key(),
+            *signer.seed_hex()
+        ));
+        write_private(&path, text.as_bytes()).map_err(io)?;
+    }
+    let text = zeroize::Zeroizing::new(fs::read_to_string(&path).map_err(io)?);
+    let seed = text
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .unwrap_or("");
+    CheckpointSigner::from_seed_hex(seed)
+        .ok_or_else(|| BootstrapError::SigningKeyInvalid(path.display().to_string()))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

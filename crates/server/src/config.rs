@@ -18,6 +18,9 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Pepper lines (`v1:<hex>`), overriding the pepper file.
     pub pepper: Option<String>,
+    /// The audit checkpoint signing key (64 hex characters of an Ed25519 seed), overriding
+    /// `<data-dir>/audit-signing.key`; nodes sharing a database share it.
+    pub audit_signing_key: Option<String>,
     pub default_ttl: time::Duration,
     pub max_ttl: time::Duration,
     pub default_rotation_grace: time::Duration,
@@ -47,6 +50,7 @@ impl Config {
             key_prefix: keywarden_core::key_format::DEFAULT_PREFIX.to_owned(),
             trusted_proxies: Vec::new(),
             pepper: None,
+            audit_signing_key: None,
             default_ttl: time::Duration::days(90),
             max_ttl: time::Duration::days(365),
             default_rotation_grace: time::Duration::hours(24),

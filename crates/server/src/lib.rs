@@ -47,7 +47,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 #[openapi(
     info(title = "keywarden", description = "Governs provisioning keys: issue, verify, govern, audit."),
     modifiers(&BearerAuth),
-    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "health"))
+    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "health"))
 )]
 struct ApiDoc;
 
@@ -81,6 +81,11 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
             routes::tokens::list_tokens
         ))
         .routes(routes!(routes::tokens::revoke_token))
+        .routes(routes!(routes::audit::list_audit))
+        .routes(routes!(routes::audit::export_audit))
+        .routes(routes!(routes::audit::audit_chain))
+        .routes(routes!(routes::audit::create_checkpoint))
+        .routes(routes!(routes::audit::archive_audit))
         .with_state(state)
         .split_for_parts();
     (router, doc)
@@ -189,6 +194,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     keywarden_core::key_format::validate_prefix(&config.key_prefix)
         .map_err(bootstrap::BootstrapError::from)?;
     let hasher = bootstrap::load_hasher(&config.data_dir, config.pepper.as_deref())?;
+    let signer = bootstrap::load_signer(&config.data_dir, config.audit_signing_key.as_deref())?;
     let store = Store::connect(&config.database_url()).await?;
     let now = keywarden_core::clock::truncate_to_millis(clock.now());
     let bootstrap_token =
@@ -218,7 +224,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         addr: config.listen,
         source,
     })?;
-    let state: SharedState = Arc::new(AppState::new(store, hasher, clock, config, usage_tx));
+    let state: SharedState = Arc::new(AppState::new(
+        store, hasher, clock, config, usage_tx, signer,
+    ));
     let app = router(state.clone());
     let (stop_http, mut stop_http_rx) = watch::channel(false);
     let http = tokio::spawn(async move {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keywarden_core::audit_chain::CheckpointSigner;
 use keywarden_core::clock::{truncate_to_millis, Clock};
 use keywarden_core::hashing::KeyHasher;
 use keywarden_core::model::{TokenRecord, UsageEvent};
@@ -21,6 +22,7 @@ pub struct AppState {
     pub keys: RecordCache<Entry>,
     pub tokens: RecordCache<Option<Arc<TokenRecord>>>,
     pub usage: mpsc::Sender<UsageEvent>,
+    pub signer: CheckpointSigner,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -32,6 +34,7 @@ impl AppState {
         clock: Arc<dyn Clock>,
         config: Config,
         usage: mpsc::Sender<UsageEvent>,
+        signer: CheckpointSigner,
     ) -> Self {
         Self {
             store,
@@ -41,6 +44,7 @@ impl AppState {
             config,
             tokens: RecordCache::new(10_000, Duration::from_secs(30)),
             usage,
+            signer,
         }
     }
 

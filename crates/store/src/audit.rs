@@ -1,39 +1,389 @@
-//! Reading the audit trail. Writing happens only inside the transactions of the changes
-//! themselves (`rows::insert_audit`). Issue 3 adds the hash chain.
+//! The audit trail: a hash chain (core's `audit_chain`) in `audit_events`, its head in
+//! `audit_head`, and the ranges moved to archive files in `audit_archives`.
+//!
+//! Entries are written only inside the transactions of the changes themselves
+//! (`rows::insert_audit` → [`append`]): if the entry cannot be written, the change rolls
+//! back with it.
 
+use keywarden_core::audit_chain::{
+    canonicalize_details, from_hex, to_hex, ChainHash, SealedEntry, GENESIS,
+};
 use keywarden_core::clock::from_millis;
 use keywarden_core::model::{Actor, AuditEntry};
+use sqlx::any::AnyRow;
 use sqlx::Row;
+use time::OffsetDateTime;
 
-use crate::{Result, Store};
+use crate::rows::{ms, Params};
+use crate::{Result, Store, StoreError};
+
+const COLUMNS: &str = "seq, time, actor, actor_name, source_ip, user_agent, request_id, action, \
+    target, reason, details, prev_hash, hash";
+
+/// Which entries to read. Every filter is optional.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub target: Option<String>,
+    /// Matches the actor's id (`token:…`, `system:…`) or its name.
+    pub actor: Option<String>,
+    /// An action (`key.revoked`), or a prefix ending in `*` (`key.*`).
+    pub action: Option<String>,
+    pub since: Option<OffsetDateTime>,
+    /// Exclusive.
+    pub until: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditOrder {
+    OldestFirst,
+    NewestFirst,
+}
+
+/// A range of the chain moved out to an archive file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveRecord {
+    pub first_seq: i64,
+    pub last_seq: i64,
+    pub last_hash: ChainHash,
+    pub entries: i64,
+    pub file_sha256: String,
+    pub archived_at: OffsetDateTime,
+    pub archived_by: String,
+}
+
+/// What an archive request asks: remove `first_seq..=last_seq` provided the live chain
+/// still starts at `first_seq` and entry `last_seq` still has `last_hash` (the file was
+/// made from exactly these entries).
+#[derive(Debug, Clone)]
+pub struct ArchiveRequest {
+    pub first_seq: i64,
+    pub last_seq: i64,
+    pub last_hash: ChainHash,
+    pub file_sha256: String,
+    pub at: OffsetDateTime,
+    pub by: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveOutcome {
+    Archived(ArchiveRecord),
+    /// The live chain does not start at `first_seq` or does not reach `last_seq`.
+    RangeMismatch {
+        live_first: Option<i64>,
+    },
+    /// Entry `last_seq` no longer has the hash the file holds.
+    HashMismatch,
+}
+
+/// A stored hash column as bytes; a value that is not 64 hex characters (only tampering
+/// writes one) becomes a hash no entry can have, so the walk reports it.
+fn stored_hash(s: Option<String>) -> ChainHash {
+    s.as_deref().and_then(from_hex).unwrap_or([0xff; 32])
+}
+
+fn entry_from_row(r: &AnyRow) -> Result<SealedEntry> {
+    Ok(SealedEntry {
+        seq: r.try_get("seq")?,
+        entry: AuditEntry {
+            time: from_millis(r.try_get("time")?),
+            actor: Actor {
+                id: r.try_get("actor")?,
+                name: r.try_get("actor_name")?,
+                source_ip: r.try_get("source_ip")?,
+                user_agent: r.try_get("user_agent")?,
+                request_id: r.try_get("request_id")?,
+            },
+            action: r.try_get("action")?,
+            target: r.try_get("target")?,
+            reason: r.try_get("reason")?,
+            details: r.try_get("details")?,
+        },
+        prev_hash: stored_hash(r.try_get("prev_hash")?),
+        hash: stored_hash(r.try_get("hash")?),
+    })
+}
+
+/// Appends `e` to the chain inside `tx`. Taking the head row first serialises chained
+/// writers; the entry's hash covers its seq, so its place cannot change unnoticed.
+pub(crate) async fn append(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    e: &AuditEntry,
+) -> Result<()> {
+    let head = sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+        .fetch_one(&mut **tx)
+        .await?;
+    let seq: i64 = head.try_get("seq")?;
+    let prev_text: String = head.try_get("hash")?;
+    let prev = from_hex(&prev_text)
+        .ok_or_else(|| StoreError::Corrupt("audit_head.hash is not a SHA-256 hex".into()))?;
+    let entry = AuditEntry {
+        details: canonicalize_details(&e.details),
+        ..e.clone()
+    };
+    let sealed = SealedEntry::seal(seq, entry, prev);
+    insert_sealed(tx, &sealed).await?;
+    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
+        .bind(to_hex(&sealed.hash))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn insert_sealed(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    s: &SealedEntry,
+) -> Result<()> {
+    let e = &s.entry;
+    sqlx::query(&format!(
+        "INSERT INTO audit_events ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+         $11, $12, $13)"
+    ))
+    .bind(s.seq)
+    .bind(ms(e.time))
+    .bind(&e.actor.id)
+    .bind(&e.actor.name)
+    .bind(&e.actor.source_ip)
+    .bind(&e.actor.user_agent)
+    .bind(&e.actor.request_id)
+    .bind(&e.action)
+    .bind(&e.target)
+    .bind(&e.reason)
+    .bind(&e.details)
+    .bind(to_hex(&s.prev_hash))
+    .bind(to_hex(&s.hash))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
 
 impl Store {
-    /// The audit entries of one target, oldest first.
+    /// Chains entries written before the trail had a chain (migration 0003), oldest first,
+    /// renumbered without gaps. Runs once at open; a no-op afterwards.
+    pub(crate) async fn seal_unchained_audit(&self) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM audit_events WHERE hash IS NULL ORDER BY seq"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut seq: i64 = head.try_get("seq")?;
+        let mut prev = from_hex(&head.try_get::<String, _>("hash")?)
+            .ok_or_else(|| StoreError::Corrupt("audit_head.hash is not a SHA-256 hex".into()))?;
+        for row in &rows {
+            let old = entry_from_row(row)?;
+            seq += 1;
+            let entry = AuditEntry {
+                details: canonicalize_details(&old.entry.details),
+                ..old.entry
+            };
+            let sealed = SealedEntry::seal(seq, entry, prev);
+            sqlx::query(
+                "UPDATE audit_events SET seq = $1, details = $2, prev_hash = $3, hash = $4 \
+                 WHERE seq = $5",
+            )
+            .bind(seq)
+            .bind(&sealed.entry.details)
+            .bind(to_hex(&sealed.prev_hash))
+            .bind(to_hex(&sealed.hash))
+            .bind(old.seq)
+            .execute(&mut *tx)
+            .await?;
+            prev = sealed.hash;
+        }
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(seq)
+            .bind(to_hex(&prev))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
+    /// The entries of one target, oldest first.
     pub async fn audit_for(&self, target: &str) -> Result<Vec<AuditEntry>> {
+        let filter = AuditFilter {
+            target: Some(target.to_owned()),
+            ..AuditFilter::default()
+        };
+        let (entries, _) = self
+            .audit_entries(&filter, AuditOrder::OldestFirst, None, 100_000)
+            .await?;
+        Ok(entries.into_iter().map(|s| s.entry).collect())
+    }
+
+    /// One page of entries. `cursor` is the seq the previous page ended at (exclusive);
+    /// the returned cursor is set when there may be more.
+    pub async fn audit_entries(
+        &self,
+        filter: &AuditFilter,
+        order: AuditOrder,
+        cursor: Option<i64>,
+        limit: u32,
+    ) -> Result<(Vec<SealedEntry>, Option<i64>)> {
+        let mut p = Params::new(self.backend);
+        let mut clauses: Vec<String> = Vec::new();
+        if let Some(t) = &filter.target {
+            clauses.push(format!("target = {}", p.push_text(t)));
+        }
+        if let Some(a) = &filter.actor {
+            let id = p.push_text(a);
+            let name = p.push_text(a);
+            clauses.push(format!("(actor = {id} OR actor_name = {name})"));
+        }
+        if let Some(a) = &filter.action {
+            match a.strip_suffix('*') {
+                Some(prefix) => {
+                    let escaped = prefix
+                        .replace('\\', "\\\\")
+                        .replace('%', "\\%")
+                        .replace('_', "\\_");
+                    let pattern = p.push_text(format!("{escaped}%"));
+                    clauses.push(format!("action LIKE {pattern} ESCAPE '\\'"));
+                }
+                None => clauses.push(format!("action = {}", p.push_text(a))),
+            }
+        }
+        if let Some(t) = filter.since {
+            clauses.push(format!("time >= {}", p.push_int(ms(t))));
+        }
+        if let Some(t) = filter.until {
+            clauses.push(format!("time < {}", p.push_int(ms(t))));
+        }
+        let (cmp, dir) = match order {
+            AuditOrder::OldestFirst => (">", "ASC"),
+            AuditOrder::NewestFirst => ("<", "DESC"),
+        };
+        if let Some(c) = cursor {
+            clauses.push(format!("seq {cmp} {}", p.push_int(c)));
+        }
+        let where_clause = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM audit_events {where_clause} ORDER BY seq {dir} LIMIT {}",
+            u64::from(limit) + 1
+        );
+        let rows = p.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        let more = rows.len() > limit as usize;
+        let entries = rows
+            .iter()
+            .take(limit as usize)
+            .map(entry_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let next = if more {
+            entries.last().map(|e| e.seq)
+        } else {
+            None
+        };
+        Ok((entries, next))
+    }
+
+    /// The seq and hash of the last entry written (seq 0 and the genesis hash when none).
+    pub async fn audit_head(&self) -> Result<(i64, ChainHash)> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        let hash: String = row.try_get("hash")?;
+        Ok((row.try_get("seq")?, from_hex(&hash).unwrap_or(GENESIS)))
+    }
+
+    pub async fn audit_entry(&self, seq: i64) -> Result<Option<SealedEntry>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM audit_events WHERE seq = $1"
+        ))
+        .bind(seq)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(entry_from_row).transpose()
+    }
+
+    /// Archived ranges, oldest first.
+    pub async fn audit_archives(&self) -> Result<Vec<ArchiveRecord>> {
         let rows = sqlx::query(
-            "SELECT time, actor, actor_name, source_ip, user_agent, request_id, action, target, \
-             reason, details FROM audit_events WHERE target = $1 ORDER BY seq",
+            "SELECT first_seq, last_seq, last_hash, entries, file_sha256, archived_at, \
+             archived_by FROM audit_archives ORDER BY last_seq",
         )
-        .bind(target)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|r| {
-                Ok(AuditEntry {
-                    time: from_millis(r.try_get("time")?),
-                    actor: Actor {
-                        id: r.try_get("actor")?,
-                        name: r.try_get("actor_name")?,
-                        source_ip: r.try_get("source_ip")?,
-                        user_agent: r.try_get("user_agent")?,
-                        request_id: r.try_get("request_id")?,
-                    },
-                    action: r.try_get("action")?,
-                    target: r.try_get("target")?,
-                    reason: r.try_get("reason")?,
-                    details: r.try_get("details")?,
+                Ok(ArchiveRecord {
+                    first_seq: r.try_get("first_seq")?,
+                    last_seq: r.try_get("last_seq")?,
+                    last_hash: stored_hash(r.try_get("last_hash")?),
+                    entries: r.try_get("entries")?,
+                    file_sha256: r.try_get("file_sha256")?,
+                    archived_at: from_millis(r.try_get("archived_at")?),
+                    archived_by: r.try_get("archived_by")?,
                 })
             })
             .collect()
+    }
+
+    /// Removes an archived range from the live table and records it, with its own audit
+    /// entry, in one transaction; refuses when the live chain no longer matches the file.
+    pub async fn archive_audit(
+        &self,
+        req: &ArchiveRequest,
+        audit: &AuditEntry,
+    ) -> Result<ArchiveOutcome> {
+        let mut tx = self.begin_write().await?;
+        let bounds = sqlx::query(
+            "SELECT MIN(seq) AS first, COUNT(*) AS n FROM audit_events WHERE seq <= $1",
+        )
+        .bind(req.last_seq)
+        .fetch_one(&mut *tx)
+        .await?;
+        let live_first: Option<i64> = bounds.try_get("first")?;
+        let n: i64 = bounds.try_get("n")?;
+        if live_first != Some(req.first_seq) || n != req.last_seq - req.first_seq + 1 {
+            return Ok(ArchiveOutcome::RangeMismatch { live_first });
+        }
+        let last: Option<String> = sqlx::query("SELECT hash FROM audit_events WHERE seq = $1")
+            .bind(req.last_seq)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get("hash"))
+            .transpose()?;
+        if last.as_deref().and_then(from_hex) != Some(req.last_hash) {
+            return Ok(ArchiveOutcome::HashMismatch);
+        }
+        sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
+            .bind(req.last_seq)
+            .execute(&mut *tx)
+            .await?;
+        let record = ArchiveRecord {
+            first_seq: req.first_seq,
+            last_seq: req.last_seq,
+            last_hash: req.last_hash,
+            entries: n,
+            file_sha256: req.file_sha256.clone(),
+            archived_at: req.at,
+            archived_by: req.by.clone(),
+        };
+        sqlx::query(
+            "INSERT INTO audit_archives (first_seq, last_seq, last_hash, entries, file_sha256, \
+             archived_at, archived_by) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(record.first_seq)
+        .bind(record.last_seq)
+        .bind(to_hex(&record.last_hash))
+        .bind(record.entries)
+        .bind(&record.file_sha256)
+        .bind(ms(record.archived_at))
+        .bind(&record.archived_by)
+        .execute(&mut *tx)
+        .await?;
+        append(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(ArchiveOutcome::Archived(record))
     }
 }

@@ -21,6 +21,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
+pub use audit::{ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder};
 pub use keys::{KeyFilter, StateFilter};
 pub use usage::FOLD_CHUNK;
 
@@ -120,12 +121,14 @@ impl Store {
                 None
             }
         };
-        Ok(Self {
+        let store = Self {
             pool,
             backend,
             usage_sqlite,
             fold_lock: std::sync::Arc::default(),
-        })
+        };
+        store.seal_unchained_audit().await?;
+        Ok(store)
     }
 
     pub fn backend(&self) -> Backend {

@@ -198,26 +198,11 @@ impl Params {
 pub(crate) use keywarden_core::model::AuditEntry;
 
 /// Writes one audit entry inside the caller's transaction: the change and its audit row
-/// commit together or not at all.
+/// commit together or not at all. The entry is chained to the head, which this
+/// transaction then holds until it ends, so chained writes take turns.
 pub(crate) async fn insert_audit(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     e: &AuditEntry,
 ) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO audit_events (time, actor, actor_name, source_ip, user_agent, request_id, \
-         action, target, reason, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(ms(e.time))
-    .bind(&e.actor.id)
-    .bind(&e.actor.name)
-    .bind(&e.actor.source_ip)
-    .bind(&e.actor.user_agent)
-    .bind(&e.actor.request_id)
-    .bind(&e.action)
-    .bind(&e.target)
-    .bind(&e.reason)
-    .bind(&e.details)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    crate::audit::append(tx, e).await
 }
