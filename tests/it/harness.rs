@@ -152,6 +152,23 @@ impl TestServer {
         }
     }
 
+    /// Runs SQL straight against the server's database, behind its back (tampering,
+    /// failure injection).
+    pub async fn sql(&self, statements: &[&str]) {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(&self.config.database_url())
+            .await
+            .expect("connect to the test database");
+        for st in statements {
+            sqlx::raw_sql(st)
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{st}: {e}"));
+        }
+        conn.close().await.expect("close");
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -18,6 +18,11 @@ async fn openapi_document_matches_snapshot() {
         "/v1/keys/{id}/usage",
         "/v1/verify",
         "/v1/tokens",
+        "/v1/audit",
+        "/v1/audit/export",
+        "/v1/audit/chain",
+        "/v1/audit/checkpoints",
+        "/v1/audit/archives",
         "/healthz",
     ] {
         assert!(

@@ -123,6 +123,15 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
     let pepper = std::fs::read_to_string(data.join("pepper")).unwrap();
     let pepper_hex = pepper.lines().find(|l| l.starts_with("v1:")).unwrap()[3..].to_owned();
     secrets.push(pepper_hex);
+    assert_eq!(mode(&data.join("audit-signing.key")), 0o600);
+    let signing = std::fs::read_to_string(data.join("audit-signing.key")).unwrap();
+    let seed = signing
+        .lines()
+        .find(|l| !l.starts_with('#'))
+        .unwrap()
+        .trim();
+    assert_eq!(seed.len(), 64);
+    secrets.push(seed.to_owned());
 
     // The CLI finds the token in the data directory by itself.
     let (rc, out, err) = cli(
@@ -268,7 +277,26 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
         "trace logging was on: {}",
         logs.lines().count()
     );
+    // The whole audit trail, as stored, holds no secret either.
+    let (entries, _) = store
+        .audit_entries(
+            &keywarden_store::AuditFilter::default(),
+            keywarden_store::AuditOrder::OldestFirst,
+            None,
+            1000,
+        )
+        .await
+        .unwrap();
+    assert!(entries.len() >= 5, "the CLI cycle was audited");
+    let trail: String = entries
+        .iter()
+        .map(|e| keywarden_core::audit_chain::canonical(e.seq, &e.entry))
+        .collect();
     for secret in &secrets {
+        assert!(
+            !trail.contains(secret.as_str()),
+            "a secret reached the audit trail"
+        );
         assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
         assert!(
             !rest.iter().any(|l| l.contains(secret.as_str())),
