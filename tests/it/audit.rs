@@ -23,6 +23,7 @@ on_both_backends!(
     roles_and_bad_queries,
     archive_moves_old_entries_and_verifies_across_files,
     entries_from_before_the_chain_are_sealed_on_open,
+    expiry_is_a_recorded_state_change,
 );
 
 /// Runs the real CLI against `s`; returns (exit code, stdout, stderr).
@@ -817,5 +818,69 @@ async fn entries_from_before_the_chain_are_sealed_on_open(b: Backend) {
     let (rc, brk, v) = verify(&s, &[]).await;
     assert_eq!((rc, brk), (0, None), "{v}");
     assert_eq!(v["checked"], 5);
+    s.stop().await;
+}
+
+async fn expiry_is_a_recorded_state_change(b: Backend) {
+    let s = TestServer::start_with(b, |c| {
+        c.expiry_interval = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let mut short = key_body("short");
+    short["ttl"] = json!("1h");
+    let (short_id, short_secret) = s.create_key(short).await;
+    let (old_id, _) = s.create_key(key_body("rotated")).await;
+    let (status, v) = s
+        .post(
+            &format!("/v1/keys/{old_id}/rotate"),
+            json!({"grace": "10m"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let successor = v["key"]["id"].as_str().unwrap().to_owned();
+    s.clock.advance(time::Duration::hours(2));
+
+    let mut expired = Vec::new();
+    for _ in 0..250 {
+        let (_, v) = s.get("/v1/audit?action=key.expired").await;
+        expired = v["entries"].as_array().unwrap().clone();
+        if expired.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let got: Vec<(&str, &str, &str)> = expired
+        .iter()
+        .map(|e| {
+            (
+                e["target"].as_str().unwrap(),
+                e["reason"].as_str().unwrap(),
+                e["actor"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let (short_t, old_t) = (format!("key:{short_id}"), format!("key:{old_id}"));
+    // Soonest end first: the rotated key ended after 10 minutes, the short one after 1h.
+    assert_eq!(
+        got,
+        [
+            (old_t.as_str(), "ROTATION_GRACE_ENDED", "system:expiry"),
+            (short_t.as_str(), "TTL_EXPIRED", "system:expiry"),
+        ]
+    );
+    assert_eq!(expired[1]["details"]["state"]["after"], "expired");
+    let (_, key) = s.get(&format!("/v1/keys/{short_id}")).await;
+    assert_eq!(key["state"], "expired");
+    assert_eq!(key["state_reason"], "TTL_EXPIRED");
+    assert_eq!(s.verify_code(&short_secret).await, "EXPIRED");
+    let (_, key) = s.get(&format!("/v1/keys/{successor}")).await;
+    assert_eq!(key["state"], "active", "the successor lives on");
+
+    // Later passes find nothing more to record.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (_, v) = s.get("/v1/audit?action=key.expired").await;
+    assert_eq!(v["entries"].as_array().unwrap().len(), 2);
+    let (rc, brk, v) = verify(&s, &[]).await;
+    assert_eq!((rc, brk), (0, None), "{v}");
     s.stop().await;
 }

@@ -60,6 +60,40 @@ pub fn transition(
     }
 }
 
+/// Why a key whose time has passed is recorded as expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryReason {
+    /// Its TTL ran out.
+    TtlExpired,
+    /// It was rotated and its grace period ended.
+    RotationGraceEnded,
+}
+
+impl ExpiryReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TtlExpired => "TTL_EXPIRED",
+            Self::RotationGraceEnded => "ROTATION_GRACE_ENDED",
+        }
+    }
+}
+
+/// Whether a key is past its end but still stored as active or suspended, and why. The
+/// key is already refused (its effective state is expired); recording it makes the
+/// expiry a state change with an audit entry.
+pub fn expiry_due(key: &KeyRecord, now: OffsetDateTime) -> Option<ExpiryReason> {
+    match key.state {
+        KeyState::Active | KeyState::Suspended if now >= key.expires_at => {
+            Some(if key.rotated_to.is_some() {
+                ExpiryReason::RotationGraceEnded
+            } else {
+                ExpiryReason::TtlExpired
+            })
+        }
+        _ => None,
+    }
+}
+
 /// When a rotated key stops working: after the grace, but never later than it would have.
 pub fn rotation_end(key: &KeyRecord, grace: Duration, now: OffsetDateTime) -> OffsetDateTime {
     (now + grace).min(key.expires_at)

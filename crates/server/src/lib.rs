@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod expiry;
 pub mod extract;
 pub mod routes;
 pub mod state;
@@ -185,8 +186,10 @@ pub struct RunningServer {
     pub state: SharedState,
     stop_http: watch::Sender<bool>,
     stop_usage: watch::Sender<bool>,
+    stop_jobs: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
     usage: JoinHandle<()>,
+    expiry: JoinHandle<()>,
 }
 
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer, StartError> {
@@ -227,6 +230,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let state: SharedState = Arc::new(AppState::new(
         store, hasher, clock, config, usage_tx, signer,
     ));
+    let (stop_jobs, stop_jobs_rx) = watch::channel(false);
+    let expiry = tokio::spawn(expiry::run(
+        state.clone(),
+        state.config.expiry_interval,
+        stop_jobs_rx,
+    ));
     let app = router(state.clone());
     let (stop_http, mut stop_http_rx) = watch::channel(false);
     let http = tokio::spawn(async move {
@@ -246,14 +255,20 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         state,
         stop_http,
         stop_usage,
+        stop_jobs,
         http,
         usage,
+        expiry,
     })
 }
 
 impl RunningServer {
     /// Stops accepting, finishes in-flight requests, then writes every queued usage event.
     pub async fn shutdown(self) {
+        let _ = self.stop_jobs.send(true);
+        if let Err(e) = self.expiry.await {
+            tracing::error!(error = %e, "expiry task failed");
+        }
         let _ = self.stop_http.send(true);
         match self.http.await {
             Ok(Ok(())) => {}

@@ -172,6 +172,24 @@ impl Store {
         Ok(true)
     }
 
+    /// Keys stored as active or suspended whose end has passed, soonest first.
+    pub async fn keys_past_expiry(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>> {
+        let _folding = self.fold_lock.read().await;
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE state IN ('active', 'suspended') \
+             AND expires_at <= $1 ORDER BY expires_at, id LIMIT $2"
+        ))
+        .bind(ms(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
     /// Counts one use against a key's cap, atomically in the database so that concurrent
     /// verifies (on any node) cannot overspend it. Returns the uses left after this one,
     /// or `None` when the cap was already reached.
