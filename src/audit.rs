@@ -12,11 +12,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
-use keywarden_client::{AuditQuery, Client};
+use keywarden_client::{sealed_entry, AuditQuery, Client};
 use keywarden_core::audit_chain::{
-    from_hex, to_hex, ChainHash, ChainWalk, Checkpoint, SealedEntry, WalkReport, GENESIS,
+    from_hex, to_hex, ChainHash, ChainWalk, Checkpoint, WalkReport, GENESIS,
 };
-use keywarden_core::model::{Actor, AuditEntry};
 use keywarden_proto::{ArchiveRequest, AuditChainView, AuditEntryView, CheckpointView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -160,28 +159,6 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-pub fn sealed(v: &AuditEntryView) -> SealedEntry {
-    SealedEntry {
-        seq: v.seq,
-        entry: AuditEntry {
-            time: v.time,
-            actor: Actor {
-                id: v.actor.clone(),
-                name: v.actor_name.clone(),
-                source_ip: v.source_ip.clone(),
-                user_agent: v.user_agent.clone(),
-                request_id: v.request_id.clone(),
-            },
-            action: v.action.clone(),
-            target: v.target.clone(),
-            reason: v.reason.clone(),
-            details: v.details.to_string(),
-        },
-        prev_hash: from_hex(&v.prev_hash).unwrap_or([0xff; 32]),
-        hash: from_hex(&v.hash).unwrap_or([0xff; 32]),
-    }
-}
-
 fn checkpoint(v: &CheckpointView) -> Checkpoint {
     Checkpoint {
         seq: v.seq,
@@ -296,7 +273,7 @@ fn walk_archive(a: &ArchiveFile, walk: &mut ChainWalk) -> Result<i64> {
         let v: AuditEntryView = serde_json::from_str(&line).with_context(|| {
             format!("{}: line {} is not an audit entry", a.path.display(), n + 2)
         })?;
-        walk.push(sealed(&v));
+        walk.push(sealed_entry(&v));
         n += 1;
         if walk.is_broken() {
             break;
@@ -470,7 +447,7 @@ async fn verify(
             }
             let v: AuditEntryView = serde_json::from_str(&line)
                 .with_context(|| format!("export line {line_no} is not an audit entry"))?;
-            walk.push(sealed(&v));
+            walk.push(sealed_entry(&v));
             if walk.is_broken() {
                 break;
             }
@@ -583,7 +560,7 @@ async fn archive(cli: &Cli, c: &Client, before: &str, out: &Path) -> Result<u8> 
                 serde_json::to_writer(&mut gz, &header)?;
                 gz.write_all(b"\n")?;
             }
-            let s = sealed(&v);
+            let s = sealed_entry(&v);
             last = Some((s.seq, s.hash));
             walk.push(s);
             if let Some(b) = walk_break(&walk) {

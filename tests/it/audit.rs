@@ -813,11 +813,29 @@ async fn entries_from_before_the_chain_are_sealed_on_open(b: Backend) {
     assert_eq!(entries[1]["details"], json!({"a": [2], "b": 1}));
     let (rc, brk, v) = verify(&s, &[]).await;
     assert_eq!((rc, brk), (0, None), "{v}");
-    // New entries continue the sealed chain.
+    // New entries continue the sealed chain, one at a time or in bulk.
     s.create_key(key_body("new")).await;
+    let bulk: Vec<_> = (0..3)
+        .map(|i| keywarden_core::model::AuditEntry {
+            time: crate::harness::START,
+            actor: keywarden_core::model::Actor {
+                id: "system:import".into(),
+                name: "import".into(),
+                ..Default::default()
+            },
+            action: "key.imported".into(),
+            target: format!("key:imported{i}"),
+            reason: None,
+            details: "{}".into(),
+        })
+        .collect();
+    let store = &s.server.as_ref().unwrap().state.store;
+    store.append_audit(&bulk).await.unwrap();
+    store.append_audit(&[]).await.unwrap();
     let (rc, brk, v) = verify(&s, &[]).await;
     assert_eq!((rc, brk), (0, None), "{v}");
-    assert_eq!(v["checked"], 5);
+    assert_eq!(v["checked"], 8);
+    assert_eq!(store.audit_head().await.unwrap().0, 8);
     s.stop().await;
 }
 

@@ -111,6 +111,8 @@ pub struct Stream {
     resp: reqwest::Response,
     server: String,
     buf: Vec<u8>,
+    /// Where the unread part of `buf` starts.
+    pos: usize,
     done: bool,
 }
 
@@ -130,35 +132,36 @@ impl Stream {
     /// The next line without its newline; `None` at the end.
     pub async fn line(&mut self) -> Result<Option<String>> {
         loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                let rest = self.buf.split_off(i + 1);
-                let mut line = std::mem::replace(&mut self.buf, rest);
-                line.pop();
-                return String::from_utf8(line)
-                    .map(Some)
-                    .map_err(|e| ClientError::Unexpected {
-                        status: StatusCode::OK,
-                        detail: format!("a streamed line is not UTF-8: {e}"),
-                    });
+            if let Some(i) = self.buf[self.pos..].iter().position(|b| *b == b'\n') {
+                let line = self.buf[self.pos..self.pos + i].to_vec();
+                self.pos += i + 1;
+                return utf8_line(line).map(Some);
             }
             if self.done {
-                if self.buf.is_empty() {
+                if self.pos == self.buf.len() {
                     return Ok(None);
                 }
-                let line = std::mem::take(&mut self.buf);
-                return String::from_utf8(line)
-                    .map(Some)
-                    .map_err(|e| ClientError::Unexpected {
-                        status: StatusCode::OK,
-                        detail: format!("a streamed line is not UTF-8: {e}"),
-                    });
+                let line = self.buf[self.pos..].to_vec();
+                self.pos = self.buf.len();
+                return utf8_line(line).map(Some);
             }
+            // Keep only the unread tail before reading on, so the buffer holds at most a
+            // line and a chunk.
+            self.buf.drain(..self.pos);
+            self.pos = 0;
             match self.chunk().await? {
                 Some(c) => self.buf.extend_from_slice(&c),
                 None => self.done = true,
             }
         }
     }
+}
+
+fn utf8_line(line: Vec<u8>) -> Result<String> {
+    String::from_utf8(line).map_err(|e| ClientError::Unexpected {
+        status: StatusCode::OK,
+        detail: format!("a streamed line is not UTF-8: {e}"),
+    })
 }
 
 impl Client {
@@ -350,8 +353,37 @@ impl Client {
             resp,
             server: self.server.clone(),
             buf: Vec::new(),
+            pos: 0,
             done: false,
         })
+    }
+}
+
+/// An exported entry as the chain walk reads it. A hash that is not 64 hex characters
+/// becomes one no entry can have, so the walk names that entry.
+pub fn sealed_entry(
+    v: &keywarden_proto::AuditEntryView,
+) -> keywarden_core::audit_chain::SealedEntry {
+    use keywarden_core::audit_chain::{from_hex, SealedEntry};
+    use keywarden_core::model::{Actor, AuditEntry};
+    SealedEntry {
+        seq: v.seq,
+        entry: AuditEntry {
+            time: v.time,
+            actor: Actor {
+                id: v.actor.clone(),
+                name: v.actor_name.clone(),
+                source_ip: v.source_ip.clone(),
+                user_agent: v.user_agent.clone(),
+                request_id: v.request_id.clone(),
+            },
+            action: v.action.clone(),
+            target: v.target.clone(),
+            reason: v.reason.clone(),
+            details: v.details.to_string(),
+        },
+        prev_hash: from_hex(&v.prev_hash).unwrap_or([0xff; 32]),
+        hash: from_hex(&v.hash).unwrap_or([0xff; 32]),
     }
 }
 

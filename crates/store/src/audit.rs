@@ -81,49 +81,102 @@ fn stored_hash(s: Option<String>) -> ChainHash {
     s.as_deref().and_then(from_hex).unwrap_or([0xff; 32])
 }
 
-fn entry_from_row(r: &AnyRow) -> Result<SealedEntry> {
-    Ok(SealedEntry {
-        seq: r.try_get("seq")?,
-        entry: AuditEntry {
-            time: from_millis(r.try_get("time")?),
-            actor: Actor {
-                id: r.try_get("actor")?,
-                name: r.try_get("actor_name")?,
-                source_ip: r.try_get("source_ip")?,
-                user_agent: r.try_get("user_agent")?,
-                request_id: r.try_get("request_id")?,
-            },
-            action: r.try_get("action")?,
-            target: r.try_get("target")?,
-            reason: r.try_get("reason")?,
-            details: r.try_get("details")?,
-        },
-        prev_hash: stored_hash(r.try_get("prev_hash")?),
-        hash: stored_hash(r.try_get("hash")?),
-    })
+/// One stored row, as either driver reads it.
+pub(crate) struct RawAuditRow {
+    pub seq: i64,
+    pub time: i64,
+    pub actor: String,
+    pub actor_name: String,
+    pub source_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub action: String,
+    pub target: String,
+    pub reason: Option<String>,
+    pub details: String,
+    pub prev_hash: Option<String>,
+    pub hash: Option<String>,
 }
 
-/// Appends `e` to the chain inside `tx`. Taking the head row first serialises chained
-/// writers; the entry's hash covers its seq, so its place cannot change unnoticed.
+impl RawAuditRow {
+    pub fn sealed(self) -> SealedEntry {
+        SealedEntry {
+            seq: self.seq,
+            entry: AuditEntry {
+                time: from_millis(self.time),
+                actor: Actor {
+                    id: self.actor,
+                    name: self.actor_name,
+                    source_ip: self.source_ip,
+                    user_agent: self.user_agent,
+                    request_id: self.request_id,
+                },
+                action: self.action,
+                target: self.target,
+                reason: self.reason,
+                details: self.details,
+            },
+            prev_hash: stored_hash(self.prev_hash),
+            hash: stored_hash(self.hash),
+        }
+    }
+}
+
+fn entry_from_row(r: &AnyRow) -> Result<SealedEntry> {
+    Ok(RawAuditRow {
+        seq: r.try_get("seq")?,
+        time: r.try_get("time")?,
+        actor: r.try_get("actor")?,
+        actor_name: r.try_get("actor_name")?,
+        source_ip: r.try_get("source_ip")?,
+        user_agent: r.try_get("user_agent")?,
+        request_id: r.try_get("request_id")?,
+        action: r.try_get("action")?,
+        target: r.try_get("target")?,
+        reason: r.try_get("reason")?,
+        details: r.try_get("details")?,
+        prev_hash: r.try_get("prev_hash")?,
+        hash: r.try_get("hash")?,
+    }
+    .sealed())
+}
+
+/// Appends `e` to the chain inside `tx`.
 pub(crate) async fn append(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     e: &AuditEntry,
 ) -> Result<()> {
-    let head = sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+    append_many(tx, std::slice::from_ref(e)).await
+}
+
+/// Appends `entries`, in order, inside `tx`. Taking the head row first serialises chained
+/// writers; each entry's hash covers its seq, so its place cannot change unnoticed.
+async fn append_many(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    entries: &[AuditEntry],
+) -> Result<()> {
+    let Some(n) = i64::try_from(entries.len()).ok().filter(|n| *n > 0) else {
+        return Ok(());
+    };
+    let head = sqlx::query("UPDATE audit_head SET seq = seq + $1 WHERE id = 1 RETURNING seq, hash")
+        .bind(n)
         .fetch_one(&mut **tx)
         .await?;
-    let seq: i64 = head.try_get("seq")?;
+    let end: i64 = head.try_get("seq")?;
     let prev_text: String = head.try_get("hash")?;
-    let prev = from_hex(&prev_text)
+    let mut prev = from_hex(&prev_text)
         .ok_or_else(|| StoreError::Corrupt("audit_head.hash is not a SHA-256 hex".into()))?;
-    let entry = AuditEntry {
-        details: canonicalize_details(&e.details),
-        ..e.clone()
-    };
-    let sealed = SealedEntry::seal(seq, entry, prev);
-    insert_sealed(tx, &sealed).await?;
+    for (seq, e) in (end - n + 1..).zip(entries) {
+        let entry = AuditEntry {
+            details: canonicalize_details(&e.details),
+            ..e.clone()
+        };
+        let sealed = SealedEntry::seal(seq, entry, prev);
+        insert_sealed(tx, &sealed).await?;
+        prev = sealed.hash;
+    }
     sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
-        .bind(to_hex(&sealed.hash))
+        .bind(to_hex(&prev))
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -205,6 +258,15 @@ impl Store {
         Ok(rows.len() as u64)
     }
 
+    /// Appends entries that accompany no other change (imports, bulk jobs), in order, in
+    /// one transaction.
+    pub async fn append_audit(&self, entries: &[AuditEntry]) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        append_many(&mut tx, entries).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// The entries of one target, oldest first.
     pub async fn audit_for(&self, target: &str) -> Result<Vec<AuditEntry>> {
         let filter = AuditFilter {
@@ -271,13 +333,17 @@ impl Store {
             "SELECT {COLUMNS} FROM audit_events {where_clause} ORDER BY seq {dir} LIMIT {}",
             u64::from(limit) + 1
         );
-        let rows = p.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
-        let more = rows.len() > limit as usize;
-        let entries = rows
-            .iter()
-            .take(limit as usize)
-            .map(entry_from_row)
-            .collect::<Result<Vec<_>>>()?;
+        let mut entries = match &self.audit_sqlite {
+            Some(reader) => reader.query(sql, p.values).await?,
+            None => {
+                let rows = p.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+                rows.iter()
+                    .map(entry_from_row)
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let more = entries.len() > limit as usize;
+        entries.truncate(limit as usize);
         let next = if more {
             entries.last().map(|e| e.seq)
         } else {

@@ -8,6 +8,7 @@
 //! The API suites in `tests/it` run against both (`on_both_backends!`).
 
 mod audit;
+mod audit_sqlite;
 mod keys;
 mod rows;
 mod tokens;
@@ -50,6 +51,7 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     usage_sqlite: Option<usage_sqlite::SqliteUsageSink>,
+    audit_sqlite: Option<audit_sqlite::SqliteAuditReader>,
     /// Readers of usage stats hold it shared while they read the tables and the pending
     /// overlay; a fold holds it exclusively from its commit until the overlay is cleared,
     /// so no reader counts a use twice or not at all.
@@ -111,20 +113,25 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        let usage_sqlite = match backend {
+        let (usage_sqlite, audit_sqlite) = match backend {
             Backend::Sqlite => {
                 SQLITE_MIGRATIONS.run(&pool).await?;
-                Some(usage_sqlite::SqliteUsageSink::open(&sqlite_path(&url)?)?)
+                let path = sqlite_path(&url)?;
+                (
+                    Some(usage_sqlite::SqliteUsageSink::open(&path)?),
+                    Some(audit_sqlite::SqliteAuditReader::open(&path)?),
+                )
             }
             Backend::Postgres => {
                 POSTGRES_MIGRATIONS.run(&pool).await?;
-                None
+                (None, None)
             }
         };
         let store = Self {
             pool,
             backend,
             usage_sqlite,
+            audit_sqlite,
             fold_lock: std::sync::Arc::default(),
         };
         store.seal_unchained_audit().await?;
