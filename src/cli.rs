@@ -192,6 +192,9 @@ pub enum TokenCommand {
     Create {
         #[arg(long)]
         name: String,
+        /// The person accountable for it (audit entries name them as the actor).
+        #[arg(long)]
+        owner: Option<String>,
         /// admin, issuer, auditor or verifier.
         #[arg(long)]
         role: String,

@@ -295,12 +295,14 @@ async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<u8> {
     match cmd {
         TokenCommand::Create {
             name,
+            owner,
             role,
             environments,
             ttl,
         } => {
             let req = CreateTokenRequest {
                 name: name.clone(),
+                owner: owner.clone(),
                 role: role.clone(),
                 environments: (!environments.is_empty()).then(|| environments.clone()),
                 ttl: ttl.clone(),

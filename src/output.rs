@@ -134,6 +134,7 @@ pub fn tokens_table(tokens: &[TokenView]) -> String {
     let mut t = table(&[
         "ID",
         "NAME",
+        "OWNER",
         "ROLE",
         "ENVIRONMENTS",
         "CREATED",
@@ -144,6 +145,7 @@ pub fn tokens_table(tokens: &[TokenView]) -> String {
         t.add_row(vec![
             k.id.clone(),
             k.name.clone(),
+            opt(&k.owner),
             k.role.clone(),
             k.environments
                 .as_ref()

@@ -450,6 +450,7 @@ async fn export_streams_every_entry_and_filters(b: Backend) {
                 environments: None,
                 created_by: "system:test",
                 expires_at: None,
+                owner: None,
             },
             crate::harness::START,
         )
@@ -619,6 +620,46 @@ async fn roles_and_bad_queries(b: Backend) {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
         assert_eq!(v["error"]["code"], code, "{path}");
     }
+    // A token that names its owner: entries by it name the person.
+    let (status, t) = s
+        .post(
+            "/v1/tokens",
+            json!({"name": "deploy-bot", "role": "issuer", "owner": "ivy@example.com"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{t}");
+    assert_eq!(t["token"]["owner"], "ivy@example.com");
+    let ivy = t["secret"].as_str().unwrap().to_owned();
+    let ivy_id = t["token"]["id"].as_str().unwrap().to_owned();
+    let (status, k) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/keys",
+            Some(&ivy),
+            Some(key_body("by-ivy")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{k}");
+    let (_, v) = s
+        .get(&format!(
+            "/v1/audit?key={}",
+            k["key"]["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(v["entries"][0]["actor"], format!("token:{ivy_id}"));
+    assert_eq!(v["entries"][0]["actor_name"], "ivy@example.com");
+    let (_, v) = s.get("/v1/audit?actor=ivy@example.com").await;
+    assert_eq!(v["entries"].as_array().unwrap().len(), 1);
+    let (_, v) = s.get(&format!("/v1/audit?target=token:{ivy_id}")).await;
+    assert_eq!(v["entries"][0]["details"]["owner"], "ivy@example.com");
+    let (status, v) = s
+        .post(
+            "/v1/tokens",
+            json!({"name": "x", "role": "issuer", "owner": ""}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+
     let (rc, _, err) = cli(&s, &["audit", "list", "--since", "last tuesday"]).await;
     assert_eq!(rc, 2);
     assert!(err.contains("--since"), "{err}");

@@ -104,6 +104,9 @@ pub struct TokenRecord {
     pub hash: KeyHash,
     pub hint: String,
     pub name: String,
+    /// The person accountable for the token (an e-mail address, say); audit entries name
+    /// them as the actor. `None` for tokens made before owners existed, and the bootstrap.
+    pub owner: Option<String>,
     pub role: crate::role::Role,
     /// For issuers: the environments they may act in. `None` means all.
     pub environments: Option<Vec<String>>,

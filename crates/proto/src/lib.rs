@@ -231,6 +231,9 @@ pub struct UsageList {
 #[serde(deny_unknown_fields)]
 pub struct CreateTokenRequest {
     pub name: String,
+    /// The person accountable for the token; audit entries name them as the actor.
+    #[serde(default)]
+    pub owner: Option<String>,
     /// `admin`, `issuer`, `auditor` or `verifier`.
     pub role: String,
     /// For issuers: the environments they may manage keys in. Absent means all.
@@ -245,6 +248,7 @@ pub struct CreateTokenRequest {
 pub struct TokenView {
     pub id: String,
     pub name: String,
+    pub owner: Option<String>,
     pub role: String,
     pub environments: Option<Vec<String>>,
     #[serde(with = "time::serde::rfc3339")]

@@ -42,7 +42,12 @@ impl Principal {
     pub fn actor(&self) -> Actor {
         Actor {
             id: format!("token:{}", self.token.id),
-            name: self.token.name.clone(),
+            // The person, when the token names one; else the token's own name.
+            name: self
+                .token
+                .owner
+                .clone()
+                .unwrap_or_else(|| self.token.name.clone()),
             source_ip: self.client_ip.map(|ip| ip.to_string()),
             user_agent: self.user_agent.clone(),
             request_id: self.request_id.clone(),

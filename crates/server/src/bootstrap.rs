@@ -139,6 +139,7 @@ pub struct TokenSpec<'a> {
     pub environments: Option<Vec<String>>,
     pub created_by: &'a str,
     pub expires_at: Option<OffsetDateTime>,
+    pub owner: Option<String>,
 }
 
 /// A new admin token: the record to store and the secret to hand out once.
@@ -154,6 +155,7 @@ pub fn new_token(
         environments,
         created_by,
         expires_at,
+        owner,
     } = spec;
     let parsed = key_format::generate(&mut rand::rngs::OsRng, prefix, ADMIN_ENV)?;
     let record = TokenRecord {
@@ -161,6 +163,7 @@ pub fn new_token(
         hash: hasher.hash(&parsed.plain),
         hint: parsed.plain.hint(),
         name: name.to_owned(),
+        owner,
         role,
         environments,
         created_at: now,
@@ -192,6 +195,7 @@ pub async fn bootstrap_admin(
             environments: None,
             created_by: "system:bootstrap",
             expires_at: None,
+            owner: None,
         },
         now,
     )?;

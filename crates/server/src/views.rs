@@ -46,6 +46,7 @@ pub fn token_view(t: &TokenRecord) -> TokenView {
     TokenView {
         id: t.id.to_string(),
         name: t.name.clone(),
+        owner: t.owner.clone(),
         role: t.role.as_str().to_owned(),
         environments: t.environments.clone(),
         created_at: t.created_at,

@@ -125,6 +125,7 @@ pub(crate) fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
         hash: hash(row)?,
         hint: row.try_get("hint")?,
         name: row.try_get("name")?,
+        owner: row.try_get("owner")?,
         role: role.parse().map_err(|e| decode_error("role", e))?,
         environments: row
             .try_get::<Option<String>, _>("environments")?

@@ -9,13 +9,13 @@ use crate::rows::{insert_audit, json, ms, opt_ms, token_from_row};
 use crate::{Result, Store};
 
 const TOKEN_COLUMNS: &str = "id, hash, pepper_version, hint, name, role, environments, \
-    created_at, created_by, expires_at, revoked_at";
+    created_at, created_by, expires_at, revoked_at, owner";
 
 impl Store {
     pub async fn insert_token(&self, t: &TokenRecord, audit: &AuditEntry) -> Result<()> {
         let mut tx = self.begin_write().await?;
         sqlx::query(&format!(
-            "INSERT INTO admin_tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            "INSERT INTO admin_tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
         ))
         .bind(t.id.as_str())
         .bind(t.hash.to_hex())
@@ -28,6 +28,7 @@ impl Store {
         .bind(&t.created_by)
         .bind(opt_ms(t.expires_at))
         .bind(opt_ms(t.revoked_at))
+        .bind(&t.owner)
         .execute(&mut *tx)
         .await?;
         insert_audit(&mut tx, audit).await?;

@@ -34,6 +34,9 @@ pub async fn create_token(
     if let Err(e) = validate::name("name", &req.name) {
         v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
     }
+    if let Some(Err(e)) = req.owner.as_deref().map(validate::owner) {
+        v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
+    }
     let role = match req.role.parse::<Role>() {
         Ok(r) => Some(r),
         Err(e) => {
@@ -92,6 +95,7 @@ pub async fn create_token(
         environments: environments.clone(),
         created_by: &created_by,
         expires_at,
+        owner: req.owner.clone(),
     };
     let (record, secret) = new_token(&app.hasher, &app.config.key_prefix, spec, now)
         .map_err(|e| ApiError::invalid(codes::FIELD_INVALID, "token", e.to_string()))?;
@@ -101,7 +105,7 @@ pub async fn create_token(
         "token.created",
         format!("token:{}", record.id),
         None,
-        json!({ "name": record.name, "role": role.as_str(), "environments": environments,
+        json!({ "name": record.name, "owner": record.owner, "role": role.as_str(), "environments": environments,
                 "expires_at": expires_at.map(|t| t.unix_timestamp()) }),
     );
     app.store.insert_token(&record, &entry).await?;
