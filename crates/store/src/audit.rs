@@ -217,13 +217,13 @@ impl Store {
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM audit_events WHERE hash IS NULL ORDER BY seq"
         ))
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut **tx)
         .await?;
         if rows.is_empty() {
             return Ok(0);
         }
         let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut **tx)
             .await?;
         let mut seq: i64 = head.try_get("seq")?;
         let mut prev = from_hex(&head.try_get::<String, _>("hash")?)
@@ -245,14 +245,14 @@ impl Store {
             .bind(to_hex(&sealed.prev_hash))
             .bind(to_hex(&sealed.hash))
             .bind(old.seq)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
             prev = sealed.hash;
         }
         sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
             .bind(seq)
             .bind(to_hex(&prev))
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         tx.commit().await?;
         Ok(rows.len() as u64)
@@ -406,7 +406,7 @@ impl Store {
             "SELECT MIN(seq) AS first, COUNT(*) AS n FROM audit_events WHERE seq <= $1",
         )
         .bind(req.last_seq)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?;
         let live_first: Option<i64> = bounds.try_get("first")?;
         let n: i64 = bounds.try_get("n")?;
@@ -415,7 +415,7 @@ impl Store {
         }
         let last: Option<String> = sqlx::query("SELECT hash FROM audit_events WHERE seq = $1")
             .bind(req.last_seq)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?
             .map(|r| r.try_get("hash"))
             .transpose()?;
@@ -424,7 +424,7 @@ impl Store {
         }
         sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
             .bind(req.last_seq)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         let record = ArchiveRecord {
             first_seq: req.first_seq,
@@ -446,7 +446,7 @@ impl Store {
         .bind(&record.file_sha256)
         .bind(ms(record.archived_at))
         .bind(&record.archived_by)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         append(&mut tx, audit).await?;
         tx.commit().await?;

@@ -194,6 +194,7 @@ impl Store {
     /// verifies (on any node) cannot overspend it. Returns the uses left after this one,
     /// or `None` when the cap was already reached.
     pub async fn consume_use(&self, id: &KeyId) -> Result<Option<u64>> {
+        let _turn = self.write_turn().await;
         let row = sqlx::query(
             "UPDATE keys SET uses = uses + 1 WHERE id = $1 AND max_uses IS NOT NULL \
              AND uses < max_uses RETURNING max_uses - uses AS remaining",

@@ -29,7 +29,7 @@ impl Store {
         .bind(opt_ms(t.expires_at))
         .bind(opt_ms(t.revoked_at))
         .bind(&t.owner)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await?;
@@ -68,7 +68,7 @@ impl Store {
         )
         .bind(ms(at))
         .bind(id.as_str())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         if done.rows_affected() != 1 {
             return Ok(false);

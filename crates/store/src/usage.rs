@@ -53,7 +53,9 @@ impl Store {
         match &self.usage_sqlite {
             Some(sink) => {
                 let sink = sink.clone();
+                let turn = self.write_turn().await;
                 match tokio::task::spawn_blocking(move || {
+                    let _turn = turn;
                     let r = sink.append(&events);
                     (events, r)
                 })
@@ -78,9 +80,13 @@ impl Store {
             return Ok(true);
         };
         let _readers_wait = self.fold_lock.write().await;
-        tokio::task::spawn_blocking(move || sink.fold_step(max_keys))
-            .await
-            .map_err(|e| decode_error("usage fold thread", e))?
+        let turn = self.write_turn().await;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            sink.fold_step(max_keys)
+        })
+        .await
+        .map_err(|e| decode_error("usage fold thread", e))?
     }
 
     /// Folds all logged usage into the keys' stats.
@@ -139,7 +145,7 @@ impl Store {
                  subject, user_agent, counted) VALUES {}",
                 tuples.join(", ")
             );
-            p.bind(sqlx::query(&sql)).execute(&mut *tx).await?;
+            p.bind(sqlx::query(&sql)).execute(&mut **tx).await?;
         }
         // The same fold rule as SQLite's overlay, applied to this batch alone. Keys with
         // only denied events (no use) get no stats row, so unknown ids leave no trace here.
@@ -174,7 +180,7 @@ impl Store {
                  VALUES {} {UPSERT_KEY_USAGE_TAIL}",
                 rows.join(", ")
             );
-            p.bind(sqlx::query(&sql)).execute(&mut *tx).await?;
+            p.bind(sqlx::query(&sql)).execute(&mut **tx).await?;
         }
         let subjects: Vec<(&str, &str, i64, i64)> = used
             .iter()
@@ -203,7 +209,7 @@ impl Store {
                  {UPSERT_SUBJECT_TAIL}",
                 rows.join(", ")
             );
-            p.bind(sqlx::query(&sql)).execute(&mut *tx).await?;
+            p.bind(sqlx::query(&sql)).execute(&mut **tx).await?;
         }
         tx.commit().await?;
         Ok(())
