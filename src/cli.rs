@@ -267,11 +267,11 @@ pub enum AuditCommand {
     /// Walk the hash chain; exit 0 when intact, 1 at the first altered, removed,
     /// inserted or reordered entry, or a chain truncated or replaced since a checkpoint.
     Verify {
-        /// A checkpoint file from `audit checkpoint` (repeatable).
-        #[arg(long = "checkpoint")]
+        /// Checkpoint files from `audit checkpoint` (repeatable, or several after one flag).
+        #[arg(long = "checkpoint", num_args = 1..)]
         checkpoints: Vec<PathBuf>,
-        /// An archive file from `audit archive` (repeatable), checked with the live trail.
-        #[arg(long = "archive")]
+        /// Archive files from `audit archive`, checked with the live trail as one chain.
+        #[arg(long = "archive", num_args = 1..)]
         archives: Vec<PathBuf>,
     },
     /// Move entries older than a date into a compressed, self-verifying file, and remove

@@ -24,6 +24,7 @@ on_both_backends!(
     archive_moves_old_entries_and_verifies_across_files,
     entries_from_before_the_chain_are_sealed_on_open,
     expiry_is_a_recorded_state_change,
+    concurrent_changes_keep_one_chain,
 );
 
 /// Runs the real CLI against `s`; returns (exit code, stdout, stderr).
@@ -790,10 +791,10 @@ async fn archive_moves_old_entries_and_verifies_across_files(b: Backend) {
     assert_eq!(rc, 0, "{err}");
     let (rc, brk, v) = verify(
         &s,
+        // Several files after one flag, in any order.
         &[
             "--archive",
             second.to_str().unwrap(),
-            "--archive",
             first.to_str().unwrap(),
         ],
     )
@@ -941,5 +942,31 @@ async fn expiry_is_a_recorded_state_change(b: Backend) {
     assert_eq!(v["entries"].as_array().unwrap().len(), 2);
     let (rc, brk, v) = verify(&s, &[]).await;
     assert_eq!((rc, brk), (0, None), "{v}");
+    s.stop().await;
+}
+
+async fn concurrent_changes_keep_one_chain(b: Backend) {
+    let s = std::sync::Arc::new(TestServer::start(b).await);
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let (id, _) = s.create_key(key_body(&format!("race-{i}"))).await;
+            let (status, v) = s
+                .post(&format!("/v1/keys/{id}/revoke"), json!({"reason": "race"}))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let entries = all_entries(&s).await;
+    let seqs: Vec<i64> = entries.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (1..=81).collect::<Vec<_>>(), "no gaps, no duplicates");
+    let (rc, brk, v) = verify(&s, &[]).await;
+    assert_eq!((rc, brk), (0, None), "{v}");
+    assert_eq!(v["checked"], 81);
+    let s = std::sync::Arc::into_inner(s).expect("tasks are done");
     s.stop().await;
 }
