@@ -191,10 +191,13 @@ async fn check(
         // Admin tokens authenticate to keywarden; they are not keys for other systems.
         return Ok(Outcome::unknown(VerifyCode::NotFound, None));
     }
+    // The store's futures are boxed: they are large and rare here (cache misses, capped
+    // keys), and inline they made every verify future large enough that moving it
+    // showed up in the profile.
     let record = app
         .keys
         .get_or_load(&parsed.id, || async {
-            Ok::<_, ApiError>(app.store.get_key(&parsed.id).await?.map(Arc::new))
+            Ok::<_, ApiError>(Box::pin(app.store.get_key(&parsed.id)).await?.map(Arc::new))
         })
         .await?;
     let Some(record) = record else {
@@ -217,7 +220,7 @@ async fn check(
     }
     if record.max_uses.is_some() {
         // Caps are spent in the store, atomically, never in the cache.
-        match app.store.consume_use(&record.id).await? {
+        match Box::pin(app.store.consume_use(&record.id)).await? {
             Some(left) => {
                 outcome.remaining_uses = Some(left);
                 outcome.counted = true;
