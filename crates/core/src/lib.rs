@@ -12,6 +12,7 @@ pub mod hashing;
 pub mod key_format;
 pub mod lifecycle;
 pub mod model;
+pub mod policy;
 pub mod role;
 pub mod scope;
 pub mod validate;

@@ -1,0 +1,447 @@
+//! Key policy: rules per environment over a default section, read from TOML, and the
+//! check a key request must pass at issue time (every violation, not the first).
+//!
+//! ```toml
+//! [default]
+//! max_ttl = "90d"
+//! idle_expiry = "30d"
+//! allowed_scopes = ["deploy:*", "db:*"]
+//!
+//! [environments.prod]
+//! forbid_wildcards = true
+//! require_cidrs = true
+//! ```
+//!
+//! An environment section overrides the default rule by rule; a rule absent from both
+//! takes the built-in default (`Rules::default`).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use time::Duration;
+
+use crate::duration::{format_duration, parse_duration};
+use crate::scope::Scope;
+
+/// What the enforcer does when a key's rotation is overdue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRotationOverdue {
+    Notify,
+    Suspend,
+}
+
+/// What happens to a disabled owner's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOwnerDisabled {
+    Revoke,
+    Suspend,
+}
+
+/// The rules in force for one environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    /// A key unused this long expires (`IDLE_EXPIRED`).
+    pub idle_expiry: Duration,
+    pub require_owner: bool,
+    pub require_systems: bool,
+    /// Scopes a key may be granted: each granted scope must be covered by one of these.
+    /// `None`: any scope.
+    pub allowed_scopes: Option<Vec<Scope>>,
+    pub forbid_wildcards: bool,
+    pub require_cidrs: bool,
+    pub max_uses_limit: Option<u64>,
+    pub rotation_period: Option<Duration>,
+    pub expiry_notice: Option<Duration>,
+    pub on_rotation_overdue: OnRotationOverdue,
+    pub on_owner_disabled: OnOwnerDisabled,
+}
+
+impl Default for Rules {
+    /// The mission's defaults: 90-day keys, at most a year, idle for 30 days expires,
+    /// an owner always, departed owners' keys revoked.
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::days(90),
+            max_ttl: Duration::days(365),
+            idle_expiry: Duration::days(30),
+            require_owner: true,
+            require_systems: false,
+            allowed_scopes: None,
+            forbid_wildcards: false,
+            require_cidrs: false,
+            max_uses_limit: None,
+            rotation_period: None,
+            expiry_notice: Some(Duration::days(7)),
+            on_rotation_overdue: OnRotationOverdue::Notify,
+            on_owner_disabled: OnOwnerDisabled::Revoke,
+        }
+    }
+}
+
+/// One section as written: every rule optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Section {
+    default_ttl: Option<String>,
+    max_ttl: Option<String>,
+    idle_expiry: Option<String>,
+    require_owner: Option<bool>,
+    require_systems: Option<bool>,
+    allowed_scopes: Option<Vec<String>>,
+    forbid_wildcards: Option<bool>,
+    require_cidrs: Option<bool>,
+    max_uses_limit: Option<u64>,
+    rotation_period: Option<String>,
+    expiry_notice: Option<String>,
+    on_rotation_overdue: Option<OnRotationOverdue>,
+    on_owner_disabled: Option<OnOwnerDisabled>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    #[serde(default)]
+    default: Section,
+    #[serde(default)]
+    environments: BTreeMap<String, Section>,
+}
+
+/// A policy: the default rules and each environment's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    default: Rules,
+    environments: BTreeMap<String, Rules>,
+}
+
+/// Everything wrong with a policy file, each with where it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid policy: {}", .0.join("; "))]
+pub struct PolicyError(pub Vec<String>);
+
+impl Policy {
+    /// Parses and checks a policy file; reports every problem found.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        let doc: Document =
+            toml::from_str(text).map_err(|e| PolicyError(vec![e.message().to_owned()]))?;
+        let mut problems = Vec::new();
+        let default = apply(&Rules::default(), &doc.default, "default", &mut problems);
+        let mut environments = BTreeMap::new();
+        for (env, section) in &doc.environments {
+            if let Err(e) = crate::validate::environment(env) {
+                problems.push(format!("environments.{env}: {}", e.message));
+                continue;
+            }
+            let rules = apply(
+                &default,
+                section,
+                &format!("environments.{env}"),
+                &mut problems,
+            );
+            environments.insert(env.clone(), rules);
+        }
+        if problems.is_empty() {
+            Ok(Self {
+                default,
+                environments,
+            })
+        } else {
+            Err(PolicyError(problems))
+        }
+    }
+
+    /// The rules in force in `environment`.
+    pub fn rules_for(&self, environment: &str) -> &Rules {
+        self.environments.get(environment).unwrap_or(&self.default)
+    }
+}
+
+fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rules {
+    let mut r = base.clone();
+    let mut duration = |field: &str, v: &Option<String>, allow_zero: bool| -> Option<Duration> {
+        let text = v.as_deref()?;
+        match parse_duration(text) {
+            Ok(d) if d > Duration::ZERO || allow_zero => Some(d),
+            Ok(_) => {
+                problems.push(format!("{at}.{field}: must be longer than zero"));
+                None
+            }
+            Err(e) => {
+                problems.push(format!("{at}.{field}: {e}"));
+                None
+            }
+        }
+    };
+    if let Some(d) = duration("default_ttl", &s.default_ttl, false) {
+        r.default_ttl = d;
+    }
+    if let Some(d) = duration("max_ttl", &s.max_ttl, false) {
+        r.max_ttl = d;
+    }
+    if let Some(d) = duration("idle_expiry", &s.idle_expiry, false) {
+        r.idle_expiry = d;
+    }
+    if let Some(d) = duration("rotation_period", &s.rotation_period, false) {
+        r.rotation_period = Some(d);
+    }
+    if let Some(d) = duration("expiry_notice", &s.expiry_notice, true) {
+        r.expiry_notice = (d > Duration::ZERO).then_some(d);
+    }
+    if let Some(patterns) = &s.allowed_scopes {
+        let mut scopes = Vec::new();
+        for p in patterns {
+            match Scope::granted(p) {
+                Ok(scope) => scopes.push(scope),
+                Err(e) => problems.push(format!("{at}.allowed_scopes: {e}")),
+            }
+        }
+        r.allowed_scopes = Some(scopes);
+    }
+    r.require_owner = s.require_owner.unwrap_or(r.require_owner);
+    r.require_systems = s.require_systems.unwrap_or(r.require_systems);
+    r.forbid_wildcards = s.forbid_wildcards.unwrap_or(r.forbid_wildcards);
+    r.require_cidrs = s.require_cidrs.unwrap_or(r.require_cidrs);
+    if let Some(m) = s.max_uses_limit {
+        if m == 0 {
+            problems.push(format!("{at}.max_uses_limit: must be 1 or more"));
+        } else {
+            r.max_uses_limit = Some(m);
+        }
+    }
+    r.on_rotation_overdue = s.on_rotation_overdue.unwrap_or(r.on_rotation_overdue);
+    r.on_owner_disabled = s.on_owner_disabled.unwrap_or(r.on_owner_disabled);
+    if r.default_ttl > r.max_ttl {
+        problems.push(format!(
+            "{at}: default_ttl ({}) is longer than max_ttl ({})",
+            format_duration(r.default_ttl),
+            format_duration(r.max_ttl)
+        ));
+    }
+    r
+}
+
+/// What a key request asks for, as far as policy is concerned.
+#[derive(Debug, Clone)]
+pub struct KeyAsk<'a> {
+    pub owner: &'a str,
+    pub systems: &'a [String],
+    pub scopes: &'a [Scope],
+    pub ttl: Duration,
+    pub has_cidrs: bool,
+    pub max_uses: Option<u64>,
+}
+
+/// One broken rule: a stable code, the request field, and what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyViolation {
+    pub code: &'static str,
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// Every rule `ask` breaks, in field order.
+pub fn check_issue(rules: &Rules, ask: &KeyAsk<'_>) -> Vec<PolicyViolation> {
+    let mut v = Vec::new();
+    let mut fail = |code, field, message: String| {
+        v.push(PolicyViolation {
+            code,
+            field,
+            message,
+        })
+    };
+    if rules.require_owner && ask.owner.trim().is_empty() {
+        fail(
+            "POLICY_OWNER_REQUIRED",
+            "owner",
+            "the policy requires an owner".into(),
+        );
+    }
+    if rules.require_systems && ask.systems.is_empty() {
+        fail(
+            "POLICY_SYSTEMS_REQUIRED",
+            "systems",
+            "the policy requires the systems the key touches".into(),
+        );
+    }
+    for s in ask.scopes {
+        if rules.forbid_wildcards && s.is_wildcard() {
+            fail(
+                "POLICY_WILDCARD_FORBIDDEN",
+                "scopes",
+                format!("{s}: wildcard scopes are forbidden here; name each scope"),
+            );
+        } else if let Some(allowed) = &rules.allowed_scopes {
+            if !allowed.iter().any(|a| a.covers(s)) {
+                let list: Vec<&str> = allowed.iter().map(Scope::as_str).collect();
+                fail(
+                    "POLICY_SCOPE_NOT_ALLOWED",
+                    "scopes",
+                    format!("{s} is outside the allowed scopes ({})", list.join(", ")),
+                );
+            }
+        }
+    }
+    if ask.ttl > rules.max_ttl {
+        fail(
+            "POLICY_TTL_TOO_LONG",
+            "ttl",
+            format!(
+                "{} is longer than the policy's max_ttl of {}",
+                format_duration(ask.ttl),
+                format_duration(rules.max_ttl)
+            ),
+        );
+    }
+    if rules.require_cidrs && !ask.has_cidrs {
+        fail(
+            "POLICY_CIDRS_REQUIRED",
+            "allowed_cidrs",
+            "the policy requires a CIDR allowlist".into(),
+        );
+    }
+    if let Some(limit) = rules.max_uses_limit {
+        match ask.max_uses {
+            None => fail(
+                "POLICY_MAX_USES_REQUIRED",
+                "max_uses",
+                format!("the policy requires a usage cap of at most {limit}"),
+            ),
+            Some(m) if m > limit => fail(
+                "POLICY_MAX_USES_TOO_HIGH",
+                "max_uses",
+                format!("{m} is above the policy's max_uses_limit of {limit}"),
+            ),
+            Some(_) => {}
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+        [default]
+        max_ttl = "90d"
+        default_ttl = "30d"
+        idle_expiry = "14d"
+        allowed_scopes = ["deploy:*", "db:*"]
+        on_owner_disabled = "suspend"
+
+        [environments.prod]
+        forbid_wildcards = true
+        require_cidrs = true
+        require_systems = true
+        max_ttl = "30d"
+        max_uses_limit = 100
+    "#;
+
+    fn scopes(s: &[&str]) -> Vec<Scope> {
+        s.iter().map(|s| Scope::granted(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn sections_override_rule_by_rule() {
+        let p = Policy::from_toml(FILE).unwrap();
+        let dev = p.rules_for("dev");
+        assert_eq!(dev.max_ttl, Duration::days(90));
+        assert_eq!(dev.idle_expiry, Duration::days(14));
+        assert_eq!(dev.on_owner_disabled, OnOwnerDisabled::Suspend);
+        assert!(!dev.forbid_wildcards);
+        let prod = p.rules_for("prod");
+        assert_eq!(prod.max_ttl, Duration::days(30));
+        assert_eq!(
+            prod.idle_expiry,
+            Duration::days(14),
+            "inherited from default"
+        );
+        assert!(prod.forbid_wildcards && prod.require_cidrs);
+        assert_eq!(prod.max_uses_limit, Some(100));
+        assert_eq!(
+            Policy::default().rules_for("x").idle_expiry,
+            Duration::days(30)
+        );
+    }
+
+    #[test]
+    fn every_violation_is_listed() {
+        let p = Policy::from_toml(FILE).unwrap();
+        let ask = KeyAsk {
+            owner: "alice@example.com",
+            systems: &[],
+            scopes: &scopes(&["deploy:*", "admin:all", "db:orders:read"]),
+            ttl: Duration::days(60),
+            has_cidrs: false,
+            max_uses: Some(500),
+        };
+        let codes: Vec<&str> = check_issue(p.rules_for("prod"), &ask)
+            .iter()
+            .map(|v| v.code)
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                "POLICY_SYSTEMS_REQUIRED",
+                "POLICY_WILDCARD_FORBIDDEN",
+                "POLICY_SCOPE_NOT_ALLOWED",
+                "POLICY_TTL_TOO_LONG",
+                "POLICY_CIDRS_REQUIRED",
+                "POLICY_MAX_USES_TOO_HIGH",
+            ]
+        );
+        // The same request fits dev, except the scope outside the allowlist.
+        let codes: Vec<&str> = check_issue(p.rules_for("dev"), &ask)
+            .iter()
+            .map(|v| v.code)
+            .collect();
+        assert_eq!(codes, ["POLICY_SCOPE_NOT_ALLOWED"]);
+    }
+
+    #[test]
+    fn a_compliant_request_passes() {
+        let p = Policy::from_toml(FILE).unwrap();
+        let ask = KeyAsk {
+            owner: "alice@example.com",
+            systems: &["github".to_owned()],
+            scopes: &scopes(&["deploy:write", "db:orders:read"]),
+            ttl: Duration::days(30),
+            has_cidrs: true,
+            max_uses: Some(100),
+        };
+        assert_eq!(check_issue(p.rules_for("prod"), &ask), vec![]);
+    }
+
+    #[test]
+    fn bad_files_report_every_problem() {
+        let e = Policy::from_toml(
+            r#"
+            [default]
+            max_ttl = "forever"
+            default_ttl = "400d"
+            allowed_scopes = ["ok:*", "bad scope"]
+            max_uses_limit = 0
+            [environments."PROD!"]
+            max_ttl = "1d"
+            "#,
+        )
+        .unwrap_err();
+        assert_eq!(e.0.len(), 5, "{e}");
+        assert!(e.0.iter().any(|p| p.contains("longer than max_ttl")), "{e}");
+        assert!(e.0[0].contains("default.max_ttl"), "{e}");
+        assert!(e.0.iter().any(|p| p.contains("allowed_scopes")), "{e}");
+        assert!(e.0.iter().any(|p| p.contains("max_uses_limit")), "{e}");
+        assert!(e.0.iter().any(|p| p.contains("environments.PROD!")), "{e}");
+
+        let e = Policy::from_toml("[default]\nmax_tll = \"30d\"\n").unwrap_err();
+        assert!(e.0[0].contains("unknown field `max_tll`"), "{e}");
+        let e = Policy::from_toml("[default]\non_owner_disabled = \"ignore\"\n").unwrap_err();
+        assert!(e.0[0].contains("unknown variant"), "{e}");
+        let e =
+            Policy::from_toml("[default]\ndefault_ttl = \"30d\"\nmax_ttl = \"7d\"\n").unwrap_err();
+        assert!(e.0[0].contains("longer than max_ttl"), "{e}");
+    }
+}
