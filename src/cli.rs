@@ -53,6 +53,19 @@ pub enum Command {
     /// Read, export, verify and archive the tamper-evident audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The key policy: rules per environment, checked when keys are issued.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Apply a policy file (TOML) as the next version; every problem in it is listed.
+    Apply { file: PathBuf },
+    /// Print the policy in force.
+    Show,
+    /// Show how a policy file differs from the policy in force; exit 1 when it does.
+    Diff { file: PathBuf },
 }
 
 #[derive(Debug, Args)]

@@ -48,6 +48,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Verify(ref args) => verify(&cli, args).await,
         Command::Token(ref cmd) => token(&cli, cmd).await,
         Command::Audit(ref cmd) => audit::run(&cli, cmd).await,
+        Command::Policy(ref cmd) => policy(&cli, cmd).await,
     }
 }
 
@@ -288,6 +289,68 @@ async fn verify(cli: &Cli, a: &cli::VerifyArgs) -> Result<u8> {
         _ => r.code.clone(),
     })?;
     Ok(if answer.valid { 0 } else { NEGATIVE })
+}
+
+async fn policy(cli: &Cli, cmd: &cli::PolicyCommand) -> Result<u8> {
+    let c = client(cli)?;
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    match cmd {
+        cli::PolicyCommand::Apply { file } => {
+            let applied = match c.put_policy(&read(file)?).await {
+                Ok(p) => p,
+                Err(keywarden_client::ClientError::Api { body, .. })
+                    if !body.error.violations.is_empty() =>
+                {
+                    eprintln!("{} is not applied:", file.display());
+                    for v in &body.error.violations {
+                        eprintln!("  - {}", v.message);
+                    }
+                    return Ok(FAILURE);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            print(cli, &applied, |p| {
+                format!("applied {} as policy version {}", file.display(), p.version)
+            })?;
+        }
+        cli::PolicyCommand::Show => print(cli, &c.get_policy().await?, |p| {
+            if p.version == 0 {
+                "no policy applied: the built-in defaults hold (90d TTL, at most 365d, idle keys expire after 30d)".to_owned()
+            } else {
+                format!(
+                    "# policy version {}, applied {} by {}\n{}",
+                    p.version,
+                    p.applied_at.map(output::ts).unwrap_or_default(),
+                    p.applied_by.as_deref().unwrap_or("-"),
+                    p.text
+                )
+            }
+        })?,
+        cli::PolicyCommand::Diff { file } => {
+            let new = read(file)?;
+            let current = c.get_policy().await?;
+            let diff = similar::TextDiff::from_lines(&current.text, &new);
+            if current.text == new {
+                println!(
+                    "{} is the policy in force (version {})",
+                    file.display(),
+                    current.version
+                );
+                return Ok(0);
+            }
+            print!(
+                "{}",
+                diff.unified_diff().header(
+                    &format!("policy version {}", current.version),
+                    &file.display().to_string()
+                )
+            );
+            return Ok(NEGATIVE);
+        }
+    }
+    Ok(0)
 }
 
 async fn token(cli: &Cli, cmd: &TokenCommand) -> Result<u8> {

@@ -8,6 +8,7 @@ mod harness;
 mod input;
 mod lifecycle;
 mod openapi;
+mod policy;
 mod process;
 mod usage_log;
 mod verify;

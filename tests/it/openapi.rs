@@ -23,6 +23,7 @@ async fn openapi_document_matches_snapshot() {
         "/v1/audit/chain",
         "/v1/audit/checkpoints",
         "/v1/audit/archives",
+        "/v1/policy",
         "/healthz",
     ] {
         assert!(

@@ -308,6 +308,22 @@ impl Client {
 }
 
 impl Client {
+    pub async fn get_policy(&self) -> Result<keywarden_proto::PolicyView> {
+        self.get::<(), _>("/v1/policy", None).await
+    }
+
+    pub async fn put_policy(&self, text: &str) -> Result<keywarden_proto::PolicyView> {
+        self.call::<_, (), _>(
+            Method::PUT,
+            "/v1/policy",
+            None,
+            Some(&keywarden_proto::ApplyPolicyRequest {
+                policy: text.to_owned(),
+            }),
+        )
+        .await
+    }
+
     pub async fn audit_list(&self, q: &AuditQuery) -> Result<AuditPage> {
         self.get("/v1/audit", Some(q)).await
     }

@@ -286,7 +286,7 @@ pub fn check_issue(rules: &Rules, ask: &KeyAsk<'_>) -> Vec<PolicyViolation> {
     }
     if ask.ttl > rules.max_ttl {
         fail(
-            "POLICY_TTL_TOO_LONG",
+            "TTL_TOO_LONG",
             "ttl",
             format!(
                 "{} is longer than the policy's max_ttl of {}",
@@ -388,7 +388,7 @@ mod tests {
                 "POLICY_SYSTEMS_REQUIRED",
                 "POLICY_WILDCARD_FORBIDDEN",
                 "POLICY_SCOPE_NOT_ALLOWED",
-                "POLICY_TTL_TOO_LONG",
+                "TTL_TOO_LONG",
                 "POLICY_CIDRS_REQUIRED",
                 "POLICY_MAX_USES_TOO_HIGH",
             ]

@@ -27,6 +27,10 @@ pub enum Permission {
     AuditRead,
     /// Move old entries out of the live trail into an archive file.
     AuditArchive,
+    /// Read the key policy in force.
+    PolicyRead,
+    /// Apply a key policy.
+    PolicyWrite,
 }
 
 impl Role {
@@ -45,8 +49,13 @@ impl Role {
         use Permission::*;
         match self {
             Self::Admin => true,
-            Self::Issuer => matches!(p, KeysRead | KeysWrite | UsageRead),
-            Self::Auditor => matches!(p, KeysRead | UsageRead | TokensRead | AuditRead),
+            Self::Issuer => matches!(p, KeysRead | KeysWrite | UsageRead | PolicyRead),
+            Self::Auditor => {
+                matches!(
+                    p,
+                    KeysRead | UsageRead | TokensRead | AuditRead | PolicyRead
+                )
+            }
             Self::Verifier => matches!(p, Verify),
         }
     }

@@ -354,6 +354,24 @@ pub struct ArchiveRequest {
     pub file_sha256: String,
 }
 
+/// The key policy in force. Version 0: none applied yet, the built-in defaults hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PolicyView {
+    pub version: i64,
+    /// The TOML as applied (empty for version 0).
+    pub text: String,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub applied_at: Option<OffsetDateTime>,
+    pub applied_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyPolicyRequest {
+    /// The policy file's TOML text.
+    pub policy: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,
@@ -388,4 +406,5 @@ pub mod codes {
     pub const INTERNAL: &str = "INTERNAL";
     pub const AUDIT_ENTRY_NOT_FOUND: &str = "AUDIT_ENTRY_NOT_FOUND";
     pub const ARCHIVE_MISMATCH: &str = "ARCHIVE_MISMATCH";
+    pub const POLICY_INVALID: &str = "POLICY_INVALID";
 }

@@ -21,8 +21,6 @@ pub struct Config {
     /// The audit checkpoint signing key (64 hex characters of an Ed25519 seed), overriding
     /// `<data-dir>/audit-signing.key`; nodes sharing a database share it.
     pub audit_signing_key: Option<String>,
-    pub default_ttl: time::Duration,
-    pub max_ttl: time::Duration,
     pub default_rotation_grace: time::Duration,
     /// How often buffered usage events are written. The crash-loss window is this plus
     /// one batch write.
@@ -54,8 +52,6 @@ impl Config {
             trusted_proxies: Vec::new(),
             pepper: None,
             audit_signing_key: None,
-            default_ttl: time::Duration::days(90),
-            max_ttl: time::Duration::days(365),
             default_rotation_grace: time::Duration::hours(24),
             usage_flush_interval: Duration::from_millis(5),
             usage_queue_capacity: crate::usage::QUEUE_CAPACITY,

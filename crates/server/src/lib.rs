@@ -48,7 +48,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 #[openapi(
     info(title = "keywarden", description = "Governs provisioning keys: issue, verify, govern, audit."),
     modifiers(&BearerAuth),
-    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "health"))
+    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "policy"), (name = "health"))
 )]
 struct ApiDoc;
 
@@ -87,6 +87,10 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::audit::audit_chain))
         .routes(routes!(routes::audit::create_checkpoint))
         .routes(routes!(routes::audit::archive_audit))
+        .routes(routes!(
+            routes::policy::get_policy,
+            routes::policy::put_policy
+        ))
         .with_state(state)
         .split_for_parts();
     (router, doc)

@@ -7,6 +7,7 @@ use keywarden_core::audit_chain::CheckpointSigner;
 use keywarden_core::clock::{truncate_to_millis, Clock};
 use keywarden_core::hashing::KeyHasher;
 use keywarden_core::model::{TokenRecord, UsageEvent};
+use keywarden_core::policy::Policy;
 use keywarden_store::Store;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub tokens: RecordCache<Option<Arc<TokenRecord>>>,
     pub usage: mpsc::Sender<UsageEvent>,
     pub signer: CheckpointSigner,
+    /// The policy in force, with its version (0: none applied, built-in defaults).
+    policy: std::sync::RwLock<Arc<(i64, Policy)>>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -45,7 +48,40 @@ impl AppState {
             tokens: RecordCache::new(10_000, Duration::from_secs(30)),
             usage,
             signer,
+            policy: std::sync::RwLock::new(Arc::new((0, Policy::default()))),
         }
+    }
+
+    /// The policy in force. Asks the store for its version first, so an apply through
+    /// another node is followed; the text is parsed again only when the version moved.
+    pub async fn policy(&self) -> Result<Arc<(i64, Policy)>, crate::error::ApiError> {
+        let version = self.store.policy_version().await?;
+        if let Ok(cached) = self.policy.read() {
+            if cached.0 == version {
+                return Ok(cached.clone());
+            }
+        }
+        let loaded = match self.store.current_policy().await? {
+            None => (0, Policy::default()),
+            Some(stored) => match Policy::from_toml(&stored.text) {
+                Ok(p) => (stored.version, p),
+                // It parsed when applied; refusing to issue beats issuing unchecked.
+                Err(e) => {
+                    tracing::error!(version = stored.version, error = %e, "stored policy no longer parses");
+                    return Err(crate::error::ApiError::Store(
+                        keywarden_store::StoreError::Corrupt(format!(
+                            "policy version {} cannot be read",
+                            stored.version
+                        )),
+                    ));
+                }
+            },
+        };
+        let loaded = Arc::new(loaded);
+        if let Ok(mut cached) = self.policy.write() {
+            *cached = loaded.clone();
+        }
+        Ok(loaded)
     }
 
     /// The current time, at the millisecond precision the store keeps.

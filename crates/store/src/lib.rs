@@ -10,6 +10,7 @@
 mod audit;
 mod audit_sqlite;
 mod keys;
+mod policies;
 mod rows;
 mod tokens;
 mod usage;
@@ -24,6 +25,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use audit::{ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder};
 pub use keys::{KeyFilter, StateFilter};
+pub use policies::StoredPolicy;
 pub use usage::FOLD_CHUNK;
 
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,7 @@ use keywarden_core::hashing::KeyHasher;
 use keywarden_core::key_format::{self, ParsedKey};
 use keywarden_core::lifecycle::{self, Action};
 use keywarden_core::model::KeyState;
+use keywarden_core::policy::{check_issue, KeyAsk, Rules};
 use keywarden_core::role::Permission;
 use keywarden_core::scope::Scope;
 use keywarden_core::{validate, KeyRecord};
@@ -46,7 +47,8 @@ pub async fn create_key(
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     principal.require(Permission::KeysWrite)?;
     let now = app.now();
-    let spec = validate_create(&req, now, app.config.default_ttl, app.config.max_ttl)?;
+    let policy = app.policy().await?;
+    let spec = validate_create(&req, now, policy.1.rules_for(&req.environment))?;
     if !principal.may_act_in(&spec.environment) {
         return Err(ApiError::Forbidden(format!(
             "this token may not issue keys in environment `{}`",
@@ -133,12 +135,14 @@ impl KeySpec {
 }
 
 /// Validates a create request, collecting every violation.
+/// Checks a key request field by field and against the policy's rules for its
+/// environment; reports every violation.
 pub fn validate_create(
     req: &CreateKeyRequest,
     now: OffsetDateTime,
-    default_ttl: time::Duration,
-    max_ttl: time::Duration,
+    rules: &Rules,
 ) -> Result<KeySpec, ApiError> {
+    let (default_ttl, max_ttl) = (rules.default_ttl, rules.max_ttl);
     let mut v: Vec<Violation> = Vec::new();
     let mut field = |r: Result<(), validate::FieldError>| {
         if let Err(e) = r {
@@ -277,6 +281,21 @@ pub fn validate_create(
         (None, None) => Some(now + default_ttl),
     };
 
+    let ask = KeyAsk {
+        owner: &req.owner,
+        systems: &req.systems,
+        scopes: &scopes,
+        ttl: expires_at.map_or(time::Duration::ZERO, |at| at - now),
+        has_cidrs: !cidrs.is_empty(),
+        max_uses: req.max_uses,
+    };
+    // The TTL limit was checked above, with the field the caller used.
+    for p in check_issue(rules, &ask)
+        .into_iter()
+        .filter(|p| p.code != codes::TTL_TOO_LONG)
+    {
+        v.push(violation(p.code, p.field, p.message));
+    }
     let (Some(expires_at), true) = (expires_at, v.is_empty()) else {
         return Err(ApiError::Validation(v));
     };
@@ -535,7 +554,8 @@ pub async fn rotate_key(
             &old.environment,
         )
         .map_err(|e| ApiError::InvalidState(e.to_string()))?;
-        let ttl = lifecycle::successor_ttl(&old).min(app.config.max_ttl);
+        let ttl = lifecycle::successor_ttl(&old)
+            .min(app.policy().await?.1.rules_for(&old.environment).max_ttl);
         let successor = KeyRecord {
             id: parsed.id.clone(),
             hash: app.hasher.hash(&parsed.plain),

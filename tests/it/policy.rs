@@ -1,0 +1,222 @@
+//! The key policy: applied (versioned, audited), read, and checked when keys are issued,
+//! through the API and the real CLI.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::{Backend, TestServer, START};
+use crate::on_both_backends;
+
+on_both_backends!(
+    policy_is_checked_at_issue_time,
+    policy_cli_applies_shows_and_diffs
+);
+
+const POLICY: &str = r#"
+[default]
+max_ttl = "730d"
+default_ttl = "400d"
+idle_expiry = "30d"
+
+[environments.prod]
+max_ttl = "30d"
+default_ttl = "30d"
+forbid_wildcards = true
+require_cidrs = true
+require_systems = true
+allowed_scopes = ["deploy:*", "db:*"]
+"#;
+
+fn codes(v: &Value) -> Vec<String> {
+    let mut c: Vec<String> = v["error"]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["code"].as_str().unwrap().to_owned())
+        .collect();
+    c.sort();
+    c
+}
+
+async fn put(s: &TestServer, text: &str) -> (StatusCode, Value) {
+    s.call(
+        reqwest::Method::PUT,
+        "/v1/policy",
+        Some(&s.admin),
+        Some(json!({ "policy": text })),
+    )
+    .await
+}
+
+async fn policy_is_checked_at_issue_time(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (status, v) = s.get("/v1/policy").await;
+    assert_eq!((status, v["version"].as_i64()), (StatusCode::OK, Some(0)));
+
+    // A broken file: every problem listed, nothing applied.
+    let (status, v) = put(
+        &s,
+        "[default]\nmax_ttl = \"soon\"\nrequire_cidrs = \"yes\"\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["code"], "POLICY_INVALID");
+    let (status, v) = put(
+        &s,
+        "[default]\nmax_ttl = \"soon\"\nallowed_scopes = [\"a b\"]\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(v["error"]["violations"].as_array().unwrap().len(), 2, "{v}");
+    let (_, v) = s.get("/v1/policy").await;
+    assert_eq!(v["version"], 0);
+
+    let (status, v) = put(&s, POLICY).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["version"], 1);
+    assert!(v["applied_by"].as_str().unwrap().starts_with("token:"));
+
+    // prod: a request that breaks five rules hears of all five.
+    let (status, v) = s
+        .post(
+            "/v1/keys",
+            json!({"name": "wide", "owner": "alice@example.com", "environment": "prod",
+                   "scopes": ["deploy:*", "admin:all"], "ttl": "60d"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(
+        codes(&v),
+        [
+            "POLICY_CIDRS_REQUIRED",
+            "POLICY_SCOPE_NOT_ALLOWED",
+            "POLICY_SYSTEMS_REQUIRED",
+            "POLICY_WILDCARD_FORBIDDEN",
+            "TTL_TOO_LONG"
+        ]
+    );
+    let (status, v) = s
+        .post(
+            "/v1/keys",
+            json!({"name": "narrow", "owner": "alice@example.com", "environment": "prod",
+                   "systems": ["github"], "scopes": ["deploy:write", "db:orders:read"],
+                   "allowed_cidrs": ["10.0.0.0/8"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let expires = time::OffsetDateTime::parse(
+        v["key"]["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert_eq!(
+        expires,
+        START + time::Duration::days(30),
+        "prod's default_ttl"
+    );
+
+    // Elsewhere the default section holds: longer keys than the built-in 365d cap.
+    let (status, v) = s
+        .post(
+            "/v1/keys",
+            json!({"name": "long", "owner": "bob@example.com", "environment": "dev",
+                   "scopes": ["anything:*"], "ttl": "500d"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (status, v) = s
+        .post(
+            "/v1/keys",
+            json!({"name": "too-long", "owner": "bob@example.com", "environment": "dev",
+                   "scopes": ["anything:*"], "ttl": "800d"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(codes(&v), ["TTL_TOO_LONG"]);
+
+    // Roles: issuers and auditors read it, only admins apply.
+    let issuer = s.token("issuer", None).await;
+    let (status, v) = s
+        .call(reqwest::Method::GET, "/v1/policy", Some(&issuer), None)
+        .await;
+    assert_eq!((status, v["version"].as_i64()), (StatusCode::OK, Some(1)));
+    let (status, _) = s
+        .call(
+            reqwest::Method::PUT,
+            "/v1/policy",
+            Some(&issuer),
+            Some(json!({"policy": "[default]\n"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // A second version; both applies are audited with the text before and after.
+    let (status, v) = put(&s, "[default]\nmax_ttl = \"90d\"\n").await;
+    assert_eq!((status, v["version"].as_i64()), (StatusCode::OK, Some(2)));
+    let (_, v) = s.get("/v1/audit?action=policy.applied").await;
+    let entries = v["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["details"]["version"]["before"], Value::Null);
+    assert_eq!(entries[0]["details"]["text"]["after"], POLICY);
+    assert_eq!(entries[1]["details"]["version"]["before"], 1);
+    assert_eq!(entries[1]["details"]["text"]["before"], POLICY);
+    let (status, v) = s
+        .post(
+            "/v1/keys",
+            json!({"name": "now-too-long", "owner": "bob@example.com", "environment": "dev",
+                   "scopes": ["anything:*"], "ttl": "500d"}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "version 2 is in force: {v}"
+    );
+    s.stop().await;
+}
+
+async fn cli(s: &TestServer, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(assert_cmd::cargo::cargo_bin("keywarden"))
+        .args(args)
+        .env("KEYWARDEN_SERVER", &s.base)
+        .env("KEYWARDEN_TOKEN", &s.admin)
+        .output()
+        .await
+        .expect("run keywarden");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn policy_cli_applies_shows_and_diffs(b: Backend) {
+    let s = TestServer::start(b).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("policy.toml");
+    std::fs::write(&good, POLICY).unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[default]\nmax_tll = \"30d\"\n").unwrap();
+
+    let (rc, out, _) = cli(&s, &["policy", "show"]).await;
+    assert_eq!(rc, 0);
+    assert!(out.contains("no policy applied"), "{out}");
+    let (rc, _, err) = cli(&s, &["policy", "apply", bad.to_str().unwrap()]).await;
+    assert_eq!(rc, 2);
+    assert!(err.contains("max_tll"), "{err}");
+    let (rc, out, _) = cli(&s, &["policy", "diff", good.to_str().unwrap()]).await;
+    assert_eq!(rc, 1, "differs from the defaults");
+    assert!(out.contains("+forbid_wildcards = true"), "{out}");
+    let (rc, out, err) = cli(&s, &["policy", "apply", good.to_str().unwrap()]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("version 1"), "{out}");
+    let (rc, out, _) = cli(&s, &["policy", "diff", good.to_str().unwrap()]).await;
+    assert_eq!(rc, 0, "{out}");
+    let (rc, out, _) = cli(&s, &["policy", "show"]).await;
+    assert_eq!(rc, 0);
+    assert!(
+        out.contains("policy version 1") && out.contains("[environments.prod]"),
+        "{out}"
+    );
+    s.stop().await;
+}
