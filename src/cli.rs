@@ -56,6 +56,22 @@ pub enum Command {
     /// The key policy: rules per environment, checked when keys are issued.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// What the enforcer would do (--plan), or run one pass of it (--now).
+    Enforce(EnforceArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["plan", "now"])))]
+pub struct EnforceArgs {
+    /// Show, key by key, what a pass would do, without acting.
+    #[arg(long)]
+    pub plan: bool,
+    /// Judge the keys as of this time (RFC 3339), e.g. 2027-01-01T00:00:00Z.
+    #[arg(long, requires = "plan")]
+    pub at: Option<String>,
+    /// Run one pass now.
+    #[arg(long)]
+    pub now: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -49,6 +49,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Token(ref cmd) => token(&cli, cmd).await,
         Command::Audit(ref cmd) => audit::run(&cli, cmd).await,
         Command::Policy(ref cmd) => policy(&cli, cmd).await,
+        Command::Enforce(ref args) => enforce(&cli, args).await,
     }
 }
 
@@ -350,6 +351,33 @@ async fn policy(cli: &Cli, cmd: &cli::PolicyCommand) -> Result<u8> {
             return Ok(NEGATIVE);
         }
     }
+    Ok(0)
+}
+
+async fn enforce(cli: &Cli, a: &cli::EnforceArgs) -> Result<u8> {
+    if let Some(at) = &a.at {
+        OffsetDateTime::parse(at, &Rfc3339)
+            .with_context(|| format!("--at {at:?} is not RFC 3339 (2027-01-01T00:00:00Z)"))?;
+    }
+    let c = client(cli)?;
+    let report = if a.plan {
+        c.enforce_plan(a.at.as_deref()).await?
+    } else {
+        c.enforce_now().await?
+    };
+    print(cli, &report, |r| {
+        let what = if r.planned {
+            "would act on"
+        } else {
+            "acted on"
+        };
+        format!(
+            "at {} the enforcer {what} {} key(s)\n{}",
+            output::ts(r.at),
+            r.actions.len(),
+            output::enforcement_table(&r.actions)
+        )
+    })?;
     Ok(0)
 }
 

@@ -1,7 +1,7 @@
 //! Human output: readable tables. `--json` output is the API's JSON as is.
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use keywarden_proto::{AuditEntryView, KeyView, TokenView, UsageEventView};
+use keywarden_proto::{AuditEntryView, EnforcementAction, KeyView, TokenView, UsageEventView};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -169,6 +169,22 @@ pub fn audit_table(entries: &[AuditEntryView]) -> String {
             e.target.clone(),
             opt(&e.source_ip),
             opt(&e.reason),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn enforcement_table(actions: &[EnforcementAction]) -> String {
+    let mut t = table(&["KEY", "NAME", "OWNER", "ENV", "ACTION", "REASON", "DUE"]);
+    for a in actions {
+        t.add_row(vec![
+            a.key_id.clone(),
+            a.name.clone(),
+            a.owner.clone(),
+            a.environment.clone(),
+            a.action.clone(),
+            a.reason.clone(),
+            ts(a.due_at),
         ]);
     }
     t.to_string()

@@ -883,7 +883,7 @@ async fn entries_from_before_the_chain_are_sealed_on_open(b: Backend) {
 
 async fn expiry_is_a_recorded_state_change(b: Backend) {
     let s = TestServer::start_with(b, |c| {
-        c.expiry_interval = std::time::Duration::from_millis(50);
+        c.enforcer_interval = std::time::Duration::from_millis(50);
     })
     .await;
     let mut short = key_body("short");
@@ -924,8 +924,8 @@ async fn expiry_is_a_recorded_state_change(b: Backend) {
     assert_eq!(
         got,
         [
-            (old_t.as_str(), "ROTATION_GRACE_ENDED", "system:expiry"),
-            (short_t.as_str(), "TTL_EXPIRED", "system:expiry"),
+            (old_t.as_str(), "ROTATION_GRACE_ENDED", "system:enforcer"),
+            (short_t.as_str(), "TTL_EXPIRED", "system:enforcer"),
         ]
     );
     assert_eq!(expired[1]["details"]["state"]["after"], "expired");

@@ -121,7 +121,7 @@ impl TestServer {
         let mut config = Config::new(dir.path().join("data"));
         config.listen = "127.0.0.1:0".parse().expect("addr");
         // Tests that move the clock count audit entries; the sweep runs only where asked.
-        config.expiry_interval = std::time::Duration::from_secs(3600);
+        config.enforcer_interval = std::time::Duration::from_secs(3600);
         let mut schema = None;
         if backend == Backend::Postgres {
             let (url, name) = postgres_schema_url().await;

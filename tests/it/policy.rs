@@ -9,7 +9,8 @@ use crate::on_both_backends;
 
 on_both_backends!(
     policy_is_checked_at_issue_time,
-    policy_cli_applies_shows_and_diffs
+    policy_cli_applies_shows_and_diffs,
+    enforce_plans_without_acting_and_acts_now,
 );
 
 const POLICY: &str = r#"
@@ -218,5 +219,86 @@ async fn policy_cli_applies_shows_and_diffs(b: Backend) {
         out.contains("policy version 1") && out.contains("[environments.prod]"),
         "{out}"
     );
+    s.stop().await;
+}
+
+async fn enforce_plans_without_acting_and_acts_now(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut one = crate::harness::key_body("one-hour");
+    one["ttl"] = json!("1h");
+    let (one_id, one_secret) = s.create_key(one).await;
+    let mut two = crate::harness::key_body("two-hours");
+    two["ttl"] = json!("2h");
+    let (two_id, _) = s.create_key(two).await;
+    s.create_key(crate::harness::key_body("month")).await;
+
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let ids = |out: &str| -> Vec<String> {
+        let v: Value = serde_json::from_str(out).unwrap();
+        v["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["key_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let at = fmt(START + time::Duration::minutes(90));
+    let (rc, out, err) = cli(&s, &["--json", "enforce", "--plan", "--at", &at]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(ids(&out), [one_id.clone()]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["planned"], true);
+    assert_eq!(v["actions"][0]["reason"], "TTL_EXPIRED");
+    let at = fmt(START + time::Duration::hours(3));
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--plan", "--at", &at]).await;
+    assert_eq!(ids(&out), [one_id.clone(), two_id.clone()], "soonest first");
+    // A plan changes nothing.
+    let (_, key) = s.get(&format!("/v1/keys/{one_id}")).await;
+    assert_eq!(key["state"], "active");
+    assert_eq!(s.verify_code(&one_secret).await, "VALID");
+
+    s.clock.advance(time::Duration::hours(3));
+    let (rc, out, _) = cli(&s, &["--json", "enforce", "--now"]).await;
+    assert_eq!(rc, 0);
+    assert_eq!(ids(&out), [one_id.clone(), two_id.clone()]);
+    let (_, key) = s.get(&format!("/v1/keys/{one_id}")).await;
+    assert_eq!(key["state"], "expired");
+    let (_, v) = s
+        .get("/v1/audit?action=key.expired&actor=system:enforcer")
+        .await;
+    assert_eq!(v["entries"].as_array().unwrap().len(), 2);
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--now"]).await;
+    assert!(ids(&out).is_empty(), "nothing left to do");
+
+    // Usage errors and roles.
+    let (rc, _, err) = cli(&s, &["enforce", "--at", &at]).await;
+    assert_eq!(rc, 2, "{err}");
+    let (rc, _, err) = cli(&s, &["enforce", "--plan", "--at", "tomorrow"]).await;
+    assert_eq!(rc, 2);
+    assert!(err.contains("--at"), "{err}");
+    let (status, v) = s.get("/v1/enforce/plan?at=soon").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let auditor = s.token("auditor", None).await;
+    let (status, _) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/enforce/plan",
+            Some(&auditor),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/enforce",
+            Some(&auditor),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
     s.stop().await;
 }

@@ -324,6 +324,19 @@ impl Client {
         .await
     }
 
+    /// What the enforcer would do at `at` (RFC 3339; default now).
+    pub async fn enforce_plan(
+        &self,
+        at: Option<&str>,
+    ) -> Result<keywarden_proto::EnforcementReport> {
+        let q: Vec<(&str, &str)> = at.map(|a| ("at", a)).into_iter().collect();
+        self.get("/v1/enforce/plan", Some(&q)).await
+    }
+
+    pub async fn enforce_now(&self) -> Result<keywarden_proto::EnforcementReport> {
+        self.post("/v1/enforce", &serde_json::json!({})).await
+    }
+
     pub async fn audit_list(&self, q: &AuditQuery) -> Result<AuditPage> {
         self.get("/v1/audit", Some(q)).await
     }

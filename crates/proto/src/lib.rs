@@ -365,6 +365,32 @@ pub struct PolicyView {
     pub applied_by: Option<String>,
 }
 
+/// One thing the enforcer did, or would do, to a key, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EnforcementAction {
+    pub key_id: String,
+    pub name: String,
+    pub owner: String,
+    pub environment: String,
+    /// `expire`.
+    pub action: String,
+    /// `TTL_EXPIRED`, `ROTATION_GRACE_ENDED`.
+    pub reason: String,
+    /// When the rule was broken.
+    #[serde(with = "time::serde::rfc3339")]
+    pub due_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EnforcementReport {
+    /// The time judged: the plan's `at`, or now for a pass.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// True for a plan (nothing was changed).
+    pub planned: bool,
+    pub actions: Vec<EnforcementAction>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApplyPolicyRequest {

@@ -35,9 +35,10 @@ pub struct Config {
     /// How long a key record stays in the verify cache at most (jittered ±20%). Changes
     /// made through this node evict at once; this bounds staleness otherwise.
     pub verify_cache_ttl: Duration,
-    /// How often keys past their TTL or rotation grace are recorded as expired (with an
-    /// audit entry). They are refused from the moment they end either way.
-    pub expiry_interval: Duration,
+    /// How often the enforcer runs a pass (keys past their TTL or rotation grace are
+    /// recorded as expired, with an audit entry; they are refused from the moment they
+    /// end either way).
+    pub enforcer_interval: Duration,
     /// Whether to print the bootstrap token to stdout (the binary does; tests read the file).
     pub print_bootstrap_token: bool,
 }
@@ -58,7 +59,7 @@ impl Config {
             usage_fold_interval: Duration::from_secs(10),
             usage_fold_max_keys: 100_000,
             verify_cache_ttl: Duration::from_secs(60),
-            expiry_interval: Duration::from_secs(60),
+            enforcer_interval: Duration::from_secs(60),
             print_bootstrap_token: false,
         }
     }

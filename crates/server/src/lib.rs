@@ -7,8 +7,8 @@ pub mod auth;
 pub mod bootstrap;
 pub mod cache;
 pub mod config;
+pub mod enforcer;
 pub mod error;
-pub mod expiry;
 pub mod extract;
 pub mod routes;
 pub mod state;
@@ -91,6 +91,8 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
             routes::policy::get_policy,
             routes::policy::put_policy
         ))
+        .routes(routes!(routes::policy::enforce_plan))
+        .routes(routes!(routes::policy::enforce_now))
         .with_state(state)
         .split_for_parts();
     (router, doc)
@@ -235,9 +237,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         store, hasher, clock, config, usage_tx, signer,
     ));
     let (stop_jobs, stop_jobs_rx) = watch::channel(false);
-    let expiry = tokio::spawn(expiry::run(
+    let expiry = tokio::spawn(enforcer::run(
         state.clone(),
-        state.config.expiry_interval,
+        state.config.enforcer_interval,
         stop_jobs_rx,
     ));
     let app = router(state.clone());
@@ -271,7 +273,7 @@ impl RunningServer {
     pub async fn shutdown(self) {
         let _ = self.stop_jobs.send(true);
         if let Err(e) = self.expiry.await {
-            tracing::error!(error = %e, "expiry task failed");
+            tracing::error!(error = %e, "enforcer task failed");
         }
         let _ = self.stop_http.send(true);
         match self.http.await {

@@ -4,14 +4,21 @@ use axum::extract::State;
 use axum::Json;
 use keywarden_core::policy::Policy;
 use keywarden_core::role::Permission;
-use keywarden_proto::{codes, ApplyPolicyRequest, ErrorBody, PolicyView};
+use keywarden_proto::{
+    codes, ApplyPolicyRequest, EnforcementAction, EnforcementReport, ErrorBody, PolicyView,
+};
 use keywarden_store::StoredPolicy;
+use serde::Deserialize;
 use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use utoipa::IntoParams;
 
 use super::audit;
 use crate::auth::Principal;
+use crate::enforcer;
 use crate::error::{violation, ApiError};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, QueryParams};
 use crate::state::SharedState;
 
 /// Policy files are small; this bounds what one may hold.
@@ -91,4 +98,67 @@ pub async fn put_policy(
         .await?;
     tracing::info!(version = stored.version, "policy applied");
     Ok(Json(view(Some(stored))))
+}
+
+fn report(at: OffsetDateTime, planned: bool, actions: Vec<enforcer::Action>) -> EnforcementReport {
+    EnforcementReport {
+        at,
+        planned,
+        actions: actions
+            .into_iter()
+            .map(|a| EnforcementAction {
+                key_id: a.key.id.to_string(),
+                name: a.key.name,
+                owner: a.key.owner,
+                environment: a.key.environment,
+                action: a.action.to_owned(),
+                reason: a.reason.to_owned(),
+                due_at: a.due_at,
+            })
+            .collect(),
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PlanQuery {
+    /// RFC 3339; default now.
+    pub at: Option<String>,
+}
+
+/// What the enforcer would do at `at` (default now), key by key, without acting.
+#[utoipa::path(get, path = "/v1/enforce/plan", tag = "policy", params(PlanQuery),
+    responses((status = 200, body = EnforcementReport), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn enforce_plan(
+    State(app): State<SharedState>,
+    principal: Principal,
+    QueryParams(q): QueryParams<PlanQuery>,
+) -> Result<Json<EnforcementReport>, ApiError> {
+    principal.require(Permission::PolicyRead)?;
+    let at = match q.at.as_deref() {
+        None => app.now(),
+        Some(s) => OffsetDateTime::parse(s, &Rfc3339).map_err(|_| {
+            ApiError::bad_request(
+                codes::INVALID_QUERY,
+                "at must be an RFC 3339 time such as 2027-01-01T00:00:00Z",
+            )
+        })?,
+    };
+    let actions = enforcer::plan(&app, at).await?;
+    Ok(Json(report(at, true, actions)))
+}
+
+/// Run one enforcer pass now (role `admin`); returns what it did.
+#[utoipa::path(post, path = "/v1/enforce", tag = "policy",
+    responses((status = 200, body = EnforcementReport), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn enforce_now(
+    State(app): State<SharedState>,
+    principal: Principal,
+) -> Result<Json<EnforcementReport>, ApiError> {
+    principal.require(Permission::PolicyWrite)?;
+    let at = app.now();
+    let actions = enforcer::pass(&app).await?;
+    Ok(Json(report(at, false, actions)))
 }

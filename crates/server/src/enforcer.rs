@@ -1,0 +1,115 @@
+//! The enforcer: a job inside the server that acts on keys by itself, each action a
+//! stored state change with an audit entry by `system:enforcer`. Today it records keys
+//! whose TTL or rotation grace has ended as `expired` (verify refuses them from the
+//! moment they end; the enforcer makes the end a recorded change). Idle expiry and
+//! offboarding join it with the rest of the policy issue.
+//!
+//! `plan` says what a pass would do at a given time without acting; `pass` acts now.
+
+use std::time::Duration;
+
+use keywarden_core::lifecycle::expiry_due;
+use keywarden_core::model::{Actor, KeyRecord, KeyState};
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::routes::audit as audit_entry;
+use crate::state::SharedState;
+
+/// Keys handled per pass at most; a larger backlog is taken on the next passes.
+const BATCH: u32 = 500;
+/// Keys a plan lists at most.
+pub const PLAN_LIMIT: u32 = 10_000;
+
+pub fn actor() -> Actor {
+    Actor {
+        id: "system:enforcer".to_owned(),
+        name: "enforcer".to_owned(),
+        ..Actor::default()
+    }
+}
+
+/// One thing the enforcer does (or would do) to a key, and why.
+#[derive(Debug, Clone)]
+pub struct Action {
+    pub key: KeyRecord,
+    /// `expire`.
+    pub action: &'static str,
+    pub reason: &'static str,
+    /// When the rule was broken (the key's end).
+    pub due_at: OffsetDateTime,
+}
+
+fn decide(key: KeyRecord, at: OffsetDateTime) -> Option<Action> {
+    let reason = expiry_due(&key, at)?;
+    Some(Action {
+        due_at: key.expires_at,
+        key,
+        action: "expire",
+        reason: reason.as_str(),
+    })
+}
+
+/// What a pass at `at` would do, key by key, without acting.
+pub async fn plan(
+    app: &SharedState,
+    at: OffsetDateTime,
+) -> Result<Vec<Action>, keywarden_store::StoreError> {
+    Ok(app
+        .store
+        .keys_past_expiry(at, PLAN_LIMIT)
+        .await?
+        .into_iter()
+        .filter_map(|k| decide(k, at))
+        .collect())
+}
+
+/// One pass now; returns what it did. A key changed concurrently (another node's
+/// enforcer, an admin's revoke) is left to whoever won.
+pub async fn pass(app: &SharedState) -> Result<Vec<Action>, keywarden_store::StoreError> {
+    let now = app.now();
+    let mut done = Vec::new();
+    for key in app.store.keys_past_expiry(now, BATCH).await? {
+        let Some(action) = decide(key, now) else {
+            continue;
+        };
+        let key = &action.key;
+        let mut ended = key.clone();
+        ended.state = KeyState::Expired;
+        ended.state_reason = Some(action.reason.to_owned());
+        ended.state_changed_at = Some(key.expires_at);
+        let entry = audit_entry(
+            actor(),
+            now,
+            "key.expired",
+            format!("key:{}", key.id),
+            Some(action.reason.to_owned()),
+            json!({
+                "state": {"before": key.state.as_str(), "after": "expired"},
+                "expires_at": key.expires_at.unix_timestamp(),
+            }),
+        );
+        if app.store.update_key_state(&ended, &entry).await? {
+            app.keys.evict(&key.id);
+            tracing::info!(key_id = %key.id, reason = action.reason, "key expired");
+            done.push(action);
+        }
+    }
+    Ok(done)
+}
+
+/// Runs a pass every `every` until `shutdown` flips.
+pub async fn run(app: SharedState, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = pass(&app).await {
+            tracing::error!(error = %e, "enforcer pass failed; retrying on the next one");
+        }
+    }
+}
