@@ -248,7 +248,7 @@ async fn enforce_plans_without_acting_and_acts_now(b: Backend) {
     let at = fmt(START + time::Duration::minutes(90));
     let (rc, out, err) = cli(&s, &["--json", "enforce", "--plan", "--at", &at]).await;
     assert_eq!(rc, 0, "{err}");
-    assert_eq!(ids(&out), [one_id.clone()]);
+    assert_eq!(ids(&out), std::slice::from_ref(&one_id));
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["planned"], true);
     assert_eq!(v["actions"][0]["reason"], "TTL_EXPIRED");
