@@ -11,6 +11,7 @@ on_both_backends!(
     policy_is_checked_at_issue_time,
     policy_cli_applies_shows_and_diffs,
     enforce_plans_without_acting_and_acts_now,
+    idle_keys_expire_and_a_key_used_on_day_29_survives_day_31,
 );
 
 const POLICY: &str = r#"
@@ -300,5 +301,76 @@ async fn enforce_plans_without_acting_and_acts_now(b: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    s.stop().await;
+}
+
+async fn idle_keys_expire_and_a_key_used_on_day_29_survives_day_31(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut body = crate::harness::key_body("idle");
+    body["ttl"] = json!("90d");
+    let (idle_id, idle_secret) = s.create_key(body.clone()).await;
+    body["name"] = json!("busy");
+    let (busy_id, busy_secret) = s.create_key(body.clone()).await;
+    body["name"] = json!("staging");
+    body["environment"] = json!("staging");
+    let (_, staging_secret) = s.create_key(body).await;
+
+    s.clock.advance(time::Duration::days(29));
+    assert_eq!(s.verify_code(&busy_secret).await, "VALID");
+    s.wait_for_usage(&busy_id, 1).await;
+    s.clock.advance(time::Duration::days(2));
+    // Day 31: refused at once, before any enforcer pass; the key used on day 29 works,
+    // and keeps working on its next use (its cached record is from before that use).
+    assert_eq!(s.verify_code(&idle_secret).await, "IDLE_EXPIRED");
+    assert_eq!(s.verify_code(&busy_secret).await, "VALID");
+    assert_eq!(s.verify_code(&busy_secret).await, "VALID");
+    let (_, key) = s.get(&format!("/v1/keys/{idle_id}")).await;
+    assert_eq!(key["state"], "active", "not recorded yet");
+
+    let (rc, out, err) = cli(&s, &["--json", "enforce", "--plan"]).await;
+    assert_eq!(rc, 0, "{err}");
+    let plan: Value = serde_json::from_str(&out).unwrap();
+    let planned: Vec<(&str, &str)> = plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["key_id"].as_str().unwrap(), a["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(planned.len(), 2, "{plan}");
+    assert!(
+        planned.contains(&(idle_id.as_str(), "IDLE_EXPIRED")),
+        "{plan}"
+    );
+    assert_eq!(
+        plan["actions"][0]["due_at"], "2026-07-01T12:00:00Z",
+        "due 30 days after creation"
+    );
+    let (rc, out, _) = cli(&s, &["--json", "enforce", "--now"]).await;
+    assert_eq!(rc, 0);
+    let done: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done["actions"].as_array().unwrap().len(), 2, "{done}");
+    let (_, key) = s.get(&format!("/v1/keys/{idle_id}")).await;
+    assert_eq!(
+        (key["state"].as_str(), key["state_reason"].as_str()),
+        (Some("expired"), Some("IDLE_EXPIRED"))
+    );
+    assert_eq!(s.verify_code(&idle_secret).await, "EXPIRED");
+    assert_eq!(s.verify_code(&staging_secret).await, "EXPIRED");
+    let (_, key) = s.get(&format!("/v1/keys/{busy_id}")).await;
+    assert_eq!(key["state"], "active");
+    let (_, v) = s
+        .get(&format!("/v1/audit?key={idle_id}&action=key.expired"))
+        .await;
+    assert_eq!(v["entries"][0]["actor"], "system:enforcer");
+    assert_eq!(v["entries"][0]["reason"], "IDLE_EXPIRED");
+
+    // A policy sets idle expiry per environment: prod 7 days.
+    let (status, _) = put(&s, "[environments.prod]\nidle_expiry = \"7d\"\n").await;
+    assert_eq!(status, StatusCode::OK);
+    s.wait_for_usage(&busy_id, 3).await;
+    s.clock.advance(time::Duration::days(8));
+    assert_eq!(s.verify_code(&busy_secret).await, "IDLE_EXPIRED");
+    let (status, v) = put(&s, "[default]\nidle_expiry = \"0s\"\n").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     s.stop().await;
 }

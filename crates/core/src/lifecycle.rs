@@ -67,6 +67,8 @@ pub enum ExpiryReason {
     TtlExpired,
     /// It was rotated and its grace period ended.
     RotationGraceEnded,
+    /// It went unused for the policy's `idle_expiry`.
+    IdleExpired,
 }
 
 impl ExpiryReason {
@@ -74,6 +76,7 @@ impl ExpiryReason {
         match self {
             Self::TtlExpired => "TTL_EXPIRED",
             Self::RotationGraceEnded => "ROTATION_GRACE_ENDED",
+            Self::IdleExpired => "IDLE_EXPIRED",
         }
     }
 }
@@ -92,6 +95,22 @@ pub fn expiry_due(key: &KeyRecord, now: OffsetDateTime) -> Option<ExpiryReason> 
         }
         _ => None,
     }
+}
+
+/// When an active key last showed activity: its last use (the later of the stored one and
+/// `seen`, a use not stored yet), else its creation.
+pub fn last_activity(key: &KeyRecord, seen: Option<OffsetDateTime>) -> OffsetDateTime {
+    key.last_used_at.max(seen).unwrap_or(key.created_at)
+}
+
+/// Whether an active key has gone unused for `expiry` at `now`.
+pub fn idle_due(
+    key: &KeyRecord,
+    expiry: Duration,
+    seen: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> bool {
+    key.state == KeyState::Active && now >= last_activity(key, seen) + expiry
 }
 
 /// When a rotated key stops working: after the grace, but never later than it would have.

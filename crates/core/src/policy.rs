@@ -153,6 +153,14 @@ impl Policy {
         }
     }
 
+    /// The shortest idle expiry of any environment: keys unused for less are idle nowhere.
+    pub fn min_idle_expiry(&self) -> Duration {
+        self.environments
+            .values()
+            .map(|r| r.idle_expiry)
+            .fold(self.default.idle_expiry, Duration::min)
+    }
+
     /// The rules in force in `environment`.
     pub fn rules_for(&self, environment: &str) -> &Rules {
         self.environments.get(environment).unwrap_or(&self.default)

@@ -98,11 +98,35 @@ pub struct VerifyRequest {
 /// Order: terminal states first (so a revoked key always says REVOKED), then time, then
 /// reversible state, then the request's fit (environment, source, scope).
 pub fn decide(key: &KeyRecord, req: &VerifyRequest, now: OffsetDateTime) -> Result<(), VerifyCode> {
+    decide_with_idle(key, req, now, None)
+}
+
+/// The idle rule for a verify: how long an active key may go unused, and the latest use
+/// this node has seen, which a cached record may not show yet.
+#[derive(Debug, Clone, Copy)]
+pub struct Idle {
+    pub expiry: time::Duration,
+    pub last_seen: Option<OffsetDateTime>,
+}
+
+/// [`decide`], and an active key unused for `idle.expiry` answers IDLE_EXPIRED, whether
+/// or not the enforcer has recorded it yet.
+pub fn decide_with_idle(
+    key: &KeyRecord,
+    req: &VerifyRequest,
+    now: OffsetDateTime,
+    idle: Option<&Idle>,
+) -> Result<(), VerifyCode> {
     match key.effective_state(now) {
         KeyState::Revoked => return Err(VerifyCode::Revoked),
         KeyState::Expired => return Err(VerifyCode::Expired),
         KeyState::Suspended => return Err(VerifyCode::Suspended),
         KeyState::Active => {}
+    }
+    if let Some(idle) = idle {
+        if crate::lifecycle::idle_due(key, idle.expiry, idle.last_seen, now) {
+            return Err(VerifyCode::IdleExpired);
+        }
     }
     if let Some(env) = &req.environment {
         if *env != key.environment {

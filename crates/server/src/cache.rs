@@ -22,7 +22,42 @@ use std::time::{Duration, Instant};
 use keywarden_core::{KeyId, KeyRecord};
 
 /// `None` caches "no such key", so floods of well-formed unknown ids stay off the store.
-pub type Entry = Option<Arc<KeyRecord>>;
+pub type Entry = Option<Arc<CachedKey>>;
+
+/// A cached record and the latest valid use this node has answered for it. The record's
+/// `last_used_at` is as of its load; without the stamp, a key used just before its idle
+/// deadline would read as idle on its next use, until the entry is reloaded.
+#[derive(Debug)]
+pub struct CachedKey {
+    record: KeyRecord,
+    seen_ms: std::sync::atomic::AtomicI64,
+}
+
+impl CachedKey {
+    pub fn new(record: KeyRecord) -> Self {
+        Self {
+            record,
+            seen_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        }
+    }
+
+    pub fn mark_seen(&self, at: time::OffsetDateTime) {
+        self.seen_ms
+            .fetch_max(keywarden_core::clock::to_millis(at), Ordering::Relaxed);
+    }
+
+    pub fn last_seen(&self) -> Option<time::OffsetDateTime> {
+        let ms = self.seen_ms.load(Ordering::Relaxed);
+        (ms != i64::MIN).then(|| keywarden_core::clock::from_millis(ms))
+    }
+}
+
+impl std::ops::Deref for CachedKey {
+    type Target = KeyRecord;
+    fn deref(&self) -> &KeyRecord {
+        &self.record
+    }
+}
 
 const SHARDS: usize = 64;
 

@@ -1,19 +1,20 @@
 //! The enforcer: a job inside the server that acts on keys by itself, each action a
 //! stored state change with an audit entry by `system:enforcer`. Today it records keys
-//! whose TTL or rotation grace has ended as `expired` (verify refuses them from the
-//! moment they end; the enforcer makes the end a recorded change). Idle expiry and
-//! offboarding join it with the rest of the policy issue.
+//! whose TTL or rotation grace has ended, and active keys unused for their environment's
+//! `idle_expiry`, as `expired` (verify refuses them from the moment they end or go idle;
+//! the enforcer makes it a recorded change). Offboarding joins it later.
 //!
 //! `plan` says what a pass would do at a given time without acting; `pass` acts now.
 
 use std::time::Duration;
 
-use keywarden_core::lifecycle::expiry_due;
+use keywarden_core::lifecycle::{expiry_due, idle_due, last_activity, ExpiryReason};
 use keywarden_core::model::{Actor, KeyRecord, KeyState};
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
+use crate::error::ApiError;
 use crate::routes::audit as audit_entry;
 use crate::state::SharedState;
 
@@ -51,34 +52,54 @@ fn decide(key: KeyRecord, at: OffsetDateTime) -> Option<Action> {
     })
 }
 
-/// What a pass at `at` would do, key by key, without acting.
-pub async fn plan(
-    app: &SharedState,
-    at: OffsetDateTime,
-) -> Result<Vec<Action>, keywarden_store::StoreError> {
-    Ok(app
+/// Everything due at `at`: keys past their end, then keys idle under their
+/// environment's rule (counting uses this node answered that are not stored yet).
+async fn due(app: &SharedState, at: OffsetDateTime, limit: u32) -> Result<Vec<Action>, ApiError> {
+    let mut actions: Vec<Action> = app
         .store
-        .keys_past_expiry(at, PLAN_LIMIT)
+        .keys_past_expiry(at, limit)
         .await?
         .into_iter()
         .filter_map(|k| decide(k, at))
-        .collect())
+        .collect();
+    let policy = app.policy().await?;
+    let cutoff = at - policy.1.min_idle_expiry();
+    for key in app.store.keys_unused_since(cutoff, at, limit).await? {
+        let expiry = policy.1.rules_for(&key.environment).idle_expiry;
+        let seen = app.keys.get(&key.id).flatten().and_then(|c| c.last_seen());
+        if idle_due(&key, expiry, seen, at) {
+            actions.push(Action {
+                due_at: last_activity(&key, seen) + expiry,
+                key,
+                action: "expire",
+                reason: ExpiryReason::IdleExpired.as_str(),
+            });
+        }
+    }
+    actions.sort_by(|a, b| {
+        a.due_at
+            .cmp(&b.due_at)
+            .then_with(|| a.key.id.cmp(&b.key.id))
+    });
+    Ok(actions)
+}
+
+/// What a pass at `at` would do, key by key, without acting.
+pub async fn plan(app: &SharedState, at: OffsetDateTime) -> Result<Vec<Action>, ApiError> {
+    due(app, at, PLAN_LIMIT).await
 }
 
 /// One pass now; returns what it did. A key changed concurrently (another node's
-/// enforcer, an admin's revoke) is left to whoever won.
-pub async fn pass(app: &SharedState) -> Result<Vec<Action>, keywarden_store::StoreError> {
+/// enforcer, an admin's revoke, a use) is left to whoever won.
+pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
     let now = app.now();
     let mut done = Vec::new();
-    for key in app.store.keys_past_expiry(now, BATCH).await? {
-        let Some(action) = decide(key, now) else {
-            continue;
-        };
+    for action in due(app, now, BATCH).await? {
         let key = &action.key;
         let mut ended = key.clone();
         ended.state = KeyState::Expired;
         ended.state_reason = Some(action.reason.to_owned());
-        ended.state_changed_at = Some(key.expires_at);
+        ended.state_changed_at = Some(action.due_at);
         let entry = audit_entry(
             actor(),
             now,
@@ -88,6 +109,7 @@ pub async fn pass(app: &SharedState) -> Result<Vec<Action>, keywarden_store::Sto
             json!({
                 "state": {"before": key.state.as_str(), "after": "expired"},
                 "expires_at": key.expires_at.unix_timestamp(),
+                "last_used_at": key.last_used_at.map(|t| t.unix_timestamp()),
             }),
         );
         if app.store.update_key_state(&ended, &entry).await? {

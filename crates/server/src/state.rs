@@ -84,6 +84,16 @@ impl AppState {
         Ok(loaded)
     }
 
+    /// The policy this node last loaded, without asking the store: for verify's hot path.
+    /// Refreshed by every [`AppState::policy`] call (each key issue, each enforcer pass),
+    /// so an apply through another node reaches verify within one enforcer interval.
+    pub fn policy_cached(&self) -> Arc<(i64, Policy)> {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// The current time, at the millisecond precision the store keeps.
     pub fn now(&self) -> OffsetDateTime {
         truncate_to_millis(self.clock.now())

@@ -190,6 +190,35 @@ impl Store {
         rows.iter().map(key_from_row).collect()
     }
 
+    /// Active, unexpired keys whose last stored use (or creation, if never used) is at or
+    /// before `cutoff`, longest unused first, with unfolded usage applied: the caller
+    /// judges each against its environment's idle rule.
+    pub async fn keys_unused_since(
+        &self,
+        cutoff: OffsetDateTime,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>> {
+        let _folding = self.fold_lock.read().await;
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE state = 'active' AND expires_at > $1 \
+             AND COALESCE(key_usage.last_used_at, keys.created_at) <= $2 \
+             ORDER BY COALESCE(key_usage.last_used_at, keys.created_at), id LIMIT $3"
+        ))
+        .bind(ms(now))
+        .bind(ms(cutoff))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut keys = rows.iter().map(key_from_row).collect::<Result<Vec<_>>>()?;
+        self.with_pending(|p| {
+            if let Some(p) = p {
+                keys.iter_mut().for_each(|k| p.apply_to(k));
+            }
+        })?;
+        Ok(keys)
+    }
+
     /// Counts one use against a key's cap, atomically in the database so that concurrent
     /// verifies (on any node) cannot overspend it. Returns the uses left after this one,
     /// or `None` when the cap was already reached.

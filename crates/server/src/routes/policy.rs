@@ -97,6 +97,8 @@ pub async fn put_policy(
         })
         .await?;
     tracing::info!(version = stored.version, "policy applied");
+    // Verify reads the node's cached policy; bring it up to date at once.
+    app.policy().await?;
     Ok(Json(view(Some(stored))))
 }
 

@@ -13,13 +13,14 @@ use keywarden_core::key_format::{self, ADMIN_ENV};
 use keywarden_core::model::UsageEvent;
 use keywarden_core::role::Permission;
 use keywarden_core::scope::Scope;
-use keywarden_core::verify::{decide, VerifyCode, VerifyRequest};
-use keywarden_core::{validate, KeyId, KeyRecord};
+use keywarden_core::verify::{decide_with_idle, Idle, VerifyCode, VerifyRequest};
+use keywarden_core::{validate, KeyId};
 use keywarden_proto::{codes, ErrorBody, VerifyRequest as WireRequest, VerifyResponse};
 use time::OffsetDateTime;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::auth::Principal;
+use crate::cache::CachedKey;
 use crate::error::{violation, ApiError};
 use crate::extract::JsonBody;
 use crate::state::{AppState, SharedState};
@@ -136,7 +137,7 @@ struct Outcome {
     code: VerifyCode,
     key_id: Option<KeyId>,
     /// Set when the caller proved possession of the key (hash matched).
-    key: Option<Arc<KeyRecord>>,
+    key: Option<Arc<CachedKey>>,
     remaining_uses: Option<u64>,
     counted: bool,
 }
@@ -197,7 +198,11 @@ async fn check(
     let record = app
         .keys
         .get_or_load(&parsed.id, || async {
-            Ok::<_, ApiError>(Box::pin(app.store.get_key(&parsed.id)).await?.map(Arc::new))
+            Ok::<_, ApiError>(
+                Box::pin(app.store.get_key(&parsed.id))
+                    .await?
+                    .map(|k| Arc::new(CachedKey::new(k))),
+            )
         })
         .await?;
     let Some(record) = record else {
@@ -214,7 +219,15 @@ async fn check(
         remaining_uses: None,
         counted: false,
     };
-    if let Err(code) = decide(&record, ask, now) {
+    let idle = Idle {
+        expiry: app
+            .policy_cached()
+            .1
+            .rules_for(&record.environment)
+            .idle_expiry,
+        last_seen: record.last_seen(),
+    };
+    if let Err(code) = decide_with_idle(&record, ask, now, Some(&idle)) {
         outcome.code = code;
         return Ok(outcome);
     }
@@ -230,6 +243,9 @@ async fn check(
                 app.keys.evict(&record.id);
             }
         }
+    }
+    if outcome.code == VerifyCode::Valid {
+        record.mark_seen(now);
     }
     Ok(outcome)
 }
