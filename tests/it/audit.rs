@@ -855,6 +855,19 @@ async fn entries_from_before_the_chain_are_sealed_on_open(b: Backend) {
     assert_eq!(entries[1]["details"], json!({"a": [2], "b": 1}));
     let (rc, brk, v) = verify(&s, &[]).await;
     assert_eq!((rc, brk), (0, None), "{v}");
+    // Once the chain has started, a row whose hash was removed is tampering: a restart
+    // leaves it for verify to name instead of sealing it again.
+    s.sql(&["UPDATE audit_events SET hash = NULL, reason = 'hidden' WHERE seq = 2"])
+        .await;
+    s.restart().await;
+    let (rc, brk, v) = verify(&s, &[]).await;
+    assert_eq!((rc, brk), (1, Some(("altered".into(), 2))), "{v}");
+    let restore = entries[1]["hash"].as_str().unwrap().to_owned();
+    s.sql(&[&format!(
+        "UPDATE audit_events SET hash = '{restore}', reason = NULL WHERE seq = 2"
+    )])
+    .await;
+
     // New entries continue the sealed chain, one at a time or in bulk.
     s.create_key(key_body("new")).await;
     let bulk: Vec<_> = (0..3)

@@ -211,9 +211,18 @@ async fn insert_sealed(
 
 impl Store {
     /// Chains entries written before the trail had a chain (migration 0003), oldest first,
-    /// renumbered without gaps. Runs once at open; a no-op afterwards.
+    /// renumbered without gaps. Only while the chain has never been started (head at seq
+    /// 0): once it has, a row without a hash is tampering, left for `audit verify` to
+    /// name, and opening the store reads nothing from the trail.
     pub(crate) async fn seal_unchained_audit(&self) -> Result<u64> {
         let mut tx = self.begin_write().await?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&mut **tx)
+            .await?;
+        let mut seq: i64 = head.try_get("seq")?;
+        if seq != 0 {
+            return Ok(0);
+        }
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM audit_events WHERE hash IS NULL ORDER BY seq"
         ))
@@ -222,10 +231,6 @@ impl Store {
         if rows.is_empty() {
             return Ok(0);
         }
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&mut **tx)
-            .await?;
-        let mut seq: i64 = head.try_get("seq")?;
         let mut prev = from_hex(&head.try_get::<String, _>("hash")?)
             .ok_or_else(|| StoreError::Corrupt("audit_head.hash is not a SHA-256 hex".into()))?;
         for row in &rows {
