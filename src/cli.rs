@@ -58,6 +58,37 @@ pub enum Command {
     Policy(PolicyCommand),
     /// What the enforcer would do (--plan), or run one pass of it (--now).
     Enforce(EnforceArgs),
+    /// The people keys belong to; disabling one acts on all their keys at once.
+    #[command(subcommand)]
+    Owner(OwnerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OwnerCommand {
+    /// Register an owner, or update one's name and manager.
+    Add {
+        identity: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        manager: Option<String>,
+    },
+    List,
+    Show {
+        identity: String,
+    },
+    /// Disable an owner: their keys are revoked (or suspended, as the policy says).
+    Disable {
+        identity: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Enable an owner again; their keys stay as they are.
+    Enable {
+        identity: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

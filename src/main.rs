@@ -50,6 +50,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Audit(ref cmd) => audit::run(&cli, cmd).await,
         Command::Policy(ref cmd) => policy(&cli, cmd).await,
         Command::Enforce(ref args) => enforce(&cli, args).await,
+        Command::Owner(ref cmd) => owner(&cli, cmd).await,
     }
 }
 
@@ -378,6 +379,53 @@ async fn enforce(cli: &Cli, a: &cli::EnforceArgs) -> Result<u8> {
             output::enforcement_table(&r.actions)
         )
     })?;
+    Ok(0)
+}
+
+async fn owner(cli: &Cli, cmd: &cli::OwnerCommand) -> Result<u8> {
+    use cli::OwnerCommand as O;
+    let c = client(cli)?;
+    let changed = |ch: &keywarden_proto::OwnerStatusChange| {
+        let mut s = output::owners_table(std::slice::from_ref(&ch.owner));
+        if !ch.keys.is_empty() {
+            s.push_str(&format!("\nkeys acted on: {}", ch.keys.join(", ")));
+        }
+        s
+    };
+    match cmd {
+        O::Add {
+            identity,
+            name,
+            manager,
+        } => {
+            let req = keywarden_proto::PutOwnerRequest {
+                identity: identity.clone(),
+                display_name: name.clone(),
+                manager: manager.clone(),
+            };
+            print(cli, &c.put_owner(&req).await?, |o| {
+                output::owners_table(std::slice::from_ref(o))
+            })?;
+        }
+        O::List => print(cli, &c.list_owners().await?, |l| {
+            output::owners_table(&l.owners)
+        })?,
+        O::Show { identity } => print(cli, &c.get_owner(identity).await?, |o| {
+            output::owners_table(std::slice::from_ref(o))
+        })?,
+        O::Disable { identity, reason } => print(
+            cli,
+            &c.set_owner_status(identity, "disable", reason.clone())
+                .await?,
+            changed,
+        )?,
+        O::Enable { identity, reason } => print(
+            cli,
+            &c.set_owner_status(identity, "enable", reason.clone())
+                .await?,
+            changed,
+        )?,
+    }
     Ok(0)
 }
 

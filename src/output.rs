@@ -1,7 +1,9 @@
 //! Human output: readable tables. `--json` output is the API's JSON as is.
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use keywarden_proto::{AuditEntryView, EnforcementAction, KeyView, TokenView, UsageEventView};
+use keywarden_proto::{
+    AuditEntryView, EnforcementAction, KeyView, OwnerView, TokenView, UsageEventView,
+};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -185,6 +187,20 @@ pub fn enforcement_table(actions: &[EnforcementAction]) -> String {
             a.action.clone(),
             a.reason.clone(),
             ts(a.due_at),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn owners_table(owners: &[OwnerView]) -> String {
+    let mut t = table(&["IDENTITY", "NAME", "STATUS", "MANAGER", "UPDATED"]);
+    for o in owners {
+        t.add_row(vec![
+            o.identity.clone(),
+            o.display_name.clone(),
+            o.status.clone(),
+            opt(&o.manager),
+            ts(o.updated_at),
         ]);
     }
     t.to_string()

@@ -27,21 +27,8 @@ on_both_backends!(
     concurrent_changes_keep_one_chain,
 );
 
-/// Runs the real CLI against `s`; returns (exit code, stdout, stderr).
 async fn cli(s: &TestServer, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(assert_cmd::cargo::cargo_bin("keywarden"))
-        .args(args)
-        .env("KEYWARDEN_SERVER", &s.base)
-        .env("KEYWARDEN_TOKEN", &s.admin)
-        .env("KEYWARDEN_DATA_DIR", s.config.data_dir.join("nonexistent"))
-        .output()
-        .await
-        .expect("run keywarden");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    s.cli(args).await
 }
 
 /// `audit verify --json`: exit code and the (kind, seq) of the break, if any.

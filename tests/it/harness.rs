@@ -171,6 +171,26 @@ impl TestServer {
         conn.close().await.expect("close");
     }
 
+    /// Runs the real CLI against this server as the admin; (exit code, stdout, stderr).
+    pub async fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = tokio::process::Command::new(assert_cmd::cargo::cargo_bin("keywarden"))
+            .args(args)
+            .env("KEYWARDEN_SERVER", &self.base)
+            .env("KEYWARDEN_TOKEN", &self.admin)
+            .env(
+                "KEYWARDEN_DATA_DIR",
+                self.config.data_dir.join("nonexistent"),
+            )
+            .output()
+            .await
+            .expect("run keywarden");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

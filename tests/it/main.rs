@@ -8,6 +8,7 @@ mod harness;
 mod input;
 mod lifecycle;
 mod openapi;
+mod owners;
 mod policy;
 mod process;
 mod usage_log;

@@ -24,6 +24,9 @@ async fn openapi_document_matches_snapshot() {
         "/v1/audit/checkpoints",
         "/v1/audit/archives",
         "/v1/policy",
+        "/v1/enforce/plan",
+        "/v1/owners",
+        "/v1/owners/{identity}/disable",
         "/healthz",
     ] {
         assert!(

@@ -178,18 +178,7 @@ async fn policy_is_checked_at_issue_time(b: Backend) {
 }
 
 async fn cli(s: &TestServer, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(assert_cmd::cargo::cargo_bin("keywarden"))
-        .args(args)
-        .env("KEYWARDEN_SERVER", &s.base)
-        .env("KEYWARDEN_TOKEN", &s.admin)
-        .output()
-        .await
-        .expect("run keywarden");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    s.cli(args).await
 }
 
 async fn policy_cli_applies_shows_and_diffs(b: Backend) {

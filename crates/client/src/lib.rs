@@ -308,6 +308,36 @@ impl Client {
 }
 
 impl Client {
+    pub async fn put_owner(
+        &self,
+        req: &keywarden_proto::PutOwnerRequest,
+    ) -> Result<keywarden_proto::OwnerView> {
+        self.post("/v1/owners", req).await
+    }
+
+    pub async fn list_owners(&self) -> Result<keywarden_proto::OwnerList> {
+        self.get::<(), _>("/v1/owners", None).await
+    }
+
+    pub async fn get_owner(&self, identity: &str) -> Result<keywarden_proto::OwnerView> {
+        self.get::<(), _>(&format!("/v1/owners/{}", seg(identity)), None)
+            .await
+    }
+
+    /// `action` is `disable` or `enable`.
+    pub async fn set_owner_status(
+        &self,
+        identity: &str,
+        action: &str,
+        reason: Option<String>,
+    ) -> Result<keywarden_proto::OwnerStatusChange> {
+        self.post(
+            &format!("/v1/owners/{}/{action}", seg(identity)),
+            &StateChangeRequest { reason },
+        )
+        .await
+    }
+
     pub async fn get_policy(&self) -> Result<keywarden_proto::PolicyView> {
         self.get::<(), _>("/v1/policy", None).await
     }

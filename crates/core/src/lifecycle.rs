@@ -60,6 +60,10 @@ pub fn transition(
     }
 }
 
+/// The state reason of keys revoked or suspended because their owner was disabled; verify
+/// answers `OWNER_DISABLED` for them.
+pub const OWNER_DISABLED: &str = "OWNER_DISABLED";
+
 /// Why a key whose time has passed is recorded as expired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpiryReason {

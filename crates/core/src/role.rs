@@ -31,6 +31,10 @@ pub enum Permission {
     PolicyRead,
     /// Apply a key policy.
     PolicyWrite,
+    /// Read the owner registry.
+    OwnersRead,
+    /// Register, disable and enable owners.
+    OwnersWrite,
 }
 
 impl Role {
@@ -49,11 +53,16 @@ impl Role {
         use Permission::*;
         match self {
             Self::Admin => true,
-            Self::Issuer => matches!(p, KeysRead | KeysWrite | UsageRead | PolicyRead),
+            Self::Issuer => {
+                matches!(
+                    p,
+                    KeysRead | KeysWrite | UsageRead | PolicyRead | OwnersRead
+                )
+            }
             Self::Auditor => {
                 matches!(
                     p,
-                    KeysRead | UsageRead | TokensRead | AuditRead | PolicyRead
+                    KeysRead | UsageRead | TokensRead | AuditRead | PolicyRead | OwnersRead
                 )
             }
             Self::Verifier => matches!(p, Verify),

@@ -117,7 +117,11 @@ pub fn decide_with_idle(
     now: OffsetDateTime,
     idle: Option<&Idle>,
 ) -> Result<(), VerifyCode> {
+    let owner_gone = key.state_reason.as_deref() == Some(crate::lifecycle::OWNER_DISABLED);
     match key.effective_state(now) {
+        KeyState::Revoked | KeyState::Suspended if owner_gone => {
+            return Err(VerifyCode::OwnerDisabled)
+        }
         KeyState::Revoked => return Err(VerifyCode::Revoked),
         KeyState::Expired => return Err(VerifyCode::Expired),
         KeyState::Suspended => return Err(VerifyCode::Suspended),

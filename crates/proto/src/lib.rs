@@ -365,6 +365,42 @@ pub struct PolicyView {
     pub applied_by: Option<String>,
 }
 
+/// A person keys belong to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OwnerView {
+    pub identity: String,
+    pub display_name: String,
+    /// `active` or `disabled`.
+    pub status: String,
+    pub manager: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OwnerList {
+    pub owners: Vec<OwnerView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutOwnerRequest {
+    pub identity: String,
+    pub display_name: String,
+    #[serde(default)]
+    pub manager: Option<String>,
+}
+
+/// The owner after a status change, and the keys that change acted on.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OwnerStatusChange {
+    pub owner: OwnerView,
+    /// Ids of the keys revoked or suspended by a disable.
+    pub keys: Vec<String>,
+}
+
 /// One thing the enforcer did, or would do, to a key, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EnforcementAction {
@@ -433,4 +469,6 @@ pub mod codes {
     pub const AUDIT_ENTRY_NOT_FOUND: &str = "AUDIT_ENTRY_NOT_FOUND";
     pub const ARCHIVE_MISMATCH: &str = "ARCHIVE_MISMATCH";
     pub const POLICY_INVALID: &str = "POLICY_INVALID";
+    pub const OWNER_NOT_FOUND: &str = "OWNER_NOT_FOUND";
+    pub const OWNER_DISABLED: &str = "OWNER_DISABLED";
 }

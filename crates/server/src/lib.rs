@@ -48,7 +48,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 #[openapi(
     info(title = "keywarden", description = "Governs provisioning keys: issue, verify, govern, audit."),
     modifiers(&BearerAuth),
-    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "policy"), (name = "health"))
+    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "policy"), (name = "owners"), (name = "health"))
 )]
 struct ApiDoc;
 
@@ -91,6 +91,13 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
             routes::policy::get_policy,
             routes::policy::put_policy
         ))
+        .routes(routes!(
+            routes::owners::put_owner,
+            routes::owners::list_owners
+        ))
+        .routes(routes!(routes::owners::get_owner))
+        .routes(routes!(routes::owners::disable_owner))
+        .routes(routes!(routes::owners::enable_owner))
         .routes(routes!(routes::policy::enforce_plan))
         .routes(routes!(routes::policy::enforce_now))
         .with_state(state)

@@ -314,7 +314,7 @@ async fn insert_key_row(
     Ok(())
 }
 
-async fn update_lifecycle(
+pub(crate) async fn update_lifecycle(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     key: &KeyRecord,
 ) -> Result<bool> {

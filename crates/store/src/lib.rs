@@ -10,6 +10,7 @@
 mod audit;
 mod audit_sqlite;
 mod keys;
+mod owners;
 mod policies;
 mod rows;
 mod tokens;
@@ -25,6 +26,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use audit::{ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder};
 pub use keys::{KeyFilter, StateFilter};
+pub use owners::Owner;
 pub use policies::StoredPolicy;
 pub use usage::FOLD_CHUNK;
 

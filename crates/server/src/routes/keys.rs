@@ -55,6 +55,18 @@ pub async fn create_key(
             spec.environment
         )));
     }
+    if app
+        .store
+        .get_owner(&spec.owner)
+        .await?
+        .is_some_and(|o| o.status == "disabled")
+    {
+        return Err(ApiError::invalid(
+            codes::OWNER_DISABLED,
+            "owner",
+            "this owner is disabled; keys cannot be issued to them",
+        ));
+    }
     let parsed = key_format::generate(
         &mut rand::rngs::OsRng,
         &app.config.key_prefix,

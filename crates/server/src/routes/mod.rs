@@ -1,6 +1,7 @@
 pub mod audit;
 pub mod health;
 pub mod keys;
+pub mod owners;
 pub mod policy;
 pub mod tokens;
 pub mod verify;

@@ -1,0 +1,237 @@
+//! `/v1/owners`: the people keys belong to. Disabling an owner revokes or suspends all
+//! their live keys in the same transaction, as the policy's `on_owner_disabled` says for
+//! each key's environment.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use keywarden_core::lifecycle::OWNER_DISABLED;
+use keywarden_core::model::KeyState;
+use keywarden_core::policy::OnOwnerDisabled;
+use keywarden_core::role::Permission;
+use keywarden_core::validate;
+use keywarden_proto::{
+    codes, ErrorBody, OwnerList, OwnerStatusChange, OwnerView, PutOwnerRequest, StateChangeRequest,
+};
+use keywarden_store::Owner;
+use serde_json::json;
+
+use super::{audit, reason};
+use crate::auth::Principal;
+use crate::error::{violation, ApiError};
+use crate::extract::{JsonBody, OptionalJsonBody};
+use crate::state::SharedState;
+
+fn view(o: Owner) -> OwnerView {
+    OwnerView {
+        identity: o.identity,
+        display_name: o.display_name,
+        status: o.status,
+        manager: o.manager,
+        created_at: o.created_at,
+        updated_at: o.updated_at,
+    }
+}
+
+fn not_found(identity: &str) -> ApiError {
+    ApiError::Coded {
+        status: StatusCode::NOT_FOUND,
+        code: codes::OWNER_NOT_FOUND,
+        message: format!(
+            "no owner {:?} is registered",
+            identity.chars().take(64).collect::<String>()
+        ),
+    }
+}
+
+/// Register an owner, or update a registered one's name and manager (role `admin`).
+#[utoipa::path(post, path = "/v1/owners", tag = "owners", request_body = PutOwnerRequest,
+    responses((status = 200, body = OwnerView), (status = 422, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn put_owner(
+    State(app): State<SharedState>,
+    principal: Principal,
+    JsonBody(req): JsonBody<PutOwnerRequest>,
+) -> Result<Json<OwnerView>, ApiError> {
+    principal.require(Permission::OwnersWrite)?;
+    let mut v = Vec::new();
+    if let Err(e) = validate::owner(&req.identity) {
+        v.push(violation(codes::FIELD_INVALID, "identity", e.message));
+    }
+    if let Err(e) = validate::name("display_name", &req.display_name) {
+        v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
+    }
+    if let Some(Err(e)) = req.manager.as_deref().map(validate::owner) {
+        v.push(violation(codes::FIELD_INVALID, "manager", e.message));
+    }
+    if !v.is_empty() {
+        return Err(ApiError::Validation(v));
+    }
+    let now = app.now();
+    let existing = app.store.get_owner(&req.identity).await?;
+    let owner = Owner {
+        identity: req.identity.clone(),
+        display_name: req.display_name.clone(),
+        status: existing
+            .as_ref()
+            .map_or_else(|| "active".to_owned(), |o| o.status.clone()),
+        manager: req.manager.clone(),
+        created_at: existing.as_ref().map_or(now, |o| o.created_at),
+        updated_at: now,
+    };
+    let entry = audit(
+        principal.actor(),
+        now,
+        if existing.is_some() {
+            "owner.updated"
+        } else {
+            "owner.created"
+        },
+        format!("owner:{}", owner.identity),
+        None,
+        json!({
+            "display_name": {"before": existing.as_ref().map(|o| &o.display_name), "after": owner.display_name},
+            "manager": {"before": existing.as_ref().map(|o| &o.manager), "after": owner.manager},
+        }),
+    );
+    app.store.put_owner(&owner, &entry).await?;
+    Ok(Json(view(owner)))
+}
+
+/// Registered owners, by identity.
+#[utoipa::path(get, path = "/v1/owners", tag = "owners",
+    responses((status = 200, body = OwnerList), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_owners(
+    State(app): State<SharedState>,
+    principal: Principal,
+) -> Result<Json<OwnerList>, ApiError> {
+    principal.require(Permission::OwnersRead)?;
+    let owners = app.store.list_owners().await?;
+    Ok(Json(OwnerList {
+        owners: owners.into_iter().map(view).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/owners/{identity}", tag = "owners",
+    params(("identity" = String, Path, description = "the owner's identity, e.g. an e-mail address")),
+    responses((status = 200, body = OwnerView), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_owner(
+    State(app): State<SharedState>,
+    principal: Principal,
+    Path(identity): Path<String>,
+) -> Result<Json<OwnerView>, ApiError> {
+    principal.require(Permission::OwnersRead)?;
+    match app.store.get_owner(&identity).await? {
+        Some(o) => Ok(Json(view(o))),
+        None => Err(not_found(&identity)),
+    }
+}
+
+async fn set_status(
+    app: SharedState,
+    principal: Principal,
+    identity: String,
+    disable: bool,
+    why: Option<String>,
+) -> Result<Json<OwnerStatusChange>, ApiError> {
+    principal.require(Permission::OwnersWrite)?;
+    let why = reason(why)?;
+    let Some(before) = app.store.get_owner(&identity).await? else {
+        return Err(not_found(&identity));
+    };
+    let (status, action) = if disable {
+        ("disabled", "owner.disabled")
+    } else {
+        ("active", "owner.enabled")
+    };
+    let now = app.now();
+    let policy = app.policy().await?;
+    let actor = principal.actor();
+    let entry = audit(
+        actor.clone(),
+        now,
+        action,
+        format!("owner:{identity}"),
+        why.clone(),
+        json!({"status": {"before": before.status, "after": status}}),
+    );
+    let changed = app
+        .store
+        .set_owner_status(&identity, status, now, &entry, |key| {
+            let next_state = match policy.1.rules_for(&key.environment).on_owner_disabled {
+                OnOwnerDisabled::Revoke => KeyState::Revoked,
+                OnOwnerDisabled::Suspend if key.state == KeyState::Active => KeyState::Suspended,
+                OnOwnerDisabled::Suspend => return None,
+            };
+            let mut next = key.clone();
+            next.state = next_state;
+            next.state_reason = Some(OWNER_DISABLED.to_owned());
+            next.state_changed_at = Some(now);
+            let entry = audit(
+                actor.clone(),
+                now,
+                if next_state == KeyState::Revoked {
+                    "key.revoked"
+                } else {
+                    "key.suspended"
+                },
+                format!("key:{}", key.id),
+                Some(OWNER_DISABLED.to_owned()),
+                json!({"state": {"before": key.state.as_str(), "after": next_state.as_str()},
+                       "owner": identity}),
+            );
+            Some((next, entry))
+        })
+        .await?;
+    let keys = changed.unwrap_or_default();
+    for k in &keys {
+        app.keys.evict(&k.id);
+    }
+    if !keys.is_empty() {
+        tracing::info!(keys = keys.len(), "owner disabled: keys acted on");
+    }
+    let after = app
+        .store
+        .get_owner(&identity)
+        .await?
+        .ok_or_else(|| not_found(&identity))?;
+    Ok(Json(OwnerStatusChange {
+        owner: view(after),
+        keys: keys.iter().map(|k| k.id.to_string()).collect(),
+    }))
+}
+
+/// Disable an owner (role `admin`): every live key of theirs is revoked, or suspended,
+/// as the policy's `on_owner_disabled` says, in the same transaction; verify answers
+/// OWNER_DISABLED for them. Disabling a disabled owner changes nothing.
+#[utoipa::path(post, path = "/v1/owners/{identity}/disable", tag = "owners",
+    params(("identity" = String, Path, description = "the owner's identity")),
+    request_body = StateChangeRequest,
+    responses((status = 200, body = OwnerStatusChange), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn disable_owner(
+    State(app): State<SharedState>,
+    principal: Principal,
+    Path(identity): Path<String>,
+    OptionalJsonBody(req): OptionalJsonBody<StateChangeRequest>,
+) -> Result<Json<OwnerStatusChange>, ApiError> {
+    set_status(app, principal, identity, true, req.reason).await
+}
+
+/// Enable an owner again (role `admin`). Their revoked keys stay revoked; suspended ones
+/// stay suspended until someone resumes them.
+#[utoipa::path(post, path = "/v1/owners/{identity}/enable", tag = "owners",
+    params(("identity" = String, Path, description = "the owner's identity")),
+    request_body = StateChangeRequest,
+    responses((status = 200, body = OwnerStatusChange), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn enable_owner(
+    State(app): State<SharedState>,
+    principal: Principal,
+    Path(identity): Path<String>,
+    OptionalJsonBody(req): OptionalJsonBody<StateChangeRequest>,
+) -> Result<Json<OwnerStatusChange>, ApiError> {
+    set_status(app, principal, identity, false, req.reason).await
+}

@@ -1,0 +1,121 @@
+//! The owner registry, and disabling an owner together with what it does to their keys.
+
+use keywarden_core::clock::from_millis;
+use keywarden_core::model::{AuditEntry, KeyRecord};
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::keys::update_lifecycle;
+use crate::rows::{insert_audit, key_from_row, ms, KEY_COLUMNS, KEY_FROM};
+use crate::{Result, Store};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub identity: String,
+    pub display_name: String,
+    /// `active` or `disabled`.
+    pub status: String,
+    pub manager: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+const COLUMNS: &str = "identity, display_name, status, manager, created_at, updated_at";
+
+fn owner_from_row(r: &sqlx::any::AnyRow) -> Result<Owner> {
+    Ok(Owner {
+        identity: r.try_get("identity")?,
+        display_name: r.try_get("display_name")?,
+        status: r.try_get("status")?,
+        manager: r.try_get("manager")?,
+        created_at: from_millis(r.try_get("created_at")?),
+        updated_at: from_millis(r.try_get("updated_at")?),
+    })
+}
+
+impl Store {
+    /// Registers an owner, or updates the name and manager of a registered one.
+    pub async fn put_owner(&self, o: &Owner, audit: &AuditEntry) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(&format!(
+            "INSERT INTO owners ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (identity) DO UPDATE SET display_name = excluded.display_name, \
+             manager = excluded.manager, updated_at = excluded.updated_at"
+        ))
+        .bind(&o.identity)
+        .bind(&o.display_name)
+        .bind(&o.status)
+        .bind(&o.manager)
+        .bind(ms(o.created_at))
+        .bind(ms(o.updated_at))
+        .execute(&mut **tx)
+        .await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await
+    }
+
+    pub async fn get_owner(&self, identity: &str) -> Result<Option<Owner>> {
+        sqlx::query(&format!("SELECT {COLUMNS} FROM owners WHERE identity = $1"))
+            .bind(identity)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(owner_from_row)
+            .transpose()
+    }
+
+    pub async fn list_owners(&self) -> Result<Vec<Owner>> {
+        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM owners ORDER BY identity"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(owner_from_row).collect()
+    }
+
+    /// Sets an owner's status. When it moves to `disabled`, `act` is asked about each of
+    /// the owner's live keys (active or suspended) and returns the changed key with its
+    /// audit entry, or `None` to leave it; all of it commits with the status or not at
+    /// all. Returns the changed keys, or `None` when the status was already that.
+    pub async fn set_owner_status(
+        &self,
+        identity: &str,
+        status: &str,
+        at: OffsetDateTime,
+        audit: &AuditEntry,
+        act: impl Fn(&KeyRecord) -> Option<(KeyRecord, AuditEntry)>,
+    ) -> Result<Option<Vec<KeyRecord>>> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE owners SET status = $1, updated_at = $2 WHERE identity = $3 AND status <> $1",
+        )
+        .bind(status)
+        .bind(ms(at))
+        .bind(identity)
+        .execute(&mut **tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Ok(None);
+        }
+        insert_audit(&mut tx, audit).await?;
+        let mut changed = Vec::new();
+        if status == "disabled" {
+            let rows = sqlx::query(&format!(
+                "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE owner = $1 \
+                 AND state IN ('active', 'suspended') ORDER BY seq"
+            ))
+            .bind(identity)
+            .fetch_all(&mut **tx)
+            .await?;
+            for row in &rows {
+                let key = key_from_row(row)?;
+                if let Some((next, entry)) = act(&key) {
+                    if update_lifecycle(&mut tx, &next).await? {
+                        insert_audit(&mut tx, &entry).await?;
+                        changed.push(next);
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(Some(changed))
+    }
+}

@@ -1,0 +1,165 @@
+//! The owner registry: disabling an owner acts on all their keys at once, as the policy
+//! says per environment, and verify answers OWNER_DISABLED.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::{key_body, Backend, TestServer};
+use crate::on_both_backends;
+
+on_both_backends!(disabling_an_owner_acts_on_every_key_at_once);
+
+fn body(name: &str, owner: &str, env: &str) -> Value {
+    let mut b = key_body(name);
+    b["owner"] = json!(owner);
+    b["environment"] = json!(env);
+    b
+}
+
+async fn disabling_an_owner_acts_on_every_key_at_once(b: Backend) {
+    let s = TestServer::start(b).await;
+    // Staging suspends instead of revoking.
+    let (status, _) = s
+        .call(
+            reqwest::Method::PUT,
+            "/v1/policy",
+            Some(&s.admin),
+            Some(json!({"policy": "[environments.staging]\non_owner_disabled = \"suspend\"\n"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, v) = s
+        .post(
+            "/v1/owners",
+            json!({"identity": "alice@example.com", "display_name": "Alice", "manager": "carol@example.com"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "active");
+    let alice = "alice@example.com";
+    let (a1, a1_secret) = s.create_key(body("a1", alice, "prod")).await;
+    let (a2, a2_secret) = s.create_key(body("a2", alice, "staging")).await;
+    let (a3, _) = s.create_key(body("a3", alice, "prod")).await;
+    s.post(&format!("/v1/keys/{a3}/revoke"), json!({})).await;
+    let (_, bob_secret) = s.create_key(body("b1", "bob@example.com", "prod")).await;
+    assert_eq!(s.verify_code(&a1_secret).await, "VALID");
+
+    let (status, v) = s
+        .post(
+            "/v1/owners/alice@example.com/disable",
+            json!({"reason": "left the company"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["owner"]["status"], "disabled");
+    let mut acted: Vec<String> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    acted.sort();
+    let mut expected = vec![a1.clone(), a2.clone()];
+    expected.sort();
+    assert_eq!(acted, expected, "the already revoked key is left alone");
+
+    // At once, on the very next verify.
+    assert_eq!(s.verify_code(&a1_secret).await, "OWNER_DISABLED");
+    assert_eq!(s.verify_code(&a2_secret).await, "OWNER_DISABLED");
+    assert_eq!(s.verify_code(&bob_secret).await, "VALID");
+    let (_, k) = s.get(&format!("/v1/keys/{a1}")).await;
+    assert_eq!(
+        (k["state"].as_str(), k["state_reason"].as_str()),
+        (Some("revoked"), Some("OWNER_DISABLED"))
+    );
+    let (_, k) = s.get(&format!("/v1/keys/{a2}")).await;
+    assert_eq!(k["state"], "suspended", "staging's policy suspends");
+
+    // Audited: the owner change and each key's, by the admin who disabled.
+    let (_, v) = s.get("/v1/audit?target=owner:alice@example.com").await;
+    let actions: Vec<&str> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["owner.created", "owner.disabled"]);
+    assert_eq!(v["entries"][1]["reason"], "left the company");
+    let (_, v) = s
+        .get(&format!("/v1/audit?key={a1}&action=key.revoked"))
+        .await;
+    assert_eq!(v["entries"][0]["reason"], "OWNER_DISABLED");
+
+    // No new keys for a disabled owner; disabling again changes nothing.
+    let (status, v) = s.post("/v1/keys", body("a4", alice, "prod")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(v["error"]["code"], "OWNER_DISABLED");
+    let (_, v) = s
+        .post("/v1/owners/alice@example.com/disable", json!({}))
+        .await;
+    assert_eq!(v["keys"].as_array().unwrap().len(), 0);
+    // Enabled again: new keys are allowed, old ones stay as they are.
+    let (status, v) = s
+        .post("/v1/owners/alice@example.com/enable", json!({}))
+        .await;
+    assert_eq!(
+        (status, v["owner"]["status"].as_str()),
+        (StatusCode::OK, Some("active"))
+    );
+    s.create_key(body("a5", alice, "prod")).await;
+    assert_eq!(s.verify_code(&a1_secret).await, "OWNER_DISABLED");
+
+    let (rc, out, err) = s.cli(&["owner", "list"]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert!(
+        out.contains("alice@example.com") && out.contains("carol@example.com"),
+        "{out}"
+    );
+    let (rc, out, _) = s
+        .cli(&[
+            "--json",
+            "owner",
+            "disable",
+            "alice@example.com",
+            "--reason",
+            "again",
+        ])
+        .await;
+    assert_eq!(rc, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["keys"].as_array().unwrap().len(),
+        1,
+        "the key issued after enabling"
+    );
+    let (rc, _, err) = s.cli(&["owner", "show", "nobody@example.com"]).await;
+    assert_eq!(rc, 2);
+    assert!(err.contains("OWNER_NOT_FOUND"), "{err}");
+
+    // Roles, unknown owners and bad input.
+    let issuer = s.token("issuer", None).await;
+    let (status, _) = s
+        .call(reqwest::Method::GET, "/v1/owners", Some(&issuer), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/owners/alice@example.com/disable",
+            Some(&issuer),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, v) = s
+        .post("/v1/owners/nobody@example.com/disable", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["code"], "OWNER_NOT_FOUND");
+    let (status, v) = s
+        .post("/v1/owners", json!({"identity": "", "display_name": ""}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(v["error"]["violations"].as_array().unwrap().len(), 2, "{v}");
+    s.stop().await;
+}
