@@ -97,7 +97,8 @@ impl Store {
         }
         insert_audit(&mut tx, audit).await?;
         let mut changed = Vec::new();
-        if status == "disabled" {
+        // Any status but active (disabled, or deleted through SCIM) takes the keys.
+        if status != "active" {
             let rows = sqlx::query(&format!(
                 "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE owner = $1 \
                  AND state IN ('active', 'suspended') ORDER BY seq"

@@ -59,7 +59,7 @@ pub async fn create_key(
         .store
         .get_owner(&spec.owner)
         .await?
-        .is_some_and(|o| o.status == "disabled")
+        .is_some_and(|o| o.status != "active")
     {
         return Err(ApiError::invalid(
             codes::OWNER_DISABLED,

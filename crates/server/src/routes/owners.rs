@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use keywarden_core::lifecycle::OWNER_DISABLED;
-use keywarden_core::model::KeyState;
+use keywarden_core::model::{Actor, KeyRecord, KeyState};
 use keywarden_core::policy::OnOwnerDisabled;
 use keywarden_core::role::Permission;
 use keywarden_core::validate;
@@ -33,7 +33,7 @@ fn view(o: Owner) -> OwnerView {
     }
 }
 
-fn not_found(identity: &str) -> ApiError {
+pub(crate) fn not_found(identity: &str) -> ApiError {
     ApiError::Coded {
         status: StatusCode::NOT_FOUND,
         code: codes::OWNER_NOT_FOUND,
@@ -138,28 +138,46 @@ async fn set_status(
 ) -> Result<Json<OwnerStatusChange>, ApiError> {
     principal.require(Permission::OwnersWrite)?;
     let why = reason(why)?;
-    let Some(before) = app.store.get_owner(&identity).await? else {
-        return Err(not_found(&identity));
+    let status = if disable { "disabled" } else { "active" };
+    let (owner, keys) = change_status(&app, principal.actor(), &identity, status, why).await?;
+    Ok(Json(OwnerStatusChange {
+        owner: view(owner),
+        keys: keys.iter().map(|k| k.id.to_string()).collect(),
+    }))
+}
+
+/// Moves an owner to `status` (`active`, `disabled`, or `deleted`, which SCIM uses and
+/// acts like `disabled`); leaving `active` revokes or suspends every live key of theirs
+/// as the policy says, in the same transaction. Returns the owner after the change and
+/// the keys acted on (none when the status was already that).
+pub(crate) async fn change_status(
+    app: &SharedState,
+    actor: Actor,
+    identity: &str,
+    status: &str,
+    why: Option<String>,
+) -> Result<(Owner, Vec<KeyRecord>), ApiError> {
+    let Some(before) = app.store.get_owner(identity).await? else {
+        return Err(not_found(identity));
     };
-    let (status, action) = if disable {
-        ("disabled", "owner.disabled")
-    } else {
-        ("active", "owner.enabled")
+    let action = match status {
+        "active" => "owner.enabled",
+        "deleted" => "owner.deleted",
+        _ => "owner.disabled",
     };
     let now = app.now();
     let policy = app.policy().await?;
-    let actor = principal.actor();
     let entry = audit(
         actor.clone(),
         now,
         action,
         format!("owner:{identity}"),
-        why.clone(),
+        why,
         json!({"status": {"before": before.status, "after": status}}),
     );
     let changed = app
         .store
-        .set_owner_status(&identity, status, now, &entry, |key| {
+        .set_owner_status(identity, status, now, &entry, |key| {
             let next_state = match policy.1.rules_for(&key.environment).on_owner_disabled {
                 OnOwnerDisabled::Revoke => KeyState::Revoked,
                 OnOwnerDisabled::Suspend if key.state == KeyState::Active => KeyState::Suspended,
@@ -194,13 +212,10 @@ async fn set_status(
     }
     let after = app
         .store
-        .get_owner(&identity)
+        .get_owner(identity)
         .await?
-        .ok_or_else(|| not_found(&identity))?;
-    Ok(Json(OwnerStatusChange {
-        owner: view(after),
-        keys: keys.iter().map(|k| k.id.to_string()).collect(),
-    }))
+        .ok_or_else(|| not_found(identity))?;
+    Ok((after, keys))
 }
 
 /// Disable an owner (role `admin`): every live key of theirs is revoked, or suspended,
