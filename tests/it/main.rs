@@ -11,5 +11,6 @@ mod openapi;
 mod owners;
 mod policy;
 mod process;
+mod scim;
 mod usage_log;
 mod verify;

@@ -13,6 +13,8 @@ pub enum Role {
     Auditor,
     /// Only `/v1/verify`.
     Verifier,
+    /// Only `/scim/v2`: an identity provider provisioning and offboarding owners.
+    Scim,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,10 +37,18 @@ pub enum Permission {
     OwnersRead,
     /// Register, disable and enable owners.
     OwnersWrite,
+    /// The SCIM endpoint (role `scim`; admin may do everything).
+    Scim,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Self::Admin, Self::Issuer, Self::Auditor, Self::Verifier];
+    pub const ALL: [Role; 5] = [
+        Self::Admin,
+        Self::Issuer,
+        Self::Auditor,
+        Self::Verifier,
+        Self::Scim,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -46,6 +56,7 @@ impl Role {
             Self::Issuer => "issuer",
             Self::Auditor => "auditor",
             Self::Verifier => "verifier",
+            Self::Scim => "scim",
         }
     }
 
@@ -66,6 +77,7 @@ impl Role {
                 )
             }
             Self::Verifier => matches!(p, Verify),
+            Self::Scim => matches!(p, Scim),
         }
     }
 }
@@ -77,7 +89,7 @@ impl fmt::Display for Role {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown role {0:?}: expected admin, issuer, auditor or verifier")]
+#[error("unknown role {0:?}: expected admin, issuer, auditor, verifier or scim")]
 pub struct UnknownRole(pub String);
 
 impl FromStr for Role {

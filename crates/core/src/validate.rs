@@ -56,6 +56,19 @@ pub fn system(s: &str) -> Result<(), FieldError> {
     }
 }
 
+/// A person's display name: free text, 1-128 characters, no control characters.
+pub fn display_name(field: &str, s: &str) -> Result<(), FieldError> {
+    let n = s.chars().count();
+    if (1..=128).contains(&n) && !s.trim().is_empty() && !s.chars().any(char::is_control) {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            "1-128 characters, not only spaces, no control characters",
+        ))
+    }
+}
+
 /// An owner identity: an e-mail address or a user name.
 pub fn owner(s: &str) -> Result<(), FieldError> {
     if is_label(s, 254, b"._-+@") && s.matches('@').count() <= 1 && !s.ends_with('@') {

@@ -44,6 +44,20 @@ impl ApiError {
     pub fn invalid(code: &str, field: &str, message: impl Into<String>) -> Self {
         Self::Validation(vec![violation(code, field, message)])
     }
+
+    /// The status this error answers with (the same table as `into_response`).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::KeyNotFound(_) | Self::TokenNotFound(_) => StatusCode::NOT_FOUND,
+            Self::Coded { status, .. } => *status,
+            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InvalidState(_) | Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Store(StoreError::Database(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
 }
 
 pub fn violation(code: &str, field: &str, message: impl Into<String>) -> Violation {

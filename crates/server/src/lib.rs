@@ -100,8 +100,23 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::owners::enable_owner))
         .routes(routes!(routes::policy::enforce_plan))
         .routes(routes!(routes::policy::enforce_now))
-        .with_state(state)
+        .with_state(state.clone())
         .split_for_parts();
+    // SCIM speaks its own schema (RFC 7644) and stays out of the OpenAPI document.
+    let scim = Router::new()
+        .route(
+            "/scim/v2/Users",
+            axum::routing::post(routes::scim::create_user).get(routes::scim::list_users),
+        )
+        .route(
+            "/scim/v2/Users/{id}",
+            get(routes::scim::get_user)
+                .put(routes::scim::replace_user)
+                .patch(routes::scim::patch_user)
+                .delete(routes::scim::delete_user),
+        )
+        .with_state(state);
+    let router = router.merge(scim);
     (router, doc)
 }
 

@@ -3,6 +3,7 @@ pub mod health;
 pub mod keys;
 pub mod owners;
 pub mod policy;
+pub mod scim;
 pub mod tokens;
 pub mod verify;
 

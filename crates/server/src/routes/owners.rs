@@ -58,7 +58,7 @@ pub async fn put_owner(
     if let Err(e) = validate::owner(&req.identity) {
         v.push(violation(codes::FIELD_INVALID, "identity", e.message));
     }
-    if let Err(e) = validate::name("display_name", &req.display_name) {
+    if let Err(e) = validate::display_name("display_name", &req.display_name) {
         v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
     }
     if let Some(Err(e)) = req.manager.as_deref().map(validate::owner) {
