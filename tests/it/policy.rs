@@ -12,6 +12,7 @@ on_both_backends!(
     policy_cli_applies_shows_and_diffs,
     enforce_plans_without_acting_and_acts_now,
     idle_keys_expire_and_a_key_used_on_day_29_survives_day_31,
+    rotation_deadlines_and_expiry_notices,
 );
 
 const POLICY: &str = r#"
@@ -361,5 +362,105 @@ async fn idle_keys_expire_and_a_key_used_on_day_29_survives_day_31(b: Backend) {
     assert_eq!(s.verify_code(&busy_secret).await, "IDLE_EXPIRED");
     let (status, v) = put(&s, "[default]\nidle_expiry = \"0s\"\n").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    s.stop().await;
+}
+
+async fn rotation_deadlines_and_expiry_notices(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (status, v) = put(
+        &s,
+        "[default]\nrotation_period = \"20d\"\nexpiry_notice = \"5d\"\nidle_expiry = \"365d\"\n\n\
+         [environments.prod]\non_rotation_overdue = \"suspend\"\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mut body = crate::harness::key_body("prod-key");
+    body["ttl"] = json!("60d");
+    let (prod_id, prod_secret) = s.create_key(body.clone()).await;
+    body["name"] = json!("dev-key");
+    body["environment"] = json!("dev");
+    let (dev_id, dev_secret) = s.create_key(body.clone()).await;
+    body["name"] = json!("short");
+    body["ttl"] = json!("10d");
+    let (short_id, _) = s.create_key(body).await;
+
+    // Day 6: the 10-day key is within its 5-day notice; nothing else is due.
+    s.clock.advance(time::Duration::days(6));
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--now"]).await;
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let got: Vec<(&str, &str, &str)> = v["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["key_id"].as_str().unwrap(),
+                a["action"].as_str().unwrap(),
+                a["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(short_id.as_str(), "notify", "EXPIRES_SOON")]);
+    // Given once.
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--now"]).await;
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["actions"].as_array().unwrap().len(), 0, "{v}");
+
+    // Day 21: rotation is overdue: prod suspends, dev notifies (once); the short key
+    // ended on day 10.
+    s.clock.advance(time::Duration::days(15));
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--now"]).await;
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let mut got: Vec<(String, String)> = v["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["key_id"].as_str().unwrap().to_owned(),
+                a["action"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (prod_id.clone(), "suspend".to_owned()),
+        (dev_id.clone(), "notify".to_owned()),
+        (short_id.clone(), "expire".to_owned()),
+    ];
+    want.sort();
+    assert_eq!(got, want, "{v}");
+    assert_eq!(s.verify_code(&prod_secret).await, "SUSPENDED");
+    assert_eq!(s.verify_code(&dev_secret).await, "VALID");
+    let (_, k) = s.get(&format!("/v1/keys/{prod_id}")).await;
+    assert_eq!(k["state_reason"], "ROTATION_OVERDUE");
+    let (_, v) = s
+        .get(&format!(
+            "/v1/audit?key={dev_id}&action=key.rotation_overdue"
+        ))
+        .await;
+    assert_eq!(v["entries"][0]["actor"], "system:enforcer");
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--now"]).await;
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["actions"].as_array().unwrap().len(),
+        0,
+        "each notice once: {v}"
+    );
+    // Rotating clears the deadline: the successor starts a new period.
+    let (status, _) = s
+        .post(&format!("/v1/keys/{dev_id}/rotate"), json!({"grace": "1h"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--plan"]).await;
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["key_id"] != json!(dev_id)),
+        "{v}"
+    );
     s.stop().await;
 }

@@ -75,7 +75,8 @@ impl Default for Rules {
             require_cidrs: false,
             max_uses_limit: None,
             rotation_period: None,
-            expiry_notice: Some(Duration::days(7)),
+            // Notices are opt-in: a default would flood short-lived keys with them.
+            expiry_notice: None,
             on_rotation_overdue: OnRotationOverdue::Notify,
             on_owner_disabled: OnOwnerDisabled::Revoke,
         }
@@ -159,6 +160,16 @@ impl Policy {
             .values()
             .map(|r| r.idle_expiry)
             .fold(self.default.idle_expiry, Duration::min)
+    }
+
+    /// The longest rotation period and expiry notice of any environment (`None` when
+    /// no environment sets one): how far the enforcer must look.
+    pub fn notice_horizons(&self) -> (Option<Duration>, Option<Duration>) {
+        let all = || std::iter::once(&self.default).chain(self.environments.values());
+        (
+            all().filter_map(|r| r.rotation_period).min(),
+            all().filter_map(|r| r.expiry_notice).max(),
+        )
     }
 
     /// The rules in force in `environment`.

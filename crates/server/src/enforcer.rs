@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use keywarden_core::lifecycle::{expiry_due, idle_due, last_activity, ExpiryReason};
 use keywarden_core::model::{Actor, KeyRecord, KeyState};
+use keywarden_core::policy::OnRotationOverdue;
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -35,7 +36,7 @@ pub fn actor() -> Actor {
 #[derive(Debug, Clone)]
 pub struct Action {
     pub key: KeyRecord,
-    /// `expire`.
+    /// `expire`, `suspend` or `notify`.
     pub action: &'static str,
     pub reason: &'static str,
     /// When the rule was broken (the key's end).
@@ -76,6 +77,43 @@ async fn due(app: &SharedState, at: OffsetDateTime, limit: u32) -> Result<Vec<Ac
             });
         }
     }
+    // Rotation deadlines and expiry notices: each notice is given once per key.
+    let (rotation, notice) = policy.1.notice_horizons();
+    let candidates = app
+        .store
+        .keys_for_notices(at, rotation.map(|p| at - p), notice.map(|n| at + n), limit)
+        .await?;
+    for key in candidates {
+        let rules = policy.1.rules_for(&key.environment);
+        let target = format!("key:{}", key.id);
+        if let Some(period) = rules.rotation_period.filter(|p| at >= key.created_at + *p) {
+            let action = match rules.on_rotation_overdue {
+                OnRotationOverdue::Suspend => Some("suspend"),
+                OnRotationOverdue::Notify => {
+                    (!app.store.audit_has(&target, ROTATION_NOTICE).await?).then_some("notify")
+                }
+            };
+            if let Some(action) = action {
+                actions.push(Action {
+                    due_at: key.created_at + period,
+                    key: key.clone(),
+                    action,
+                    reason: ROTATION_OVERDUE,
+                });
+                continue;
+            }
+        }
+        if let Some(n) = rules.expiry_notice.filter(|n| at >= key.expires_at - *n) {
+            if !app.store.audit_has(&target, EXPIRY_NOTICE).await? {
+                actions.push(Action {
+                    due_at: key.expires_at - n,
+                    key,
+                    action: "notify",
+                    reason: EXPIRES_SOON,
+                });
+            }
+        }
+    }
     actions.sort_by(|a, b| {
         a.due_at
             .cmp(&b.due_at)
@@ -83,6 +121,12 @@ async fn due(app: &SharedState, at: OffsetDateTime, limit: u32) -> Result<Vec<Ac
     });
     Ok(actions)
 }
+
+const ROTATION_OVERDUE: &str = "ROTATION_OVERDUE";
+const EXPIRES_SOON: &str = "EXPIRES_SOON";
+/// The audit actions of the notices; a key gets each once.
+const ROTATION_NOTICE: &str = "key.rotation_overdue";
+const EXPIRY_NOTICE: &str = "key.expiry_notice";
 
 /// What a pass at `at` would do, key by key, without acting.
 pub async fn plan(app: &SharedState, at: OffsetDateTime) -> Result<Vec<Action>, ApiError> {
@@ -96,6 +140,47 @@ pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
     let mut done = Vec::new();
     for action in due(app, now, BATCH).await? {
         let key = &action.key;
+        if action.action == "notify" {
+            let kind = if action.reason == ROTATION_OVERDUE {
+                ROTATION_NOTICE
+            } else {
+                EXPIRY_NOTICE
+            };
+            let entry = audit_entry(
+                actor(),
+                now,
+                kind,
+                format!("key:{}", key.id),
+                Some(action.reason.to_owned()),
+                json!({"owner": key.owner, "due_at": action.due_at.unix_timestamp(),
+                       "expires_at": key.expires_at.unix_timestamp()}),
+            );
+            app.store.append_audit(std::slice::from_ref(&entry)).await?;
+            tracing::info!(key_id = %key.id, reason = action.reason, "key notice");
+            done.push(action);
+            continue;
+        }
+        if action.action == "suspend" {
+            let mut held = key.clone();
+            held.state = KeyState::Suspended;
+            held.state_reason = Some(action.reason.to_owned());
+            held.state_changed_at = Some(now);
+            let entry = audit_entry(
+                actor(),
+                now,
+                "key.suspended",
+                format!("key:{}", key.id),
+                Some(action.reason.to_owned()),
+                json!({"state": {"before": "active", "after": "suspended"},
+                       "rotation_due_at": action.due_at.unix_timestamp()}),
+            );
+            if app.store.update_key_state(&held, &entry).await? {
+                app.keys.evict(&key.id);
+                tracing::info!(key_id = %key.id, "key suspended: rotation overdue");
+                done.push(action);
+            }
+            continue;
+        }
         let mut ended = key.clone();
         ended.state = KeyState::Expired;
         ended.state_reason = Some(action.reason.to_owned());

@@ -357,6 +357,17 @@ impl Store {
         Ok((entries, next))
     }
 
+    /// Whether `target` has an entry with `action` (say, a notice already given).
+    pub async fn audit_has(&self, target: &str, action: &str) -> Result<bool> {
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE target = $1 AND action = $2")
+                .bind(target)
+                .bind(action)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
     /// The seq and hash of the last entry written (seq 0 and the genesis hash when none).
     pub async fn audit_head(&self) -> Result<(i64, ChainHash)> {
         let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")

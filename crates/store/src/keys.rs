@@ -219,6 +219,39 @@ impl Store {
         Ok(keys)
     }
 
+    /// Active, unexpired keys not rotated yet, matching `created_at <= created_by` or
+    /// `expires_at <= expiring_by` (either bound optional), oldest first: candidates for
+    /// rotation deadlines and expiry notices.
+    pub async fn keys_for_notices(
+        &self,
+        now: OffsetDateTime,
+        created_by: Option<OffsetDateTime>,
+        expiring_by: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>> {
+        let mut p = Params::new(self.backend);
+        let now_p = p.push_int(ms(now));
+        let mut either = Vec::new();
+        if let Some(t) = created_by {
+            either.push(format!("created_at <= {}", p.push_int(ms(t))));
+        }
+        if let Some(t) = expiring_by {
+            either.push(format!("expires_at <= {}", p.push_int(ms(t))));
+        }
+        if either.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE state = 'active' AND expires_at > {now_p} \
+             AND rotated_to IS NULL AND ({}) ORDER BY created_at, id LIMIT {}",
+            either.join(" OR "),
+            limit
+        );
+        let _folding = self.fold_lock.read().await;
+        let rows = p.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
     /// Counts one use against a key's cap, atomically in the database so that concurrent
     /// verifies (on any node) cannot overspend it. Returns the uses left after this one,
     /// or `None` when the cap was already reached.
