@@ -13,6 +13,7 @@ on_both_backends!(
     enforce_plans_without_acting_and_acts_now,
     idle_keys_expire_and_a_key_used_on_day_29_survives_day_31,
     rotation_deadlines_and_expiry_notices,
+    a_tightened_policy_flags_existing_keys,
 );
 
 const POLICY: &str = r#"
@@ -462,5 +463,82 @@ async fn rotation_deadlines_and_expiry_notices(b: Backend) {
             .all(|a| a["key_id"] != json!(dev_id)),
         "{v}"
     );
+    s.stop().await;
+}
+
+async fn a_tightened_policy_flags_existing_keys(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut body = crate::harness::key_body("wide");
+    body["scopes"] = json!(["deploy:*"]);
+    let (wide, wide_secret) = s.create_key(body.clone()).await;
+    body["name"] = json!("narrow");
+    body["scopes"] = json!(["deploy:write"]);
+    body["allowed_cidrs"] = json!(["10.0.0.0/8"]);
+    let (narrow, _) = s.create_key(body.clone()).await;
+    body["name"] = json!("dev-wide");
+    body["environment"] = json!("dev");
+    body["scopes"] = json!(["deploy:*"]);
+    let (dev_wide, _) = s.create_key(body).await;
+
+    let (status, _) = put(
+        &s,
+        "[environments.prod]\nforbid_wildcards = true\nrequire_cidrs = true\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let flagged = |out: &str| -> Vec<(String, String, String)> {
+        let v: Value = serde_json::from_str(out).unwrap();
+        v["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["key_id"].as_str().unwrap().to_owned(),
+                    a["action"].as_str().unwrap().to_owned(),
+                    a["detail"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--plan"]).await;
+    let got = flagged(&out);
+    assert_eq!(got.len(), 1, "{out}");
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1.as_str()),
+        (wide.as_str(), "notify")
+    );
+    assert!(got[0].2.contains("POLICY_WILDCARD_FORBIDDEN"), "{out}");
+    assert!(got[0].2.contains("POLICY_CIDRS_REQUIRED"), "{out}");
+    assert!(!out.contains(&narrow) && !out.contains(&dev_wide));
+
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--now"]).await;
+    assert_eq!(flagged(&out).len(), 1, "{out}");
+    let (_, v) = s
+        .get(&format!("/v1/audit?key={wide}&action=key.policy_violation"))
+        .await;
+    assert_eq!(v["entries"][0]["reason"], "policy version 1");
+    assert_eq!(
+        s.verify_code(&wide_secret).await,
+        "VALID",
+        "noted, not stopped"
+    );
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--plan"]).await;
+    assert!(flagged(&out).is_empty(), "noted once per version: {out}");
+
+    // The policy says suspend: the next pass does.
+    let (status, _) = put(
+        &s,
+        "[environments.prod]\nforbid_wildcards = true\nrequire_cidrs = true\non_violation = \"suspend\"\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, out, _) = cli(&s, &["--json", "enforce", "--now"]).await;
+    let got = flagged(&out);
+    assert_eq!(got.len(), 1, "{out}");
+    assert_eq!(got[0].1, "suspend");
+    assert_eq!(s.verify_code(&wide_secret).await, "SUSPENDED");
+    let (_, k) = s.get(&format!("/v1/keys/{wide}")).await;
+    assert_eq!(k["state_reason"], "POLICY_VIOLATION");
     s.stop().await;
 }

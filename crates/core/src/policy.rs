@@ -23,7 +23,8 @@ use time::Duration;
 use crate::duration::{format_duration, parse_duration};
 use crate::scope::Scope;
 
-/// What the enforcer does when a key's rotation is overdue.
+/// What the enforcer does when a key's rotation is overdue, or when an existing key
+/// breaks a policy that tightened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnRotationOverdue {
@@ -58,6 +59,9 @@ pub struct Rules {
     pub expiry_notice: Option<Duration>,
     pub on_rotation_overdue: OnRotationOverdue,
     pub on_owner_disabled: OnOwnerDisabled,
+    /// What the enforcer does with an existing key that breaks these rules (after a
+    /// policy tightened): note it once per policy version, or suspend it.
+    pub on_violation: OnRotationOverdue,
 }
 
 impl Default for Rules {
@@ -79,6 +83,7 @@ impl Default for Rules {
             expiry_notice: None,
             on_rotation_overdue: OnRotationOverdue::Notify,
             on_owner_disabled: OnOwnerDisabled::Revoke,
+            on_violation: OnRotationOverdue::Notify,
         }
     }
 }
@@ -100,6 +105,7 @@ struct Section {
     expiry_notice: Option<String>,
     on_rotation_overdue: Option<OnRotationOverdue>,
     on_owner_disabled: Option<OnOwnerDisabled>,
+    on_violation: Option<OnRotationOverdue>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -232,6 +238,7 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
     }
     r.on_rotation_overdue = s.on_rotation_overdue.unwrap_or(r.on_rotation_overdue);
     r.on_owner_disabled = s.on_owner_disabled.unwrap_or(r.on_owner_disabled);
+    r.on_violation = s.on_violation.unwrap_or(r.on_violation);
     if r.default_ttl > r.max_ttl {
         problems.push(format!(
             "{at}: default_ttl ({}) is longer than max_ttl ({})",
@@ -259,6 +266,22 @@ pub struct PolicyViolation {
     pub code: &'static str,
     pub field: &'static str,
     pub message: String,
+}
+
+/// Every rule an existing key breaks under `rules`: the issue-time check applied to what
+/// the key holds, its lifetime counted from its creation.
+pub fn check_existing(rules: &Rules, key: &crate::model::KeyRecord) -> Vec<PolicyViolation> {
+    check_issue(
+        rules,
+        &KeyAsk {
+            owner: &key.owner,
+            systems: &key.systems,
+            scopes: &key.scopes,
+            ttl: key.expires_at - key.created_at,
+            has_cidrs: !key.allowed_cidrs.is_empty(),
+            max_uses: key.max_uses,
+        },
+    )
 }
 
 /// Every rule `ask` breaks, in field order.

@@ -408,10 +408,14 @@ pub struct EnforcementAction {
     pub name: String,
     pub owner: String,
     pub environment: String,
-    /// `expire`.
+    /// `expire`, `suspend` or `notify`.
     pub action: String,
-    /// `TTL_EXPIRED`, `ROTATION_GRACE_ENDED`.
+    /// `TTL_EXPIRED`, `ROTATION_GRACE_ENDED`, `IDLE_EXPIRED`, `ROTATION_OVERDUE`,
+    /// `EXPIRES_SOON`, `POLICY_VIOLATION`.
     pub reason: String,
+    /// For policy violations: the rules the key breaks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// When the rule was broken.
     #[serde(with = "time::serde::rfc3339")]
     pub due_at: OffsetDateTime,

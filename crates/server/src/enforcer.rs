@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use keywarden_core::lifecycle::{expiry_due, idle_due, last_activity, ExpiryReason};
 use keywarden_core::model::{Actor, KeyRecord, KeyState};
-use keywarden_core::policy::OnRotationOverdue;
+use keywarden_core::policy::{check_existing, OnRotationOverdue};
+use keywarden_store::{KeyFilter, StateFilter};
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -41,6 +42,8 @@ pub struct Action {
     pub reason: &'static str,
     /// When the rule was broken (the key's end).
     pub due_at: OffsetDateTime,
+    /// For policy violations: which rules the key breaks.
+    pub detail: Option<String>,
 }
 
 fn decide(key: KeyRecord, at: OffsetDateTime) -> Option<Action> {
@@ -50,12 +53,18 @@ fn decide(key: KeyRecord, at: OffsetDateTime) -> Option<Action> {
         key,
         action: "expire",
         reason: reason.as_str(),
+        detail: None,
     })
 }
 
 /// Everything due at `at`: keys past their end, then keys idle under their
 /// environment's rule (counting uses this node answered that are not stored yet).
-async fn due(app: &SharedState, at: OffsetDateTime, limit: u32) -> Result<Vec<Action>, ApiError> {
+async fn due(
+    app: &SharedState,
+    at: OffsetDateTime,
+    limit: u32,
+    judge_all: bool,
+) -> Result<Vec<Action>, ApiError> {
     let mut actions: Vec<Action> = app
         .store
         .keys_past_expiry(at, limit)
@@ -74,6 +83,7 @@ async fn due(app: &SharedState, at: OffsetDateTime, limit: u32) -> Result<Vec<Ac
                 key,
                 action: "expire",
                 reason: ExpiryReason::IdleExpired.as_str(),
+                detail: None,
             });
         }
     }
@@ -90,7 +100,8 @@ async fn due(app: &SharedState, at: OffsetDateTime, limit: u32) -> Result<Vec<Ac
             let action = match rules.on_rotation_overdue {
                 OnRotationOverdue::Suspend => Some("suspend"),
                 OnRotationOverdue::Notify => {
-                    (!app.store.audit_has(&target, ROTATION_NOTICE).await?).then_some("notify")
+                    (!app.store.audit_has(&target, ROTATION_NOTICE, None).await?)
+                        .then_some("notify")
                 }
             };
             if let Some(action) = action {
@@ -99,18 +110,75 @@ async fn due(app: &SharedState, at: OffsetDateTime, limit: u32) -> Result<Vec<Ac
                     key: key.clone(),
                     action,
                     reason: ROTATION_OVERDUE,
+                    detail: None,
                 });
                 continue;
             }
         }
         if let Some(n) = rules.expiry_notice.filter(|n| at >= key.expires_at - *n) {
-            if !app.store.audit_has(&target, EXPIRY_NOTICE).await? {
+            if !app.store.audit_has(&target, EXPIRY_NOTICE, None).await? {
                 actions.push(Action {
                     due_at: key.expires_at - n,
                     key,
                     action: "notify",
                     reason: EXPIRES_SOON,
+                    detail: None,
                 });
+            }
+        }
+    }
+    // Existing keys that break the policy in force (say, after it tightened): all active
+    // keys are judged, once per policy version on a node, and always for a plan.
+    if judge_all {
+        let taken: std::collections::HashSet<String> =
+            actions.iter().map(|a| a.key.id.to_string()).collect();
+        let note = format!("policy version {}", policy.0);
+        let filter = KeyFilter {
+            state: Some(StateFilter::Active),
+            ..KeyFilter::default()
+        };
+        let mut after = None;
+        loop {
+            let (keys, next) = app.store.list_keys(&filter, at, 1000, after).await?;
+            for key in keys {
+                if taken.contains(key.id.as_str()) {
+                    continue;
+                }
+                let rules = policy.1.rules_for(&key.environment);
+                let broken = check_existing(rules, &key);
+                if broken.is_empty() {
+                    continue;
+                }
+                let action = match rules.on_violation {
+                    OnRotationOverdue::Suspend => "suspend",
+                    OnRotationOverdue::Notify => {
+                        let target = format!("key:{}", key.id);
+                        if app
+                            .store
+                            .audit_has(&target, VIOLATION_NOTICE, Some(&note))
+                            .await?
+                        {
+                            continue;
+                        }
+                        "notify"
+                    }
+                };
+                let detail = broken
+                    .iter()
+                    .map(|v| format!("{}: {}", v.code, v.message))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                actions.push(Action {
+                    key,
+                    action,
+                    reason: POLICY_VIOLATION,
+                    due_at: at,
+                    detail: Some(detail),
+                });
+            }
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
             }
         }
     }
@@ -124,13 +192,15 @@ async fn due(app: &SharedState, at: OffsetDateTime, limit: u32) -> Result<Vec<Ac
 
 const ROTATION_OVERDUE: &str = "ROTATION_OVERDUE";
 const EXPIRES_SOON: &str = "EXPIRES_SOON";
+const POLICY_VIOLATION: &str = "POLICY_VIOLATION";
+const VIOLATION_NOTICE: &str = "key.policy_violation";
 /// The audit actions of the notices; a key gets each once.
 const ROTATION_NOTICE: &str = "key.rotation_overdue";
 const EXPIRY_NOTICE: &str = "key.expiry_notice";
 
 /// What a pass at `at` would do, key by key, without acting.
 pub async fn plan(app: &SharedState, at: OffsetDateTime) -> Result<Vec<Action>, ApiError> {
-    due(app, at, PLAN_LIMIT).await
+    due(app, at, PLAN_LIMIT, true).await
 }
 
 /// One pass now; returns what it did. A key changed concurrently (another node's
@@ -138,22 +208,25 @@ pub async fn plan(app: &SharedState, at: OffsetDateTime) -> Result<Vec<Action>, 
 pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
     let now = app.now();
     let mut done = Vec::new();
-    for action in due(app, now, BATCH).await? {
+    let version = app.policy().await?.0;
+    let judge_all = app.judged_policy.load(std::sync::atomic::Ordering::Relaxed) != version;
+    for action in due(app, now, BATCH, judge_all).await? {
         let key = &action.key;
         if action.action == "notify" {
-            let kind = if action.reason == ROTATION_OVERDUE {
-                ROTATION_NOTICE
-            } else {
-                EXPIRY_NOTICE
+            let (kind, why) = match action.reason {
+                ROTATION_OVERDUE => (ROTATION_NOTICE, action.reason.to_owned()),
+                POLICY_VIOLATION => (VIOLATION_NOTICE, format!("policy version {version}")),
+                _ => (EXPIRY_NOTICE, action.reason.to_owned()),
             };
             let entry = audit_entry(
                 actor(),
                 now,
                 kind,
                 format!("key:{}", key.id),
-                Some(action.reason.to_owned()),
+                Some(why),
                 json!({"owner": key.owner, "due_at": action.due_at.unix_timestamp(),
-                       "expires_at": key.expires_at.unix_timestamp()}),
+                       "expires_at": key.expires_at.unix_timestamp(),
+                       "violations": action.detail}),
             );
             app.store.append_audit(std::slice::from_ref(&entry)).await?;
             tracing::info!(key_id = %key.id, reason = action.reason, "key notice");
@@ -172,11 +245,12 @@ pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
                 format!("key:{}", key.id),
                 Some(action.reason.to_owned()),
                 json!({"state": {"before": "active", "after": "suspended"},
-                       "rotation_due_at": action.due_at.unix_timestamp()}),
+                       "due_at": action.due_at.unix_timestamp(),
+                       "violations": action.detail}),
             );
             if app.store.update_key_state(&held, &entry).await? {
                 app.keys.evict(&key.id);
-                tracing::info!(key_id = %key.id, "key suspended: rotation overdue");
+                tracing::info!(key_id = %key.id, reason = action.reason, "key suspended");
                 done.push(action);
             }
             continue;
@@ -202,6 +276,10 @@ pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
             tracing::info!(key_id = %key.id, reason = action.reason, "key expired");
             done.push(action);
         }
+    }
+    if judge_all {
+        app.judged_policy
+            .store(version, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(done)
 }

@@ -26,6 +26,8 @@ pub struct AppState {
     pub signer: CheckpointSigner,
     /// The policy in force, with its version (0: none applied, built-in defaults).
     policy: std::sync::RwLock<Arc<(i64, Policy)>>,
+    /// The policy version whose rules the enforcer last judged every active key by.
+    pub judged_policy: std::sync::atomic::AtomicI64,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -49,6 +51,7 @@ impl AppState {
             usage,
             signer,
             policy: std::sync::RwLock::new(Arc::new((0, Policy::default()))),
+            judged_policy: std::sync::atomic::AtomicI64::new(-1),
         }
     }
 

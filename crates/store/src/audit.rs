@@ -357,14 +357,32 @@ impl Store {
         Ok((entries, next))
     }
 
-    /// Whether `target` has an entry with `action` (say, a notice already given).
-    pub async fn audit_has(&self, target: &str, action: &str) -> Result<bool> {
-        let row =
-            sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE target = $1 AND action = $2")
-                .bind(target)
-                .bind(action)
-                .fetch_one(&self.pool)
-                .await?;
+    /// Whether `target` has an entry with `action` (and `reason`, when given): say, a
+    /// notice already given.
+    pub async fn audit_has(
+        &self,
+        target: &str,
+        action: &str,
+        reason: Option<&str>,
+    ) -> Result<bool> {
+        let base = "SELECT COUNT(*) AS n FROM audit_events WHERE target = $1 AND action = $2";
+        let row = match reason {
+            Some(r) => {
+                sqlx::query(&format!("{base} AND reason = $3"))
+                    .bind(target)
+                    .bind(action)
+                    .bind(r)
+                    .fetch_one(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query(base)
+                    .bind(target)
+                    .bind(action)
+                    .fetch_one(&self.pool)
+                    .await?
+            }
+        };
         Ok(row.try_get::<i64, _>("n")? > 0)
     }
 

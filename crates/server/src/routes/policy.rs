@@ -115,6 +115,7 @@ fn report(at: OffsetDateTime, planned: bool, actions: Vec<enforcer::Action>) -> 
                 environment: a.key.environment,
                 action: a.action.to_owned(),
                 reason: a.reason.to_owned(),
+                detail: a.detail,
                 due_at: a.due_at,
             })
             .collect(),
