@@ -167,6 +167,28 @@ async fn lifecycle_writes_exactly_the_expected_entries(b: Backend) {
     let (rc, brk, v) = verify(&s, &[]).await;
     assert_eq!((rc, brk), (0, None), "{v}");
     assert_eq!(v["checked"], 9);
+
+    // Each key entry is also an event in the outbox, written with it, in order.
+    let store = &s.server.as_ref().unwrap().state.store;
+    let events: Vec<(i64, String, String)> = store
+        .key_events_after(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, e.key_id, e.event))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (2, id.clone(), "created".to_owned()),
+            (3, id.clone(), "suspended".to_owned()),
+            (4, id.clone(), "resumed".to_owned()),
+            (5, id.clone(), "rotated".to_owned()),
+            (6, successor.clone(), "created".to_owned()),
+            (7, successor.clone(), "revoked".to_owned()),
+        ]
+    );
+    assert_eq!(store.key_events_after(6, 100).await.unwrap().len(), 1);
     s.stop().await;
 }
 
@@ -416,6 +438,20 @@ async fn failed_audit_write_rolls_the_change_back(b: Backend) {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(s.verify_code(&secret).await, "REVOKED");
+    // Only the changes that happened are events: created, then the final revoke.
+    let events: Vec<String> = s
+        .server
+        .as_ref()
+        .unwrap()
+        .state
+        .store
+        .key_events_after(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(events, ["created", "revoked"]);
     // The refused writes left no gap in the chain.
     let (rc, brk, v) = verify(&s, &[]).await;
     assert_eq!((rc, brk), (0, None), "{v}");
@@ -827,6 +863,8 @@ async fn entries_from_before_the_chain_are_sealed_on_open(b: Backend) {
     // As a database written before migration 0003 looks: no hashes, a gap in seq.
     s.sql(&[
         "UPDATE audit_events SET prev_hash = NULL, hash = NULL",
+        // Nor an event outbox (migration 0008 comes later still).
+        "DELETE FROM key_events",
         "DELETE FROM audit_events WHERE seq = 3",
         "UPDATE audit_events SET details = '{\"b\": 1,  \"a\": [2]}' WHERE seq = 2",
         &format!(

@@ -173,6 +173,7 @@ async fn append_many(
         };
         let sealed = SealedEntry::seal(seq, entry, prev);
         insert_sealed(tx, &sealed).await?;
+        insert_key_event(tx, &sealed).await?;
         prev = sealed.hash;
     }
     sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
@@ -180,6 +181,72 @@ async fn append_many(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// A key's entry (`key.*` on `key:<id>`) is also an event for connected services,
+/// written with it.
+async fn insert_key_event(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    s: &SealedEntry,
+) -> Result<()> {
+    let e = &s.entry;
+    let (Some(key_id), Some(event)) =
+        (e.target.strip_prefix("key:"), e.action.strip_prefix("key."))
+    else {
+        return Ok(());
+    };
+    sqlx::query(
+        "INSERT INTO key_events (seq, time, key_id, event, reason, actor) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(s.seq)
+    .bind(ms(e.time))
+    .bind(key_id)
+    .bind(event)
+    .bind(&e.reason)
+    .bind(&e.actor.id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// One row of the key event outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEvent {
+    pub seq: i64,
+    pub time: OffsetDateTime,
+    pub key_id: String,
+    /// `created`, `suspended`, `resumed`, `revoked`, `rotated`, `expired`,
+    /// `expiry_notice`, `rotation_overdue`, `policy_violation`.
+    pub event: String,
+    pub reason: Option<String>,
+    pub actor: String,
+}
+
+impl Store {
+    /// Events after `seq`, oldest first.
+    pub async fn key_events_after(&self, seq: i64, limit: u32) -> Result<Vec<KeyEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, time, key_id, event, reason, actor FROM key_events WHERE seq > $1 \
+             ORDER BY seq LIMIT $2",
+        )
+        .bind(seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(KeyEvent {
+                    seq: r.try_get("seq")?,
+                    time: from_millis(r.try_get("time")?),
+                    key_id: r.try_get("key_id")?,
+                    event: r.try_get("event")?,
+                    reason: r.try_get("reason")?,
+                    actor: r.try_get("actor")?,
+                })
+            })
+            .collect()
+    }
 }
 
 async fn insert_sealed(
