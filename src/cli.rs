@@ -133,6 +133,10 @@ pub struct ServeArgs {
     /// Prefix of every key this deployment issues.
     #[arg(long, env = "KEYWARDEN_KEY_PREFIX", default_value = "kw")]
     pub key_prefix: String,
+    /// How often the enforcer runs a pass (expiry, idle keys, rotation deadlines,
+    /// notices, policy violations), e.g. 60s or 5m.
+    #[arg(long, env = "KEYWARDEN_ENFORCER_INTERVAL", default_value = "60s")]
+    pub enforcer_interval: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -72,6 +72,17 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
     config.key_prefix.clone_from(&args.key_prefix);
     config.pepper = std::env::var("KEYWARDEN_PEPPER").ok();
     config.audit_signing_key = std::env::var("KEYWARDEN_AUDIT_SIGNING_KEY").ok();
+    let every = keywarden_core::duration::parse_duration(&args.enforcer_interval)
+        .ok()
+        .and_then(|d| std::time::Duration::try_from(d).ok())
+        .filter(|d| !d.is_zero())
+        .with_context(|| {
+            format!(
+                "--enforcer-interval {:?}: expected a duration such as 60s or 5m",
+                args.enforcer_interval
+            )
+        })?;
+    config.enforcer_interval = every;
     config.trusted_proxies = args
         .trusted_proxies
         .iter()

@@ -271,6 +271,9 @@ async fn enforce_plans_without_acting_and_acts_now(b: Backend) {
     let (rc, _, err) = cli(&s, &["enforce", "--plan", "--at", "tomorrow"]).await;
     assert_eq!(rc, 2);
     assert!(err.contains("--at"), "{err}");
+    let (rc, _, err) = cli(&s, &["serve", "--enforcer-interval", "soon"]).await;
+    assert_eq!(rc, 2);
+    assert!(err.contains("--enforcer-interval"), "{err}");
     let (status, v) = s.get("/v1/enforce/plan?at=soon").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     let auditor = s.token("auditor", None).await;
