@@ -259,7 +259,7 @@ pub enum TokenCommand {
         /// The person accountable for it (audit entries name them as the actor).
         #[arg(long)]
         owner: Option<String>,
-        /// admin, issuer, auditor or verifier.
+        /// admin, issuer, auditor, verifier or scim.
         #[arg(long)]
         role: String,
         /// For issuers: an environment they may act in (repeatable; default all).

@@ -234,7 +234,7 @@ pub struct CreateTokenRequest {
     /// The person accountable for the token; audit entries name them as the actor.
     #[serde(default)]
     pub owner: Option<String>,
-    /// `admin`, `issuer`, `auditor` or `verifier`.
+    /// `admin`, `issuer`, `auditor`, `verifier` or `scim` (SCIM provisioning only).
     pub role: String,
     /// For issuers: the environments they may manage keys in. Absent means all.
     #[serde(default)]
