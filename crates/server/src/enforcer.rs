@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use keywarden_core::lifecycle::{expiry_due, idle_due, last_activity, ExpiryReason};
 use keywarden_core::model::{Actor, KeyRecord, KeyState};
-use keywarden_core::policy::{check_existing, OnRotationOverdue};
+use keywarden_core::policy::{check_existing, OnRotationOverdue, Policy};
 use keywarden_store::{KeyFilter, StateFilter};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -61,6 +61,7 @@ fn decide(key: KeyRecord, at: OffsetDateTime) -> Option<Action> {
 /// environment's rule (counting uses this node answered that are not stored yet).
 async fn due(
     app: &SharedState,
+    policy: &(i64, Policy),
     at: OffsetDateTime,
     limit: u32,
     judge_all: bool,
@@ -72,7 +73,6 @@ async fn due(
         .into_iter()
         .filter_map(|k| decide(k, at))
         .collect();
-    let policy = app.policy().await?;
     let cutoff = at - policy.1.min_idle_expiry();
     for key in app.store.keys_unused_since(cutoff, at, limit).await? {
         let expiry = policy.1.rules_for(&key.environment).idle_expiry;
@@ -200,7 +200,8 @@ const EXPIRY_NOTICE: &str = "key.expiry_notice";
 
 /// What a pass at `at` would do, key by key, without acting.
 pub async fn plan(app: &SharedState, at: OffsetDateTime) -> Result<Vec<Action>, ApiError> {
-    due(app, at, PLAN_LIMIT, true).await
+    let policy = app.policy().await?;
+    due(app, &policy, at, PLAN_LIMIT, true).await
 }
 
 /// One pass now; returns what it did. A key changed concurrently (another node's
@@ -208,9 +209,10 @@ pub async fn plan(app: &SharedState, at: OffsetDateTime) -> Result<Vec<Action>, 
 pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
     let now = app.now();
     let mut done = Vec::new();
-    let version = app.policy().await?.0;
+    let policy = app.policy().await?;
+    let version = policy.0;
     let judge_all = app.judged_policy.load(std::sync::atomic::Ordering::Relaxed) != version;
-    for action in due(app, now, BATCH, judge_all).await? {
+    for action in due(app, &policy, now, BATCH, judge_all).await? {
         let key = &action.key;
         if action.action == "notify" {
             let (kind, why) = match action.reason {

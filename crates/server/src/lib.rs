@@ -258,6 +258,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let state: SharedState = Arc::new(AppState::new(
         store, hasher, clock, config, usage_tx, signer,
     ));
+    // Verify reads the cached policy; load the stored one before the first request.
+    if let Err(e) = state.policy().await {
+        return Err(StartError::Store(match e {
+            error::ApiError::Store(e) => e,
+            other => keywarden_store::StoreError::Corrupt(other.to_string()),
+        }));
+    }
     let (stop_jobs, stop_jobs_rx) = watch::channel(false);
     let expiry = tokio::spawn(enforcer::run(
         state.clone(),
