@@ -156,6 +156,23 @@ impl KeyHasher {
         })
     }
 
+    /// The pepper version new secrets are derived with.
+    pub fn current_version(&self) -> u32 {
+        self.current
+    }
+
+    /// A 32-byte secret derived from pepper `version` and `context`, for secrets keywarden
+    /// must use again later (webhook signing) yet never store: the database holds only
+    /// the context. Contexts start with a label and a NUL, which no key string holds, so
+    /// they never collide with a key's hash.
+    pub fn derive(&self, version: u32, label: &str, context: &[u8]) -> Option<[u8; 32]> {
+        let mut mac = self.states.get(&version)?.clone();
+        mac.update(label.as_bytes());
+        mac.update(&[0]);
+        mac.update(context);
+        Some(mac.finalize().into_bytes().into())
+    }
+
     /// Constant-time check of `key` against a stored hash. An unknown pepper version
     /// never matches.
     pub fn matches(&self, key: &PlainKey, stored: &KeyHash) -> bool {

@@ -8,6 +8,7 @@ pub mod audit_chain;
 pub mod base62;
 pub mod clock;
 pub mod duration;
+pub mod gateway;
 pub mod hashing;
 pub mod key_format;
 pub mod lifecycle;
@@ -17,6 +18,7 @@ pub mod role;
 pub mod scope;
 pub mod validate;
 pub mod verify;
+pub mod webhook;
 
 pub use key_format::{KeyId, ParsedKey, PlainKey};
 pub use model::{KeyRecord, KeyState};

@@ -11,7 +11,7 @@ pub enum Role {
     Issuer,
     /// Read only: keys, usage, tokens, the audit trail.
     Auditor,
-    /// Only `/v1/verify`.
+    /// A gateway: `/v1/verify`, `/v1/auth`, and the event stream with its acks.
     Verifier,
     /// Only `/scim/v2`: an identity provider provisioning and offboarding owners.
     Scim,
@@ -39,6 +39,14 @@ pub enum Permission {
     OwnersWrite,
     /// The SCIM endpoint (role `scim`; admin may do everything).
     Scim,
+    /// Read connected services and their deliveries.
+    ServicesRead,
+    /// Register and remove connected services.
+    ServicesWrite,
+    /// Read the key event stream (`/v1/events`) and acknowledge events for a service.
+    Events,
+    /// Read KEY_STILL_IN_USE alerts.
+    AlertsRead,
 }
 
 impl Role {
@@ -67,16 +75,23 @@ impl Role {
             Self::Issuer => {
                 matches!(
                     p,
-                    KeysRead | KeysWrite | UsageRead | PolicyRead | OwnersRead
+                    KeysRead | KeysWrite | UsageRead | PolicyRead | OwnersRead | AlertsRead
                 )
             }
             Self::Auditor => {
                 matches!(
                     p,
-                    KeysRead | UsageRead | TokensRead | AuditRead | PolicyRead | OwnersRead
+                    KeysRead
+                        | UsageRead
+                        | TokensRead
+                        | AuditRead
+                        | PolicyRead
+                        | OwnersRead
+                        | ServicesRead
+                        | AlertsRead
                 )
             }
-            Self::Verifier => matches!(p, Verify),
+            Self::Verifier => matches!(p, Verify | Events),
             Self::Scim => matches!(p, Scim),
         }
     }

@@ -113,6 +113,163 @@ pub struct KeyView {
     /// Distinct subjects (hosts, nodes, services) this key provisioned. Only on single-key reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subjects: Option<Vec<SubjectView>>,
+    /// How the key's latest state change reached the connected services. Only on
+    /// single-key reads, once the key has had an event a service subscribes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub propagation: Option<PropagationView>,
+}
+
+/// One key event's delivery to the services subscribed to it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PropagationView {
+    /// The event (`revoked`, `suspended`, …) and its outbox seq.
+    pub event: String,
+    pub seq: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// Services that confirmed, of `total`.
+    pub confirmed: usize,
+    pub total: usize,
+    pub services: Vec<DeliveryView>,
+}
+
+/// A key event's delivery to one service.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryView {
+    pub service_id: String,
+    pub service: String,
+    pub seq: i64,
+    pub key_id: String,
+    pub event: String,
+    /// `pending` (not tried yet, or awaiting the service's ack), `failing` (will be
+    /// tried again at `next_attempt_at`), `confirmed`, or `abandoned` (retries ran out).
+    pub state: String,
+    pub attempts: i64,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub confirmed_at: Option<OffsetDateTime>,
+    pub last_error: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateServiceRequest {
+    /// 1-64 characters: letters, digits, `.`, `_`, `-`.
+    pub name: String,
+    /// Where events are POSTed (http or https). Absent for a pull service, which reads
+    /// `/v1/events` and acknowledges with `/v1/services/{id}/ack`.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    /// Some of `revoke`, `suspend`, `rotate`, `expire`, `alert`, `create`, `notice`, or
+    /// `all`. Default: revoke, suspend, rotate, expire, alert.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServiceView {
+    pub id: String,
+    pub name: String,
+    pub webhook_url: Option<String>,
+    pub events: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub created_by: String,
+    /// The highest event seq the service acknowledged.
+    pub acked_seq: i64,
+    /// Deliveries per state.
+    pub deliveries: BTreeMap<String, i64>,
+    /// The latest deliveries, newest first. Only on single-service reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recent: Option<Vec<DeliveryView>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedService {
+    pub service: ServiceView,
+    /// The Standard Webhooks signing secret (`whsec_…`). Shown once; keywarden derives
+    /// it again from its pepper and never stores it.
+    pub secret: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServiceList {
+    pub services: Vec<ServiceView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServiceTestResult {
+    /// Whether the service answered 2xx.
+    pub delivered: bool,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AckRequest {
+    /// Every event up to and including this seq has been applied.
+    pub seq: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AckResponse {
+    pub service_id: String,
+    pub acked_seq: i64,
+    /// Deliveries this ack confirmed.
+    pub confirmed: u64,
+}
+
+/// One event of the outbox, as `/v1/events` streams it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EventView {
+    pub seq: i64,
+    /// `key.revoked`, `key.suspended`, … (the audit action).
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub key_id: String,
+    pub reason: Option<String>,
+    pub actor: String,
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventPage {
+    pub events: Vec<EventView>,
+    /// Pass as `after` for the next call (the last seq seen; unchanged when none came).
+    pub next: i64,
+}
+
+/// A KEY_STILL_IN_USE alert: a revoked, expired or suspended key was presented.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AlertView {
+    /// The audit entry that raised it.
+    pub seq: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub kind: String,
+    pub key_id: String,
+    /// The verify answer: REVOKED, EXPIRED, IDLE_EXPIRED, SUSPENDED or OWNER_DISABLED.
+    pub code: String,
+    pub source_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub subject: Option<String>,
+    /// How long the key had been dead (revoked, suspended, expired) when presented.
+    pub dead_for_ms: Option<i64>,
+    /// Further sightings from the same place within the alert window.
+    pub repeats: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AlertList {
+    pub alerts: Vec<AlertView>,
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -475,4 +632,9 @@ pub mod codes {
     pub const POLICY_INVALID: &str = "POLICY_INVALID";
     pub const OWNER_NOT_FOUND: &str = "OWNER_NOT_FOUND";
     pub const OWNER_DISABLED: &str = "OWNER_DISABLED";
+    pub const SERVICE_NOT_FOUND: &str = "SERVICE_NOT_FOUND";
+    pub const WEBHOOK_URL_INVALID: &str = "WEBHOOK_URL_INVALID";
+    pub const ROUTE_NOT_MAPPED: &str = "ROUTE_NOT_MAPPED";
+    pub const PATH_REJECTED: &str = "PATH_REJECTED";
+    pub const KEY_MISSING: &str = "KEY_MISSING";
 }

@@ -88,6 +88,14 @@ async fn authenticate(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or(ApiError::Unauthenticated(HOW))?;
+    authenticate_token(app, presented).await
+}
+
+/// Checks a presented admin token.
+pub async fn authenticate_token(
+    app: &SharedState,
+    presented: &str,
+) -> Result<Arc<TokenRecord>, ApiError> {
     let parsed = key_format::parse(presented, &app.config.key_prefix)
         .map_err(|_| ApiError::Unauthenticated("malformed admin token"))?;
     if parsed.environment != ADMIN_ENV {

@@ -39,6 +39,25 @@ pub struct Config {
     /// recorded as expired, with an audit entry; they are refused from the moment they
     /// end either way).
     pub enforcer_interval: Duration,
+    /// Networks outbound requests (webhooks) may reach besides the public internet.
+    /// Loopback and private addresses are refused unless listed here.
+    pub outbound_allow: Vec<IpNet>,
+    /// How long one webhook request may take.
+    pub webhook_timeout: Duration,
+    /// How long a failing delivery is retried before it is abandoned.
+    pub webhook_retry_for: Duration,
+    /// The first retry delay; it doubles per attempt up to `webhook_backoff_cap`.
+    pub webhook_backoff: Duration,
+    pub webhook_backoff_cap: Duration,
+    /// How often the dispatcher looks for work it was not woken for (writes by another
+    /// process, retries falling due).
+    pub dispatch_poll: Duration,
+    /// Sightings of the same key from the same place within this window count up one
+    /// alert instead of raising another.
+    pub alert_window: time::Duration,
+    /// `/v1/auth`: the scope each method and path needs, and which callers may ask
+    /// without a token.
+    pub gateway: keywarden_core::gateway::GatewayMap,
     /// Whether to print the bootstrap token to stdout (the binary does; tests read the file).
     pub print_bootstrap_token: bool,
 }
@@ -60,6 +79,14 @@ impl Config {
             usage_fold_max_keys: 100_000,
             verify_cache_ttl: Duration::from_secs(60),
             enforcer_interval: Duration::from_secs(60),
+            outbound_allow: Vec::new(),
+            webhook_timeout: Duration::from_secs(10),
+            webhook_retry_for: Duration::from_secs(72 * 3600),
+            webhook_backoff: Duration::from_secs(2),
+            webhook_backoff_cap: Duration::from_secs(3600),
+            dispatch_poll: Duration::from_secs(1),
+            alert_window: time::Duration::minutes(5),
+            gateway: keywarden_core::gateway::GatewayMap::default(),
             print_bootstrap_token: false,
         }
     }

@@ -3,13 +3,16 @@
 //! Routes (axum, documented by utoipa), admin-token auth and roles, the verify hot path
 //! with its cache, the batched usage writer, and server start-up and shutdown.
 
+pub mod alerts;
 pub mod auth;
 pub mod bootstrap;
 pub mod cache;
 pub mod config;
+pub mod dispatch;
 pub mod enforcer;
 pub mod error;
 pub mod extract;
+pub mod outbound;
 pub mod routes;
 pub mod state;
 pub mod usage;
@@ -48,7 +51,8 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 #[openapi(
     info(title = "keywarden", description = "Governs provisioning keys: issue, verify, govern, audit."),
     modifiers(&BearerAuth),
-    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "policy"), (name = "owners"), (name = "health"))
+    paths(routes::gateway::auth_doc),
+    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "policy"), (name = "owners"), (name = "services"), (name = "alerts"), (name = "health"))
 )]
 struct ApiDoc;
 
@@ -100,6 +104,18 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::owners::enable_owner))
         .routes(routes!(routes::policy::enforce_plan))
         .routes(routes!(routes::policy::enforce_now))
+        .routes(routes!(
+            routes::services::create_service,
+            routes::services::list_services
+        ))
+        .routes(routes!(
+            routes::services::get_service,
+            routes::services::delete_service
+        ))
+        .routes(routes!(routes::services::test_service))
+        .routes(routes!(routes::services::ack_service))
+        .routes(routes!(routes::events::events))
+        .routes(routes!(routes::alerts::list_alerts))
         .with_state(state.clone())
         .split_for_parts();
     // SCIM speaks its own schema (RFC 7644) and stays out of the OpenAPI document.
@@ -115,8 +131,16 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
                 .patch(routes::scim::patch_user)
                 .delete(routes::scim::delete_user),
         )
+        .with_state(state.clone());
+    // Forward auth answers whatever method the gateway forwards with (documented as GET).
+    let gateway = Router::new()
+        .route("/v1/auth", axum::routing::any(routes::gateway::auth))
+        .route(
+            "/v1/auth/{*rest}",
+            axum::routing::any(routes::gateway::auth),
+        )
         .with_state(state);
-    let router = router.merge(scim);
+    let router = router.merge(scim).merge(gateway);
     (router, doc)
 }
 
@@ -199,6 +223,8 @@ pub enum StartError {
     Bootstrap(#[from] bootstrap::BootstrapError),
     #[error("store: {0}")]
     Store(#[from] keywarden_store::StoreError),
+    #[error("outbound HTTP client: {0}")]
+    Outbound(#[from] outbound::OutboundError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -218,6 +244,8 @@ pub struct RunningServer {
     http: JoinHandle<std::io::Result<()>>,
     usage: JoinHandle<()>,
     expiry: JoinHandle<()>,
+    dispatcher: JoinHandle<()>,
+    alerts: JoinHandle<()>,
 }
 
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer, StartError> {
@@ -255,9 +283,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         addr: config.listen,
         source,
     })?;
-    let state: SharedState = Arc::new(AppState::new(
-        store, hasher, clock, config, usage_tx, signer,
-    ));
+    let outbound = outbound::Outbound::new(config.outbound_allow.clone(), config.webhook_timeout)?;
+    let (alerts_tx, alerts_rx) = alerts::channel();
+    let links = state::Links {
+        usage: usage_tx,
+        alerts: alerts_tx,
+        outbound,
+    };
+    let state: SharedState = Arc::new(AppState::new(store, hasher, clock, config, signer, links));
     // Verify reads the cached policy; load the stored one before the first request.
     if let Err(e) = state.policy().await {
         return Err(StartError::Store(match e {
@@ -269,8 +302,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let expiry = tokio::spawn(enforcer::run(
         state.clone(),
         state.config.enforcer_interval,
-        stop_jobs_rx,
+        stop_jobs_rx.clone(),
     ));
+    let dispatcher = tokio::spawn(dispatch::run(state.clone(), stop_jobs_rx.clone()));
+    let alerts = tokio::spawn(alerts::run(state.clone(), alerts_rx, stop_jobs_rx));
     let app = router(state.clone());
     let (stop_http, mut stop_http_rx) = watch::channel(false);
     let http = tokio::spawn(async move {
@@ -294,21 +329,31 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         http,
         usage,
         expiry,
+        dispatcher,
+        alerts,
     })
 }
 
 impl RunningServer {
-    /// Stops accepting, finishes in-flight requests, then writes every queued usage event.
+    /// Stops accepting, finishes in-flight requests, then writes every queued usage event
+    /// and alert.
     pub async fn shutdown(self) {
-        let _ = self.stop_jobs.send(true);
-        if let Err(e) = self.expiry.await {
-            tracing::error!(error = %e, "enforcer task failed");
-        }
+        self.state.begin_closing();
         let _ = self.stop_http.send(true);
         match self.http.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "http server failed"),
             Err(e) => tracing::error!(error = %e, "http server task failed"),
+        }
+        let _ = self.stop_jobs.send(true);
+        for (name, task) in [
+            ("enforcer", self.expiry),
+            ("dispatcher", self.dispatcher),
+            ("alerts", self.alerts),
+        ] {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, task = name, "background task failed");
+            }
         }
         let _ = self.stop_usage.send(true);
         if let Err(e) = self.usage.await {

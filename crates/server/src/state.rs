@@ -24,6 +24,12 @@ pub struct AppState {
     pub tokens: RecordCache<Option<Arc<TokenRecord>>>,
     pub usage: mpsc::Sender<UsageEvent>,
     pub signer: CheckpointSigner,
+    /// The one client for outbound requests (webhooks), with its address guard.
+    pub outbound: crate::outbound::Outbound,
+    /// Sightings of dead keys, for the alert task.
+    pub alerts: mpsc::Sender<crate::alerts::Sighting>,
+    /// Set when the server shuts down, so long polls and event streams end.
+    closing: tokio::sync::watch::Sender<bool>,
     /// The policy in force, with its version (0: none applied, built-in defaults).
     policy: std::sync::RwLock<Arc<(i64, Policy)>>,
     /// The policy version whose rules the enforcer last judged every active key by.
@@ -32,15 +38,28 @@ pub struct AppState {
 
 pub type SharedState = Arc<AppState>;
 
+/// What the server's state talks to besides the store: its background tasks' queues
+/// and the outbound HTTP client.
+pub struct Links {
+    pub usage: mpsc::Sender<UsageEvent>,
+    pub alerts: mpsc::Sender<crate::alerts::Sighting>,
+    pub outbound: crate::outbound::Outbound,
+}
+
 impl AppState {
     pub fn new(
         store: Store,
         hasher: KeyHasher,
         clock: Arc<dyn Clock>,
         config: Config,
-        usage: mpsc::Sender<UsageEvent>,
         signer: CheckpointSigner,
+        links: Links,
     ) -> Self {
+        let Links {
+            usage,
+            alerts,
+            outbound,
+        } = links;
         Self {
             store,
             hasher,
@@ -50,6 +69,9 @@ impl AppState {
             tokens: RecordCache::new(10_000, Duration::from_secs(30)),
             usage,
             signer,
+            outbound,
+            alerts,
+            closing: tokio::sync::watch::Sender::new(false),
             policy: std::sync::RwLock::new(Arc::new((0, Policy::default()))),
             judged_policy: std::sync::atomic::AtomicI64::new(-1),
         }
@@ -95,6 +117,15 @@ impl AppState {
             Ok(p) => p.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Becomes true when the server starts shutting down.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    pub fn begin_closing(&self) {
+        self.closing.send_replace(true);
     }
 
     /// The current time, at the millisecond precision the store keeps.

@@ -39,6 +39,7 @@ pub fn key_view(k: &KeyRecord, now: OffsetDateTime, subjects: Option<Vec<Subject
                 })
                 .collect()
         }),
+        propagation: None,
     }
 }
 

@@ -142,21 +142,23 @@ fn entry_from_row(r: &AnyRow) -> Result<SealedEntry> {
 }
 
 /// Appends `e` to the chain inside `tx`.
+/// Appends `e` to the chain inside `tx`; returns its seq.
 pub(crate) async fn append(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     e: &AuditEntry,
-) -> Result<()> {
+) -> Result<i64> {
     append_many(tx, std::slice::from_ref(e)).await
 }
 
 /// Appends `entries`, in order, inside `tx`. Taking the head row first serialises chained
 /// writers; each entry's hash covers its seq, so its place cannot change unnoticed.
+/// Returns the seq of the last entry (0 when there were none).
 async fn append_many(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     entries: &[AuditEntry],
-) -> Result<()> {
+) -> Result<i64> {
     let Some(n) = i64::try_from(entries.len()).ok().filter(|n| *n > 0) else {
-        return Ok(());
+        return Ok(0);
     };
     let head = sqlx::query("UPDATE audit_head SET seq = seq + $1 WHERE id = 1 RETURNING seq, hash")
         .bind(n)
@@ -180,7 +182,7 @@ async fn append_many(
         .bind(to_hex(&prev))
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    Ok(end)
 }
 
 /// A key's entry (`key.*` on `key:<id>`) is also an event for connected services,
@@ -196,8 +198,8 @@ async fn insert_key_event(
         return Ok(());
     };
     sqlx::query(
-        "INSERT INTO key_events (seq, time, key_id, event, reason, actor) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO key_events (seq, time, key_id, event, reason, actor, details) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(s.seq)
     .bind(ms(e.time))
@@ -205,6 +207,7 @@ async fn insert_key_event(
     .bind(event)
     .bind(&e.reason)
     .bind(&e.actor.id)
+    .bind(&e.details)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -221,31 +224,64 @@ pub struct KeyEvent {
     pub event: String,
     pub reason: Option<String>,
     pub actor: String,
+    /// The audit entry's details, canonical JSON.
+    pub details: String,
+}
+
+pub(crate) const KEY_EVENT_COLUMNS: &str = "seq, time, key_id, event, reason, actor, details";
+
+pub(crate) fn key_event_from_row(r: &AnyRow) -> Result<KeyEvent> {
+    Ok(KeyEvent {
+        seq: r.try_get("seq")?,
+        time: from_millis(r.try_get("time")?),
+        key_id: r.try_get("key_id")?,
+        event: r.try_get("event")?,
+        reason: r.try_get("reason")?,
+        actor: r.try_get("actor")?,
+        details: r.try_get("details")?,
+    })
 }
 
 impl Store {
     /// Events after `seq`, oldest first.
     pub async fn key_events_after(&self, seq: i64, limit: u32) -> Result<Vec<KeyEvent>> {
-        let rows = sqlx::query(
-            "SELECT seq, time, key_id, event, reason, actor FROM key_events WHERE seq > $1 \
-             ORDER BY seq LIMIT $2",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_EVENT_COLUMNS} FROM key_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
         .bind(seq)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(KeyEvent {
-                    seq: r.try_get("seq")?,
-                    time: from_millis(r.try_get("time")?),
-                    key_id: r.try_get("key_id")?,
-                    event: r.try_get("event")?,
-                    reason: r.try_get("reason")?,
-                    actor: r.try_get("actor")?,
-                })
-            })
-            .collect()
+        rows.iter().map(key_event_from_row).collect()
+    }
+
+    /// The newest event about `key_id` among `events`.
+    pub async fn latest_key_event(
+        &self,
+        key_id: &str,
+        events: &[&str],
+    ) -> Result<Option<KeyEvent>> {
+        let list = events
+            .iter()
+            .map(|e| format!("'{}'", e.replace('\'', "")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_EVENT_COLUMNS} FROM key_events WHERE key_id = $1 AND event IN ({list}) \
+             ORDER BY seq DESC LIMIT 1"
+        ))
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(key_event_from_row).transpose()
+    }
+
+    /// The highest seq in the outbox (0 when empty).
+    pub async fn key_events_head(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS head FROM key_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("head")?)
     }
 }
 

@@ -13,6 +13,7 @@ mod keys;
 mod owners;
 mod policies;
 mod rows;
+mod services;
 mod tokens;
 mod usage;
 mod usage_pending;
@@ -28,6 +29,9 @@ pub use audit::{ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, Audi
 pub use keys::{KeyFilter, StateFilter};
 pub use owners::Owner;
 pub use policies::StoredPolicy;
+pub use services::{
+    AlertFilter, AlertRecord, DeliveryOutcome, DeliveryRecord, DueDelivery, NewAlert, ServiceRecord,
+};
 pub use usage::FOLD_CHUNK;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +58,14 @@ pub enum Backend {
 /// transaction ends (fields drop in order).
 pub(crate) struct WriteTx {
     tx: sqlx::Transaction<'static, sqlx::Any>,
+    changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl WriteTx {
     pub async fn commit(self) -> Result<()> {
         self.tx.commit().await?;
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
     }
 }
@@ -89,6 +95,9 @@ pub struct Store {
     /// overlay; a fold holds it exclusively from its commit until the overlay is cleared,
     /// so no reader counts a use twice or not at all.
     fold_lock: std::sync::Arc<tokio::sync::RwLock<()>>,
+    /// Counts this process's committed writes, so the dispatcher and event streams wake
+    /// on a change instead of polling for it.
+    changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -170,6 +179,7 @@ impl Store {
             audit_sqlite,
             sqlite_writer: (backend == Backend::Sqlite).then(std::sync::Arc::default),
             fold_lock: std::sync::Arc::default(),
+            changes: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         store.seal_unchained_audit().await?;
         Ok(store)
@@ -200,7 +210,16 @@ impl Store {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
         };
-        Ok(WriteTx { tx, _turn: turn })
+        Ok(WriteTx {
+            tx,
+            changes: self.changes.clone(),
+            _turn: turn,
+        })
+    }
+
+    /// Changes whenever a write through this store commits.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub async fn ping(&self) -> Result<()> {

@@ -205,5 +205,5 @@ pub(crate) async fn insert_audit(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     e: &AuditEntry,
 ) -> Result<()> {
-    crate::audit::append(tx, e).await
+    crate::audit::append(tx, e).await.map(|_| ())
 }

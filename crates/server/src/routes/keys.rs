@@ -433,7 +433,9 @@ pub async fn get_key(
     principal.require(Permission::KeysRead)?;
     let key = load_in_reach(&app, &principal, &id).await?;
     let subjects = app.store.subjects(&key.id).await?;
-    Ok(Json(key_view(&key, app.now(), Some(subjects))))
+    let mut view = key_view(&key, app.now(), Some(subjects));
+    view.propagation = super::services::propagation(&app, &key).await?;
+    Ok(Json(view))
 }
 
 async fn change_state(

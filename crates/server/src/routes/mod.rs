@@ -1,9 +1,13 @@
+pub mod alerts;
 pub mod audit;
+pub mod events;
+pub mod gateway;
 pub mod health;
 pub mod keys;
 pub mod owners;
 pub mod policy;
 pub mod scim;
+pub mod services;
 pub mod tokens;
 pub mod verify;
 

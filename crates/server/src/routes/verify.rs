@@ -38,8 +38,49 @@ pub async fn verify(
 ) -> Result<Json<VerifyResponse>, ApiError> {
     principal.require(Permission::Verify)?;
     let ask = validate_request(&req, principal.client_ip)?;
+    let outcome = judge(
+        &app,
+        &req.key,
+        &ask,
+        req.subject,
+        principal.user_agent.clone(),
+        || principal.actor(),
+    )
+    .await?;
+    Ok(Json(outcome.into_response()))
+}
+
+/// Decides on a key and records the decision: its usage event (before the answer
+/// leaves) and, for a dead key, a KEY_STILL_IN_USE sighting. Shared by `/v1/verify` and
+/// the gateway's `/v1/auth`.
+pub(crate) async fn judge(
+    app: &AppState,
+    key: &str,
+    ask: &VerifyRequest,
+    subject: Option<String>,
+    user_agent: Option<String>,
+    asked_by: impl FnOnce() -> keywarden_core::model::Actor,
+) -> Result<Outcome, ApiError> {
     let now = app.now();
-    let outcome = check(&app, &req.key, &ask, now).await?;
+    let outcome = check(app, key, ask, now).await?;
+    if crate::alerts::is_still_in_use(outcome.code) {
+        if let Some(k) = &outcome.key {
+            let sighting = crate::alerts::Sighting {
+                time: now,
+                key_id: k.id.to_string(),
+                code: outcome.code,
+                source_ip: ask.source_ip.map(|ip| ip.to_string()),
+                user_agent: user_agent.clone(),
+                subject: subject.clone(),
+                dead_since: crate::alerts::dead_since(k, outcome.code, now),
+                asked_by: asked_by(),
+            };
+            if app.alerts.try_send(sighting).is_err() {
+                // The use itself is in the usage log; only the alert is lost.
+                tracing::warn!(key_id = %k.id, "alert queue full: a KEY_STILL_IN_USE sighting was dropped");
+            }
+        }
+    }
     let event = UsageEvent {
         key_id: outcome.key_id.clone(),
         time: now,
@@ -47,8 +88,8 @@ pub async fn verify(
         source_ip: ask.source_ip.map(|ip| ip.to_string()),
         scope: ask.scope.as_ref().map(ToString::to_string),
         environment: ask.environment.clone(),
-        subject: req.subject,
-        user_agent: principal.user_agent,
+        subject,
+        user_agent,
         counted: outcome.counted,
     };
     // No verdict leaves without its usage event queued. A full queue means the store has
@@ -80,7 +121,7 @@ pub async fn verify(
             ));
         }
     }
-    Ok(Json(outcome.into_response()))
+    Ok(outcome)
 }
 
 fn validate_request(
@@ -133,11 +174,11 @@ fn validate_request(
     })
 }
 
-struct Outcome {
-    code: VerifyCode,
+pub(crate) struct Outcome {
+    pub code: VerifyCode,
     key_id: Option<KeyId>,
     /// Set when the caller proved possession of the key (hash matched).
-    key: Option<Arc<CachedKey>>,
+    pub key: Option<Arc<CachedKey>>,
     remaining_uses: Option<u64>,
     counted: bool,
 }
@@ -153,7 +194,7 @@ impl Outcome {
         }
     }
 
-    fn into_response(self) -> VerifyResponse {
+    pub fn into_response(self) -> VerifyResponse {
         let valid = self.code == VerifyCode::Valid;
         let mut r = VerifyResponse {
             valid,

@@ -1,0 +1,215 @@
+//! `/v1/auth`: forward authentication for gateways: nginx `auth_request`, Traefik
+//! ForwardAuth, Envoy HTTP ext_authz.
+//!
+//! The gateway forwards the client's request headers; we read the key from
+//! `Authorization: Bearer` or `X-API-Key`, the original method and URI from
+//! `X-Original-Method`/`X-Original-URI` (nginx), `X-Forwarded-Method`/`X-Forwarded-Uri`
+//! (Traefik), or the request itself below `/v1/auth` (Envoy's path prefix), look up the
+//! scope the gateway map requires, and verify exactly as `/v1/verify` does (usage event,
+//! alerts). 200 carries `X-Keywarden-Key-Id` and `X-Keywarden-Owner`; 401 (no or unknown
+//! key) and 403 (known key refused) carry `X-Keywarden-Code`. nginx turns any other
+//! status into a 500, so every refusal is one of these two.
+//!
+//! The caller is the gateway, not the client: it sends a verifier token in
+//! `X-Keywarden-Token`, or is listed in the map's `trusted_callers`.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keywarden_core::gateway::Need;
+use keywarden_core::model::Actor;
+use keywarden_core::role::Permission;
+use keywarden_core::verify::{VerifyCode, VerifyRequest};
+use keywarden_proto::{codes, VerifyResponse};
+
+use crate::auth::{authenticate_token, client_ip, header_text};
+use crate::error::ApiError;
+use crate::state::SharedState;
+
+const CODE: &str = "x-keywarden-code";
+const KEY_ID: &str = "x-keywarden-key-id";
+const OWNER: &str = "x-keywarden-owner";
+const ENVIRONMENT: &str = "x-keywarden-environment";
+
+/// Documents `/v1/auth` in the OpenAPI document; the route itself answers every method.
+#[utoipa::path(get, path = "/v1/auth", tag = "verify",
+    params(
+        ("Authorization" = Option<String>, Header, description = "`Bearer <key>`: the client's key"),
+        ("X-API-Key" = Option<String>, Header, description = "the client's key, when not in Authorization"),
+        ("X-Original-Method" = Option<String>, Header, description = "the client's method (nginx; Traefik sends X-Forwarded-Method)"),
+        ("X-Original-URI" = Option<String>, Header, description = "the client's URI (nginx; Traefik sends X-Forwarded-Uri)"),
+        ("X-Real-IP" = Option<String>, Header, description = "the client's address, believed from trusted callers"),
+        ("X-Keywarden-Token" = Option<String>, Header, description = "the gateway's verifier token (unless it is a trusted caller)"),
+    ),
+    responses(
+        (status = 200, body = VerifyResponse, description = "allowed; X-Keywarden-Key-Id, X-Keywarden-Owner, X-Keywarden-Environment"),
+        (status = 401, body = VerifyResponse, description = "no key, malformed or unknown key; X-Keywarden-Code"),
+        (status = 403, body = VerifyResponse, description = "the key is refused for this request; X-Keywarden-Code"),
+    ))]
+pub async fn auth_doc() {}
+
+pub async fn auth(
+    State(app): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    match decide(&app, peer.ip(), &method, &uri, &headers).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn decide(
+    app: &SharedState,
+    peer: IpAddr,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let map = &app.config.gateway;
+    let caller_trusted = map.trusted_callers.iter().any(|n| n.contains(&peer));
+    let gateway_token = match headers.get("x-keywarden-token") {
+        Some(v) => {
+            let t = v
+                .to_str()
+                .map_err(|_| ApiError::Unauthenticated("malformed X-Keywarden-Token"))?;
+            let token = authenticate_token(app, t.trim()).await?;
+            if !token.role.allows(Permission::Verify) {
+                return Err(ApiError::Forbidden(format!(
+                    "role `{}` may not verify keys",
+                    token.role
+                )));
+            }
+            Some(token)
+        }
+        None if caller_trusted => None,
+        None => return Err(ApiError::Unauthenticated(
+            "the gateway must send a verifier token in X-Keywarden-Token, or be a trusted caller",
+        )),
+    };
+    let trusted_proxy =
+        caller_trusted || app.config.trusted_proxies.iter().any(|n| n.contains(&peer));
+    let source_ip = headers
+        .get("x-real-ip")
+        .filter(|_| trusted_proxy)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<IpAddr>().ok())
+        .or_else(|| client_ip(Some(peer), headers, &app.config.trusted_proxies));
+    let original_method = header_text(headers, "x-original-method", 16)
+        .or_else(|| header_text(headers, "x-forwarded-method", 16))
+        .unwrap_or_else(|| method.as_str().to_owned());
+    let original_uri = header_text(headers, "x-original-uri", 4096)
+        .or_else(|| header_text(headers, "x-forwarded-uri", 4096))
+        .unwrap_or_else(|| {
+            let below = uri.path().strip_prefix("/v1/auth").unwrap_or("");
+            if below.is_empty() {
+                "/".to_owned()
+            } else {
+                below.to_owned()
+            }
+        });
+    let (scope, environment) = match map.need(&original_method, &original_uri) {
+        Need::Key { scope, environment } => (scope.cloned(), environment.map(str::to_owned)),
+        Need::Unmapped => {
+            return Ok(refusal(StatusCode::FORBIDDEN, codes::ROUTE_NOT_MAPPED));
+        }
+        Need::Suspicious => return Ok(refusal(StatusCode::FORBIDDEN, codes::PATH_REJECTED)),
+    };
+    let Some(key) = presented_key(headers) else {
+        return Ok(refusal(StatusCode::UNAUTHORIZED, codes::KEY_MISSING));
+    };
+    let ask = VerifyRequest {
+        scope,
+        environment,
+        source_ip,
+    };
+    let user_agent = header_text(headers, "user-agent", 256);
+    let outcome =
+        super::verify::judge(app, &key, &ask, None, user_agent, || match &gateway_token {
+            Some(t) => Actor {
+                id: format!("token:{}", t.id),
+                name: t.owner.clone().unwrap_or_else(|| t.name.clone()),
+                source_ip: source_ip.map(|ip| ip.to_string()),
+                user_agent: None,
+                request_id: None,
+            },
+            None => Actor {
+                id: format!("gateway:{peer}"),
+                name: "trusted gateway".to_owned(),
+                source_ip: source_ip.map(|ip| ip.to_string()),
+                user_agent: None,
+                request_id: None,
+            },
+        })
+        .await?;
+    let code = outcome.code;
+    let body = outcome.into_response();
+    let status = match code {
+        VerifyCode::Valid => StatusCode::OK,
+        VerifyCode::Malformed | VerifyCode::NotFound => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::FORBIDDEN,
+    };
+    let mut headers = HeaderMap::new();
+    put(&mut headers, CODE, code.as_str());
+    if code == VerifyCode::Valid {
+        if let Some(id) = &body.key_id {
+            put(&mut headers, KEY_ID, id);
+        }
+        if let Some(owner) = &body.owner {
+            put(&mut headers, OWNER, owner);
+        }
+        if let Some(env) = &body.environment {
+            put(&mut headers, ENVIRONMENT, env);
+        }
+    }
+    Ok((status, headers, Json(body)).into_response())
+}
+
+/// The client's key: `Authorization: Bearer …`, else `X-API-Key`.
+fn presented_key(headers: &HeaderMap) -> Option<String> {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let api_key = || {
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    bearer
+        .or_else(api_key)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+}
+
+fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn refusal(status: StatusCode, code: &str) -> Response {
+    let mut headers = HeaderMap::new();
+    put(&mut headers, CODE, code);
+    let body = VerifyResponse {
+        valid: false,
+        code: code.to_owned(),
+        key_id: None,
+        owner: None,
+        environment: None,
+        scopes: None,
+        expires_at: None,
+        remaining_uses: None,
+    };
+    (status, headers, Json(body)).into_response()
+}
