@@ -61,6 +61,57 @@ pub enum Command {
     /// The people keys belong to; disabling one acts on all their keys at once.
     #[command(subcommand)]
     Owner(OwnerCommand),
+    /// Connected services: told of every revocation (webhook or pull) and confirming it.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// KEY_STILL_IN_USE alerts: dead keys that were presented again.
+    #[command(subcommand)]
+    Alert(AlertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Register a service; its webhook signing secret is printed once.
+    Add {
+        name: String,
+        /// Where events are POSTed; without it the service pulls /v1/events and acks.
+        #[arg(long)]
+        webhook: Option<String>,
+        /// Events to send: revoke, suspend, rotate, expire, alert, create, notice, or all
+        /// (comma-separated or repeated). Default: revoke,suspend,rotate,expire,alert.
+        #[arg(long, value_delimiter = ',')]
+        events: Vec<String>,
+    },
+    List,
+    /// One service (id or name) with its latest deliveries.
+    Show {
+        id: String,
+    },
+    /// Remove a service; its open deliveries are dropped.
+    Remove {
+        id: String,
+    },
+    /// Send a signed test message now; exit 1 unless the service answers 2xx.
+    Test {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertCommand {
+    /// Alerts, newest first.
+    List {
+        /// Only about this key id.
+        #[arg(long)]
+        key: Option<String>,
+        /// Raised at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +188,19 @@ pub struct ServeArgs {
     /// notices, policy violations), e.g. 60s or 5m.
     #[arg(long, env = "KEYWARDEN_ENFORCER_INTERVAL", default_value = "60s")]
     pub enforcer_interval: String,
+    /// Networks webhooks may reach besides the public internet (repeatable CIDR), e.g.
+    /// 10.0.0.0/8 for services inside your network. Private and loopback addresses are
+    /// refused otherwise.
+    #[arg(
+        long = "outbound-allow",
+        env = "KEYWARDEN_OUTBOUND_ALLOW",
+        value_delimiter = ','
+    )]
+    pub outbound_allow: Vec<String>,
+    /// The gateway map for /v1/auth (TOML): the scope each method and path needs, and
+    /// the callers trusted without a token. See docs/gateway.md.
+    #[arg(long, env = "KEYWARDEN_GATEWAY_MAP")]
+    pub gateway_map: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -215,6 +279,10 @@ pub struct StateArgs {
     pub id: String,
     #[arg(long)]
     pub reason: Option<String>,
+    /// Wait up to this long (e.g. 10s) until every connected service confirmed the
+    /// change; exit 1 naming those that did not.
+    #[arg(long)]
+    pub wait: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 mod audit;
 mod cli;
 mod output;
+mod services;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -51,6 +52,8 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Policy(ref cmd) => policy(&cli, cmd).await,
         Command::Enforce(ref args) => enforce(&cli, args).await,
         Command::Owner(ref cmd) => owner(&cli, cmd).await,
+        Command::Service(ref cmd) => services::service(&cli, cmd).await,
+        Command::Alert(ref cmd) => services::alert(&cli, cmd).await,
     }
 }
 
@@ -91,6 +94,27 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
                 .with_context(|| format!("--trusted-proxy {c:?} is not a CIDR"))
         })
         .collect::<Result<_>>()?;
+    config.outbound_allow = args
+        .outbound_allow
+        .iter()
+        .map(|c| {
+            c.parse::<ipnet::IpNet>()
+                .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .with_context(|| format!("--outbound-allow {c:?} is not a CIDR"))
+        })
+        .collect::<Result<_>>()?;
+    if let Some(path) = &args.gateway_map {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the gateway map {}", path.display()))?;
+        config.gateway =
+            keywarden_core::gateway::GatewayMap::from_toml(&text).map_err(|problems| {
+                anyhow::anyhow!(
+                    "the gateway map {} is invalid:\n  {}",
+                    path.display(),
+                    problems.join("\n  ")
+                )
+            })?;
+    }
     let server = keywarden_server::start(config, Arc::new(SystemClock)).await?;
     if let Some(token) = &server.bootstrap_token {
         println!(
@@ -225,21 +249,9 @@ async fn key(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
             })?;
         }
         KeyCommand::Show { id } => print(cli, &c.get_key(id).await?, output::key_details)?,
-        KeyCommand::Suspend(a) => print(
-            cli,
-            &c.change_state(&a.id, "suspend", a.reason.clone()).await?,
-            output::key_details,
-        )?,
-        KeyCommand::Resume(a) => print(
-            cli,
-            &c.change_state(&a.id, "resume", a.reason.clone()).await?,
-            output::key_details,
-        )?,
-        KeyCommand::Revoke(a) => print(
-            cli,
-            &c.change_state(&a.id, "revoke", a.reason.clone()).await?,
-            output::key_details,
-        )?,
+        KeyCommand::Suspend(a) => return services::change_state(cli, &c, a, "suspend").await,
+        KeyCommand::Resume(a) => return services::change_state(cli, &c, a, "resume").await,
+        KeyCommand::Revoke(a) => return services::change_state(cli, &c, a, "revoke").await,
         KeyCommand::Rotate(a) => {
             let rotated = c
                 .rotate_key(

@@ -99,6 +99,28 @@ pub fn key_details(k: &KeyView) -> String {
                 .join(", "),
         ),
         (
+            "propagation",
+            k.propagation.as_ref().map_or_else(
+                || "-".to_owned(),
+                |p| {
+                    let open: Vec<String> = p
+                        .services
+                        .iter()
+                        .filter(|d| d.state != "confirmed")
+                        .map(|d| format!("{} {}", d.service, d.state))
+                        .collect();
+                    let mut s = format!(
+                        "{} #{}: {} of {} services confirmed",
+                        p.event, p.seq, p.confirmed, p.total
+                    );
+                    if !open.is_empty() {
+                        s.push_str(&format!(" ({})", open.join(", ")));
+                    }
+                    s
+                },
+            ),
+        ),
+        (
             "subjects",
             k.subjects
                 .as_ref()
@@ -201,6 +223,87 @@ pub fn owners_table(owners: &[OwnerView]) -> String {
             o.status.clone(),
             opt(&o.manager),
             ts(o.updated_at),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn services_table(services: &[keywarden_proto::ServiceView]) -> String {
+    let mut t = table(&["ID", "NAME", "DELIVERY", "EVENTS", "DELIVERIES"]);
+    for s in services {
+        t.add_row(vec![
+            s.id.clone(),
+            s.name.clone(),
+            s.webhook_url
+                .clone()
+                .unwrap_or_else(|| "pull (/v1/events)".to_owned()),
+            s.events.join(","),
+            s.deliveries
+                .iter()
+                .map(|(state, n)| format!("{n} {state}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn service_details(s: &keywarden_proto::ServiceView) -> String {
+    let mut out = services_table(std::slice::from_ref(s));
+    if let Some(recent) = &s.recent {
+        let mut t = table(&[
+            "SEQ",
+            "EVENT",
+            "KEY",
+            "STATE",
+            "ATTEMPTS",
+            "CONFIRMED",
+            "NEXT TRY",
+            "LAST ERROR",
+        ]);
+        for d in recent {
+            t.add_row(vec![
+                d.seq.to_string(),
+                d.event.clone(),
+                d.key_id.clone(),
+                d.state.clone(),
+                d.attempts.to_string(),
+                opt_ts(d.confirmed_at),
+                opt_ts(d.next_attempt_at),
+                opt(&d.last_error),
+            ]);
+        }
+        out.push_str(&format!("\nlatest deliveries:\n{t}"));
+    }
+    out
+}
+
+pub fn alerts_table(alerts: &[keywarden_proto::AlertView]) -> String {
+    let mut t = table(&[
+        "SEQ",
+        "TIME",
+        "KEY",
+        "CODE",
+        "FROM",
+        "USER AGENT",
+        "SUBJECT",
+        "DEAD FOR",
+        "REPEATS",
+    ]);
+    for a in alerts {
+        t.add_row(vec![
+            a.seq.to_string(),
+            ts(a.time),
+            a.key_id.clone(),
+            a.code.clone(),
+            opt(&a.source_ip),
+            opt(&a.user_agent),
+            opt(&a.subject),
+            a.dead_for_ms.map_or_else(
+                || "-".to_owned(),
+                |ms| keywarden_core::duration::format_duration(time::Duration::seconds(ms / 1000)),
+            ),
+            a.repeats.to_string(),
         ]);
     }
     t.to_string()

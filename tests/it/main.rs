@@ -11,6 +11,8 @@ mod openapi;
 mod owners;
 mod policy;
 mod process;
+mod receiver;
 mod scim;
+mod services;
 mod usage_log;
 mod verify;

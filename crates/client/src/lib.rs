@@ -458,3 +458,73 @@ fn seg(id: &str) -> String {
         })
         .collect()
 }
+
+impl Client {
+    pub async fn create_service(
+        &self,
+        req: &keywarden_proto::CreateServiceRequest,
+    ) -> Result<keywarden_proto::CreatedService> {
+        self.post("/v1/services", req).await
+    }
+
+    pub async fn list_services(&self) -> Result<keywarden_proto::ServiceList> {
+        self.get::<(), _>("/v1/services", None).await
+    }
+
+    pub async fn get_service(&self, id: &str) -> Result<keywarden_proto::ServiceView> {
+        self.get::<(), _>(&format!("/v1/services/{}", seg(id)), None)
+            .await
+    }
+
+    pub async fn remove_service(&self, id: &str) -> Result<()> {
+        let mut req = self
+            .http
+            .delete(format!("{}/v1/services/{}", self.server, seg(id)));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|source| ClientError::Connect {
+            server: self.server.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Connect {
+            server: self.server.clone(),
+            source,
+        })?;
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api { status, body }),
+            Err(_) => Err(ClientError::Unexpected {
+                status,
+                detail: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            }),
+        }
+    }
+
+    pub async fn test_service(&self, id: &str) -> Result<keywarden_proto::ServiceTestResult> {
+        self.post(
+            &format!("/v1/services/{}/test", seg(id)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    pub async fn list_alerts(&self, q: &AlertQuery) -> Result<keywarden_proto::AlertList> {
+        self.get("/v1/alerts", Some(q)).await
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AlertQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}

@@ -16,7 +16,7 @@ pub const CATEGORIES: [&str; 7] = [
 
 /// Subscribed when `service add` names none: what a gateway must hear to stop trusting a
 /// key, and alerts.
-pub const DEFAULT_CATEGORIES: [&str; 5] = ["revoke", "suspend", "rotate", "expire", "alert"];
+pub const DEFAULT_CATEGORIES: [&str; 5] = ["alert", "expire", "revoke", "rotate", "suspend"];
 
 /// The category of a key event, or `None` for an event no service is sent.
 pub fn category(event: &str) -> Option<&'static str> {
