@@ -83,6 +83,39 @@ async fn role_matrix(b: Backend) {
             None,
             [Y, N, N, N],
         ),
+        (Method::GET, "/v1/services".into(), None, [Y, N, Y, N]),
+        (
+            Method::POST,
+            "/v1/services".into(),
+            Some(json!({"name": "matrix-svc"})),
+            [Y, N, N, N],
+        ),
+        (
+            Method::GET,
+            "/v1/services/matrix-svc".into(),
+            None,
+            [Y, N, Y, N],
+        ),
+        (
+            Method::POST,
+            "/v1/services/matrix-svc/test".into(),
+            None,
+            [Y, N, N, N],
+        ),
+        (
+            Method::POST,
+            "/v1/services/matrix-svc/ack".into(),
+            Some(json!({"seq": 0})),
+            [Y, N, N, Y],
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/services/{none}"),
+            None,
+            [Y, N, N, N],
+        ),
+        (Method::GET, "/v1/events?wait=0s".into(), None, [Y, N, N, Y]),
+        (Method::GET, "/v1/alerts".into(), None, [Y, Y, Y, N]),
     ];
     for (method, path, body, allowed) in &matrix {
         for ((role, token), ok) in tokens.iter().zip(allowed) {
