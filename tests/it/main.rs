@@ -4,6 +4,7 @@
 
 mod audit;
 mod auth;
+mod gateway;
 mod harness;
 mod input;
 mod lifecycle;

@@ -1,0 +1,356 @@
+//! Issue 5: `/v1/auth` for gateways, through the API and behind a real nginx.
+
+use std::time::Duration;
+
+use keywarden_core::gateway::GatewayMap;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::{key_body, Backend, TestServer};
+use crate::on_both_backends;
+
+const MAP: &str = r#"
+    [[route]]
+    methods = ["POST", "PUT"]
+    path = "/deploy/*"
+    scope = "deploy:write"
+    environment = "prod"
+    [[route]]
+    path = "/deploy/*"
+    scope = "deploy:read"
+    [[route]]
+    path = "/public"
+"#;
+
+struct Answer {
+    status: StatusCode,
+    code: String,
+    key_id: Option<String>,
+    owner: Option<String>,
+}
+
+async fn ask(s: &TestServer, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = s.http.get(s.url(path));
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let h = |n: &str| {
+        resp.headers()
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let (status, code, key_id, owner) = (
+        resp.status(),
+        h("x-keywarden-code").unwrap_or_default(),
+        h("x-keywarden-key-id"),
+        h("x-keywarden-owner"),
+    );
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if !code.is_empty() {
+        assert_eq!(body["code"], code, "the body repeats the code");
+    }
+    Answer {
+        status,
+        code,
+        key_id,
+        owner,
+    }
+}
+
+async fn forward_auth_maps_requests_to_scopes(b: Backend) {
+    let s = TestServer::start_with(b, |c| c.gateway = GatewayMap::from_toml(MAP).unwrap()).await;
+    let (id, key) = s.create_key(key_body("gw")).await;
+    let verifier = s.token("verifier", None).await;
+    let issuer = s.token("issuer", None).await;
+    let bearer = format!("Bearer {key}");
+    let with = |method: &'static str, uri: &'static str| {
+        vec![
+            ("x-keywarden-token", verifier.clone()),
+            ("x-original-method", method.to_owned()),
+            ("x-original-uri", uri.to_owned()),
+            ("authorization", bearer.clone()),
+        ]
+    };
+    let call = |h: Vec<(&'static str, String)>| {
+        let s = &s;
+        async move {
+            let h: Vec<(&str, &str)> = h.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            ask(s, "/v1/auth", &h).await
+        }
+    };
+    // The gateway must prove itself.
+    let a = ask(&s, "/v1/auth", &[("authorization", &bearer)]).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    let mut h = with("POST", "/deploy/app");
+    h[0].1 = issuer.clone();
+    assert_eq!(call(h).await.status, StatusCode::FORBIDDEN);
+
+    let a = call(with("POST", "/deploy/app?force=1")).await;
+    assert_eq!((a.status, a.code.as_str()), (StatusCode::OK, "VALID"));
+    assert_eq!(a.key_id.as_deref(), Some(id.as_str()));
+    assert_eq!(a.owner.as_deref(), Some("alice@example.com"));
+    let mut h = with("POST", "/deploy/app");
+    h[3] = ("x-api-key", key.clone());
+    assert_eq!(call(h).await.status, StatusCode::OK, "X-API-Key works too");
+    let a = call(with("GET", "/deploy/app")).await;
+    assert_eq!(
+        (a.status, a.code.as_str()),
+        (StatusCode::FORBIDDEN, "SCOPE_DENIED")
+    );
+    assert_eq!(a.key_id, None, "nothing about the key on a refusal");
+    let a = call(with("GET", "/public")).await;
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "a route without a scope needs a valid key only"
+    );
+    let a = call(with("GET", "/admin")).await;
+    assert_eq!(
+        (a.status, a.code.as_str()),
+        (StatusCode::FORBIDDEN, "ROUTE_NOT_MAPPED")
+    );
+    let a = call(with("POST", "/deploy/../admin")).await;
+    assert_eq!(
+        (a.status, a.code.as_str()),
+        (StatusCode::FORBIDDEN, "PATH_REJECTED")
+    );
+    let mut h = with("POST", "/deploy/app");
+    h.pop();
+    let a = call(h).await;
+    assert_eq!(
+        (a.status, a.code.as_str()),
+        (StatusCode::UNAUTHORIZED, "KEY_MISSING")
+    );
+    let mut h = with("POST", "/deploy/app");
+    h[3].1 = "Bearer kw_prod_nonsense".to_owned();
+    let a = call(h).await;
+    assert_eq!(
+        (a.status, a.code.as_str()),
+        (StatusCode::UNAUTHORIZED, "MALFORMED")
+    );
+    // Traefik's headers, and Envoy's path prefix with the original method.
+    let t = ask(
+        &s,
+        "/v1/auth",
+        &[
+            ("x-keywarden-token", &verifier),
+            ("x-forwarded-method", "PUT"),
+            ("x-forwarded-uri", "/deploy/x"),
+            ("authorization", &bearer),
+        ],
+    )
+    .await;
+    assert_eq!(t.status, StatusCode::OK);
+    let resp = s
+        .http
+        .post(s.url("/v1/auth/deploy/app"))
+        .header("x-keywarden-token", &verifier)
+        .header("authorization", &bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "Envoy: POST /v1/auth/deploy/app"
+    );
+    // A key of another environment is refused where the route names one.
+    let mut staging = key_body("gw-staging");
+    staging["environment"] = json!("staging");
+    let (_, staging_key) = s.create_key(staging).await;
+    let mut h = with("POST", "/deploy/app");
+    h[3].1 = format!("Bearer {staging_key}");
+    let a = call(h).await;
+    assert_eq!(
+        (a.status, a.code.as_str()),
+        (StatusCode::FORBIDDEN, "ENVIRONMENT_MISMATCH")
+    );
+    // Every answer is a usage event, with the scope the route asked for.
+    let usage = s.wait_for_usage(&id, 6).await;
+    assert!(usage["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["scope"] == "deploy:write" && e["code"] == "VALID"));
+    // Revoked: refused on the very next request.
+    let (st, _) = s.post(&format!("/v1/keys/{id}/revoke"), json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let a = call(with("POST", "/deploy/app")).await;
+    assert_eq!(
+        (a.status, a.code.as_str()),
+        (StatusCode::FORBIDDEN, "REVOKED")
+    );
+    s.stop().await;
+}
+
+async fn trusted_callers_need_no_token_and_pass_the_client_address(b: Backend) {
+    let map = format!("trusted_callers = [\"127.0.0.1/32\"]\nunmatched = \"allow\"\n{MAP}");
+    let s = TestServer::start_with(b, |c| c.gateway = GatewayMap::from_toml(&map).unwrap()).await;
+    let mut body = key_body("cidr");
+    body["allowed_cidrs"] = json!(["10.0.0.0/8"]);
+    let (_, key) = s.create_key(body).await;
+    let bearer = format!("Bearer {key}");
+    let from = |ip: &'static str| {
+        let bearer = bearer.clone();
+        let s = &s;
+        async move {
+            ask(
+                s,
+                "/v1/auth",
+                &[
+                    ("authorization", &bearer),
+                    ("x-real-ip", ip),
+                    ("x-original-uri", "/anything"),
+                ],
+            )
+            .await
+        }
+    };
+    assert_eq!(from("10.1.2.3").await.status, StatusCode::OK);
+    let a = from("8.8.8.8").await;
+    assert_eq!(
+        (a.status, a.code.as_str()),
+        (StatusCode::FORBIDDEN, "SOURCE_DENIED")
+    );
+    s.stop().await;
+}
+
+on_both_backends!(
+    forward_auth_maps_requests_to_scopes,
+    trusted_callers_need_no_token_and_pass_the_client_address,
+);
+
+/// The nginx binary, or `None` outside CI when it is not installed (CI installs it and
+/// fails without it).
+fn nginx_or_skip() -> Option<std::path::PathBuf> {
+    let found = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "nginx is not installed; CI must run the nginx integration test (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: nginx not installed (apt-get install nginx-light)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// nginx in front of a tiny upstream, asking keywarden with `auth_request`, with the
+/// configuration docs/gateway.md shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_auth_request_passes_valid_keys_and_refuses_revoked_ones() {
+    let Some(nginx) = nginx_or_skip() else {
+        return;
+    };
+    let s = TestServer::start(Backend::Sqlite).await;
+    let (id, key) = s.create_key(key_body("behind-nginx")).await;
+    let verifier = s.token("verifier", None).await;
+
+    // The upstream echoes what nginx tells it about the caller.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_port = upstream.local_addr().unwrap().port();
+    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let h = |n: &str| {
+            headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        format!(
+            "upstream: key={} owner={}",
+            h("x-keywarden-key-id"),
+            h("x-keywarden-owner")
+        )
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(upstream, app).await;
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let kw = s.base.trim_start_matches("http://");
+    let conf = include_str!("../../docs/nginx.conf")
+        .replace("keywarden.internal:8470", kw)
+        .replace("app.internal:8080", &format!("127.0.0.1:{upstream_port}"))
+        .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
+        .replace("kw_admin_REPLACE_WITH_A_VERIFIER_TOKEN", &verifier);
+    let d = dir.path().display();
+    let full = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\nevents {{ worker_connections 64; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n{conf}\n}}\n"
+    );
+    std::fs::write(dir.path().join("nginx.conf"), full).unwrap();
+    let mut child = tokio::process::Command::new(&nginx)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nginx");
+    let mut up = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = || std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+    assert!(up, "nginx did not start: {}", log());
+
+    let http = reqwest::Client::new();
+    let get = |key: Option<String>| {
+        let http = http.clone();
+        async move {
+            let mut req = http.post(format!("http://127.0.0.1:{port}/deploy/app"));
+            if let Some(k) = key {
+                req = req.bearer_auth(k);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            let code = resp
+                .headers()
+                .get("x-keywarden-code")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, code, resp.text().await.unwrap())
+        }
+    };
+    let (status, _, body) = get(Some(key.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body} {}", log());
+    assert_eq!(body, format!("upstream: key={id} owner=alice@example.com"));
+    let (status, code, _) = get(None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(code.as_deref(), Some("KEY_MISSING"));
+
+    let (st, _) = s.post(&format!("/v1/keys/{id}/revoke"), json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let (status, code, body) = get(Some(key.clone())).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "revoked: refused on the next request"
+    );
+    assert_eq!(code.as_deref(), Some("REVOKED"));
+    assert!(!body.contains("upstream"), "the upstream never sees it");
+
+    child.kill().await.ok();
+    s.stop().await;
+}
