@@ -2,6 +2,7 @@
 //! SQLite and PostgreSQL, real HTTP.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod alerts;
 mod audit;
 mod auth;
 mod gateway;
