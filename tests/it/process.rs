@@ -26,7 +26,13 @@ fn bin() -> Command {
 
 fn serve(data_dir: &Path) -> Served {
     let mut child = bin()
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--outbound-allow",
+            "127.0.0.1",
+        ])
         .env("KEYWARDEN_DATA_DIR", data_dir)
         .env("KEYWARDEN_LOG", "trace")
         .env_remove("KEYWARDEN_TOKEN")
@@ -207,6 +213,18 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
     let (rc, out, _) = cli(&s, &data, &["key", "usage", &id], None);
     assert_eq!(rc, 0);
     assert!(out.contains("SCOPE_DENIED"), "{out}");
+    // The old key, presented after its grace: an alert, by key id only.
+    let mut out = String::new();
+    for _ in 0..100 {
+        let (rc, o, _) = cli(&s, &data, &["alert", "list"], None);
+        assert_eq!(rc, 0);
+        out = o;
+        if out.contains(&id) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(out.contains(&id) && out.contains("EXPIRED"), "{out}");
 
     let (rc, out, err) = cli(
         &s,
@@ -230,6 +248,22 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
     assert_eq!(rc, 2);
     assert!(err.contains("FORBIDDEN"), "{err}");
     assert!(!err.contains(&verifier));
+
+    // A connected service: its signing secret is shown once and logged nowhere; the
+    // revocation reaches it, signed, before `--wait` returns.
+    let receiver = crate::receiver::Receiver::start().await;
+    let (rc, out, err) = cli(
+        &s,
+        &data,
+        &["service", "add", "edge", "--webhook", &receiver.url, "--json"],
+        None,
+    );
+    assert_eq!(rc, 0, "{err}");
+    let whsec = json_of(&out)["secret"].as_str().unwrap().to_owned();
+    secrets.push(whsec.trim_start_matches("whsec_").to_owned());
+    let (rc, out, err) = cli(&s, &data, &["key", "revoke", &id, "--wait", "10s"], None);
+    assert_eq!(rc, 0, "{out}{err}");
+    assert_eq!(receiver.received()[0].json["type"], "key.revoked");
 
     // A burst of verifies, then SIGTERM straight away: every event must reach the store.
     let http = reqwest::Client::new();
