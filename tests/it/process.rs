@@ -255,7 +255,14 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
     let (rc, out, err) = cli(
         &s,
         &data,
-        &["service", "add", "edge", "--webhook", &receiver.url, "--json"],
+        &[
+            "service",
+            "add",
+            "edge",
+            "--webhook",
+            &receiver.url,
+            "--json",
+        ],
         None,
     );
     assert_eq!(rc, 0, "{err}");

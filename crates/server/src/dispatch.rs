@@ -20,8 +20,10 @@ use tokio::task::JoinSet;
 
 use crate::state::{AppState, SharedState};
 
-/// Deliveries in flight at once, across services.
+/// Deliveries in flight at once, across services, and to one service: a service that
+/// hangs until the timeout cannot take every slot.
 const MAX_IN_FLIGHT: usize = 64;
+const MAX_IN_FLIGHT_PER_SERVICE: usize = 16;
 /// Due deliveries read per pass.
 const BATCH: u32 = 256;
 const WEBHOOK_SECRET_LABEL: &str = "keywarden webhook signing secret v1";
@@ -144,7 +146,10 @@ async fn pass(
         let id = (d.service_id.clone(), d.event.seq);
         let fresh = in_flight
             .lock()
-            .map(|mut s| s.insert(id.clone()))
+            .map(|mut s| {
+                let busy = s.iter().filter(|(svc, _)| *svc == id.0).count();
+                busy < MAX_IN_FLIGHT_PER_SERVICE && s.insert(id.clone())
+            })
             .unwrap_or(false);
         if !fresh {
             continue;

@@ -76,7 +76,9 @@ async fn main() -> Result<()> {
         .expose()
         .to_owned();
     let base = format!("http://{}", server.addr);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
 
     // The listener: when each key's revocation arrived.
     let arrivals: Arrivals = Arc::default();
@@ -128,8 +130,11 @@ async fn main() -> Result<()> {
         json!({ "name": "bench-listener", "webhook_url": hook_url, "events": ["revoke"] }),
     )
     .await?;
-    let verifier = post("/v1/tokens".into(), json!({ "name": "gw", "role": "verifier" }))
-        .await?["secret"]
+    let verifier = post(
+        "/v1/tokens".into(),
+        json!({ "name": "gw", "role": "verifier" }),
+    )
+    .await?["secret"]
         .as_str()
         .context("token secret")?
         .to_owned();
@@ -155,7 +160,11 @@ async fn main() -> Result<()> {
     let mut to_refusal = Vec::with_capacity(keys.len());
     let mut early = 0;
     for (id, secret) in &keys {
-        post(format!("/v1/keys/{id}/revoke"), json!({ "reason": "bench" })).await?;
+        post(
+            format!("/v1/keys/{id}/revoke"),
+            json!({ "reason": "bench" }),
+        )
+        .await?;
         let returned = Instant::now();
         // The gateway's next request.
         let resp = http
@@ -186,7 +195,11 @@ async fn main() -> Result<()> {
     }
     println!(
         "backend: {}",
-        if args.database_url.is_some() { "postgres" } else { "sqlite" }
+        if args.database_url.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        }
     );
     report("revoke returned -> webhook received", to_webhook);
     report("revoke returned -> /v1/auth refuses", to_refusal);

@@ -4,6 +4,8 @@
 -- What the event was about (an alert's source address, a state change's before/after):
 -- the audit entry's details, so a webhook carries them.
 ALTER TABLE key_events ADD COLUMN details TEXT NOT NULL DEFAULT '{}';
+-- A key's latest event (its propagation) without scanning the outbox.
+CREATE INDEX key_events_by_key ON key_events (key_id, seq);
 
 CREATE TABLE services (
     id             TEXT PRIMARY KEY,
