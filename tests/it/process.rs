@@ -349,3 +349,45 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
     }
     store.close().await;
 }
+
+/// `serve` refuses a bad gateway map or outbound network with every problem named,
+/// before it touches the data directory.
+#[test]
+fn serve_refuses_bad_gateway_maps_and_networks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let map = tmp.path().join("gateway.toml");
+    std::fs::write(
+        &map,
+        "unmatched = \"maybe\"\n[[route]]\npath = \"deploy\"\n[[route]]\npath = \"/x\"\nscope = \"Bad Scope\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--gateway-map"])
+        .arg(&map)
+        .env("KEYWARDEN_DATA_DIR", tmp.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gateway map"), "{err}");
+    assert!(
+        err.contains("unmatched")
+            && err.contains("route 1 (deploy)")
+            && err.contains("route 2 (/x)"),
+        "{err}"
+    );
+    let out = bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--outbound-allow",
+            "intranet",
+        ])
+        .env("KEYWARDEN_DATA_DIR", tmp.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--outbound-allow \"intranet\" is not a CIDR"));
+}
