@@ -67,6 +67,77 @@ pub enum Command {
     /// KEY_STILL_IN_USE alerts: dead keys that were presented again.
     #[command(subcommand)]
     Alert(AlertCommand),
+    /// Find hardcoded keys (ours and foreign) in files, git history, images and the
+    /// environment; exit 0 none, 1 findings, 2 error.
+    Scan(ScanArgs),
+    /// Foreign secrets recorded by `scan --import`.
+    #[command(subcommand)]
+    Shadow(ShadowCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShadowCommand {
+    /// Shadow keys, newest sighting first.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// Files or directories to scan (`-` for standard input). Default: `.` unless
+    /// --git, --image or --env is given.
+    pub paths: Vec<PathBuf>,
+    /// Scan the whole history of a git repository (default: `.`), every blob once.
+    #[arg(long, num_args = 0..=1, default_missing_value = ".", value_name = "REPO")]
+    pub git: Option<PathBuf>,
+    /// With --git: only what commits after this revision introduced.
+    #[arg(long, requires = "git", value_name = "REV")]
+    pub since: Option<String>,
+    /// A `docker save` or OCI layout tarball (repeatable); read as a stream.
+    #[arg(long = "image", value_name = "FILE.tar")]
+    pub images: Vec<PathBuf>,
+    /// The environment of this process (names and values), e.g. on a CI runner.
+    #[arg(long)]
+    pub env: bool,
+    /// Scan what .gitignore and .ignore exclude too.
+    #[arg(long)]
+    pub no_ignore: bool,
+    /// More rules (TOML, the format of the built-in ones; same id replaces). Repeatable.
+    #[arg(long = "rules", value_name = "FILE")]
+    pub rules: Vec<PathBuf>,
+    /// Never report paths matching this glob (repeatable), e.g. 'tests/fixtures/**'.
+    #[arg(long = "allow-path", value_name = "GLOB")]
+    pub allow_paths: Vec<String>,
+    /// Ignore findings recorded in this baseline file.
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<PathBuf>,
+    /// Record every finding of this scan in a baseline file (and exit 0).
+    #[arg(long, value_name = "FILE")]
+    pub write_baseline: Option<PathBuf>,
+    /// table, json or sarif (--json is the same as --format json).
+    #[arg(long, default_value = "table")]
+    pub format: String,
+    /// Write the report to a file instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Print secrets in full (they are redacted by default).
+    #[arg(long)]
+    pub show_secrets: bool,
+    /// The deployment's key prefix, for recognising our own keys.
+    #[arg(long, env = "KEYWARDEN_KEY_PREFIX", default_value = "kw")]
+    pub prefix: String,
+    /// Files larger than this many bytes are skipped.
+    #[arg(long, default_value_t = 10 * 1024 * 1024)]
+    pub max_file_size: u64,
+    /// Match our keys with the inventory on the server (also done whenever a token is
+    /// configured; this makes a failure to reach the server an error).
+    #[arg(long)]
+    pub inventory: bool,
+    /// Revoke every live key (or admin token) found, with the location in the reason.
+    #[arg(long)]
+    pub revoke_leaked: bool,
+    /// Record foreign secrets found in the inventory as shadow keys (fingerprint only).
+    #[arg(long)]
+    pub import: bool,
 }
 
 #[derive(Debug, Subcommand)]

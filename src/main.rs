@@ -3,6 +3,7 @@
 mod audit;
 mod cli;
 mod output;
+mod scan;
 mod services;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,8 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Owner(ref cmd) => owner(&cli, cmd).await,
         Command::Service(ref cmd) => services::service(&cli, cmd).await,
         Command::Alert(ref cmd) => services::alert(&cli, cmd).await,
+        Command::Scan(ref args) => scan::run(&cli, args).await,
+        Command::Shadow(cli::ShadowCommand::List) => scan::shadow_list(&cli).await,
     }
 }
 

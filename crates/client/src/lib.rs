@@ -528,3 +528,23 @@ pub struct AlertQuery {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
 }
+
+impl Client {
+    pub async fn identify_keys(
+        &self,
+        req: &keywarden_proto::IdentifyRequest,
+    ) -> Result<keywarden_proto::IdentifyResponse> {
+        self.post("/v1/keys/identify", req).await
+    }
+
+    pub async fn import_shadow_keys(
+        &self,
+        req: &keywarden_proto::ImportShadowKeys,
+    ) -> Result<keywarden_proto::ShadowImportResult> {
+        self.post("/v1/shadow-keys", req).await
+    }
+
+    pub async fn list_shadow_keys(&self) -> Result<keywarden_proto::ShadowKeyList> {
+        self.get::<(), _>("/v1/shadow-keys", None).await
+    }
+}

@@ -244,6 +244,85 @@ pub struct EventPage {
     pub next: i64,
 }
 
+/// Keys found in the wild (by `keywarden scan`), to be matched with the inventory.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifyRequest {
+    /// Up to 1,000 keys or admin tokens, in clear (they leaked already). Not a use: no
+    /// usage event is recorded and caps are not spent.
+    pub keys: Vec<Secret>,
+}
+
+/// What the inventory knows of one presented key, in the request's order.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct IdentifiedKey {
+    /// The id the key's format names (absent when it is not a well-formed key of ours).
+    pub key_id: Option<String>,
+    /// `key` or `token` (an admin token).
+    pub kind: Option<String>,
+    /// The inventory holds this id and the presented secret hashes to it.
+    pub genuine: bool,
+    /// Still usable: active (keys), not revoked or expired (tokens).
+    pub live: bool,
+    pub name: Option<String>,
+    pub owner: Option<String>,
+    pub environment: Option<String>,
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct IdentifyResponse {
+    pub results: Vec<IdentifiedKey>,
+}
+
+/// A foreign secret the scanner found: its fingerprint, never the secret.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowKeyInput {
+    /// SHA-256 of the secret, 64 hex characters.
+    pub fingerprint: String,
+    /// The scanner rule that found it (`aws-access-key-id`, …).
+    pub kind: String,
+    pub severity: String,
+    /// Where it was found.
+    pub location: String,
+    #[serde(default)]
+    pub line: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportShadowKeys {
+    pub shadows: Vec<ShadowKeyInput>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ShadowImportResult {
+    pub imported: usize,
+    /// Fingerprints not seen before.
+    pub new: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ShadowKeyView {
+    pub fingerprint: String,
+    pub kind: String,
+    pub severity: String,
+    pub location: String,
+    pub line: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    pub sightings: i64,
+    pub imported_by: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ShadowKeyList {
+    pub shadow_keys: Vec<ShadowKeyView>,
+}
+
 /// A KEY_STILL_IN_USE alert: a revoked, expired or suspended key was presented.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AlertView {

@@ -228,3 +228,85 @@ pub fn score(labels: &Labels, findings: &[(String, usize)]) -> Score {
     };
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::walk::{scan_paths, Options, Progress};
+
+    #[test]
+    fn every_rule_is_recalled_and_no_negative_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let labels = generate(dir.path(), 3_000_000, 7).unwrap();
+        let detector = Detector::new(RuleSet::defaults().unwrap(), "kw").unwrap();
+        let findings = scan_paths(
+            &detector,
+            &[dir.path().to_path_buf()],
+            &Options::default(),
+            &Progress::default(),
+        );
+        let found: Vec<(String, usize)> = findings
+            .iter()
+            .map(|f| {
+                let path = f.location.artifact();
+                let rel = Path::new(&path)
+                    .strip_prefix(dir.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                (rel, f.line)
+            })
+            .collect();
+        let s = score(&labels, &found);
+        let rules = RuleSet::defaults().unwrap();
+        for r in rules
+            .rules
+            .iter()
+            .map(|r| r.id.as_str())
+            .chain([crate::detect::OWN_RULE])
+        {
+            let (hit, planted) = s.per_rule.get(r).copied().unwrap_or_default();
+            assert!(planted > 0, "{r} was never planted");
+            assert_eq!(hit, planted, "{r}: recall {hit}/{planted}");
+        }
+        assert_eq!(s.on_negatives, 0, "a hard negative was reported");
+        assert_eq!(s.false_positives, 0, "{s:?}");
+        assert!(s.precision == 1.0 && s.recall == 1.0, "{s:?}");
+    }
+
+    #[test]
+    fn the_scorer_counts_misses_and_false_alarms() {
+        let labels = Labels {
+            secrets: vec![
+                Label {
+                    path: "a".into(),
+                    line: 1,
+                    rule: "x".into(),
+                },
+                Label {
+                    path: "a".into(),
+                    line: 5,
+                    rule: "y".into(),
+                },
+            ],
+            negatives: vec![Label {
+                path: "a".into(),
+                line: 3,
+                rule: String::new(),
+            }],
+            bytes: 0,
+        };
+        let s = score(
+            &labels,
+            &[("a".into(), 1), ("a".into(), 3), ("b".into(), 1)],
+        );
+        assert_eq!(
+            (s.true_positives, s.false_positives, s.false_negatives),
+            (1, 2, 1)
+        );
+        assert_eq!(s.on_negatives, 1);
+        assert_eq!(s.per_rule["y"], (0, 1));
+        assert!((s.precision - 1.0 / 3.0).abs() < 1e-9);
+        assert!((s.recall - 0.5).abs() < 1e-9);
+    }
+}

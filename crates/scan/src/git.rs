@@ -172,3 +172,113 @@ fn read_blob(out: &mut impl BufRead, max: u64, buf: &mut Vec<u8>) -> std::io::Re
     out.read_exact(&mut newline)?;
     Ok(keep)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::RuleSet;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=Mallory", "-c", "user.email=m@example.com"])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+
+    #[test]
+    fn history_is_scanned_blob_by_blob_with_the_introducing_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        git(d, &["init", "-q", "-b", "main"]);
+        let secret = "ghp_R8wq2Ld7Xk4PzN9vT3mB6yH1cJ5sF0aGe2Ku";
+        std::fs::write(
+            d.join("deploy.sh"),
+            format!("#!/bin/sh\n\nexport GH={secret}\n"),
+        )
+        .unwrap();
+        git(d, &["add", "."]);
+        git(d, &["commit", "-q", "-m", "add deploy"]);
+        // The same content under another name is the same blob: read once.
+        std::fs::write(
+            d.join("copy.sh"),
+            format!("#!/bin/sh\n\nexport GH={secret}\n"),
+        )
+        .unwrap();
+        git(d, &["add", "."]);
+        git(d, &["commit", "-q", "-m", "copy"]);
+        git(d, &["rm", "-q", "deploy.sh", "copy.sh"]);
+        git(d, &["commit", "-q", "-m", "remove the leak"]);
+        std::fs::write(
+            d.join("later.env"),
+            "AWS_ACCESS_KEY_ID=AKIA7KLFYYLBEG3RHDSV\n",
+        )
+        .unwrap();
+        git(d, &["add", "."]);
+        git(d, &["commit", "-q", "-m", "later"]);
+
+        let detector = Detector::new(RuleSet::defaults().unwrap(), "kw").unwrap();
+        let p = Progress::default();
+        let all = scan_git(&detector, d, None, &Options::default(), &p).unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        let gh = all.iter().find(|f| f.rule == "github-pat").unwrap();
+        let Location::Git {
+            commit,
+            author,
+            date,
+            path,
+        } = &gh.location
+        else {
+            panic!("{:?}", gh.location);
+        };
+        assert_eq!(path, "deploy.sh");
+        assert_eq!(author, "Mallory <m@example.com>");
+        assert_eq!(commit.len(), 40);
+        assert!(date.starts_with("20"));
+        assert_eq!(gh.line, 3);
+        assert_eq!(
+            p.files.load(std::sync::atomic::Ordering::Relaxed),
+            2,
+            "two distinct blobs"
+        );
+
+        // --since: only what came after the removal.
+        let out = Command::new("git")
+            .args(["-C"])
+            .arg(d)
+            .args(["rev-parse", "HEAD~1"])
+            .output()
+            .unwrap();
+        let rev = String::from_utf8(out.stdout).unwrap();
+        let since = scan_git(
+            &detector,
+            d,
+            Some(rev.trim()),
+            &Options::default(),
+            &Progress::default(),
+        )
+        .unwrap();
+        assert_eq!(since.len(), 1);
+        assert_eq!(since[0].rule, "aws-access-key-id");
+        assert!(scan_git(
+            &detector,
+            d,
+            Some("--exec=x"),
+            &Options::default(),
+            &Progress::default()
+        )
+        .is_err());
+        assert!(scan_git(
+            &detector,
+            &d.join("nope"),
+            None,
+            &Options::default(),
+            &Progress::default()
+        )
+        .is_err());
+    }
+}

@@ -139,3 +139,96 @@ fn scan_layer(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::RuleSet;
+
+    fn tar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data.as_slice()).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn layers_plain_gzip_and_zstd_are_read_as_streams() {
+        use std::io::Write;
+        let gh = "ghp_R8wq2Ld7Xk4PzN9vT3mB6yH1cJ5sF0aGe2Ku";
+        let layer1 = tar_of(&[
+            (
+                "etc/app/config.yaml",
+                format!("github:\n  token: {gh}\n").into_bytes(),
+            ),
+            ("usr/bin/tool", vec![0u8, 1, 2, 3]),
+        ]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&layer1).unwrap();
+        let layer1 = gz.finish().unwrap();
+        let layer2 = tar_of(&[(
+            "root/.env",
+            b"STRIPE=sk_live_R8wq2Ld7Xk4PzN9vT3mB6yH1\n".to_vec(),
+        )]);
+        let layer2 = ruzstd::encoding::compress_to_vec(
+            layer2.as_slice(),
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        let layer3 = tar_of(&[("srv/plain.txt", b"AKIA7KLFYYLBEG3RHDSV\n".to_vec())]);
+        let config = br#"{"config":{"Env":["PATH=/usr/bin","NPM_TOKEN=npm_R8wq2Ld7Xk4PzN9vT3mB6yH1cJ5sF0aGe2Ku"]}}"#;
+        let image = tar_of(&[
+            (
+                "manifest.json",
+                br#"[{"Config":"cfg.json","Layers":["l1/layer.tar"]}]"#.to_vec(),
+            ),
+            ("cfg.json", config.to_vec()),
+            ("blobs/sha256/aaa", layer1),
+            ("blobs/sha256/bbb", layer2),
+            ("l3/layer.tar", layer3),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.tar");
+        std::fs::write(&path, image).unwrap();
+        let detector = Detector::new(RuleSet::defaults().unwrap(), "kw").unwrap();
+        let found =
+            scan_image(&detector, &path, &Options::default(), &Progress::default()).unwrap();
+        let mut seen: Vec<(String, String, String)> = found
+            .iter()
+            .map(|f| match &f.location {
+                Location::Image { layer, path, .. } => {
+                    (f.rule.clone(), layer.clone(), path.clone())
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                (
+                    "aws-access-key-id".into(),
+                    "l3/layer.tar".into(),
+                    "srv/plain.txt".into()
+                ),
+                (
+                    "github-pat".into(),
+                    "blobs/sha256/aaa".into(),
+                    "etc/app/config.yaml".into()
+                ),
+                ("npm-access-token".into(), "cfg.json".into(), String::new()),
+                (
+                    "stripe-secret-key".into(),
+                    "blobs/sha256/bbb".into(),
+                    "root/.env".into()
+                ),
+            ]
+        );
+        std::fs::write(&path, b"not a tarball at all, just text").unwrap();
+        assert!(scan_image(&detector, &path, &Options::default(), &Progress::default()).is_err());
+    }
+}

@@ -116,6 +116,11 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::services::ack_service))
         .routes(routes!(routes::events::events))
         .routes(routes!(routes::alerts::list_alerts))
+        .routes(routes!(routes::discovery::identify))
+        .routes(routes!(
+            routes::discovery::import_shadow_keys,
+            routes::discovery::list_shadow_keys
+        ))
         .with_state(state.clone())
         .split_for_parts();
     // SCIM speaks its own schema (RFC 7644) and stays out of the OpenAPI document.

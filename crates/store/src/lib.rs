@@ -14,6 +14,7 @@ mod owners;
 mod policies;
 mod rows;
 mod services;
+mod shadow;
 mod tokens;
 mod usage;
 mod usage_pending;
@@ -32,6 +33,7 @@ pub use policies::StoredPolicy;
 pub use services::{
     AlertFilter, AlertRecord, DeliveryOutcome, DeliveryRecord, DueDelivery, NewAlert, ServiceRecord,
 };
+pub use shadow::ShadowKey;
 pub use usage::FOLD_CHUNK;
 
 #[derive(Debug, thiserror::Error)]

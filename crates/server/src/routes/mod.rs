@@ -1,5 +1,6 @@
 pub mod alerts;
 pub mod audit;
+pub mod discovery;
 pub mod events;
 pub mod gateway;
 pub mod health;
