@@ -14,6 +14,7 @@ mod owners;
 mod policy;
 mod process;
 mod receiver;
+mod scan;
 mod scim;
 mod services;
 mod usage_log;
