@@ -1,5 +1,6 @@
 # Generates crates/scan/rules/default.toml: rules with test cases made of random,
-# well-formed fake secrets (never real ones).
+# well-formed fake secrets (never real ones). Run: python3 crates/scan/rules/generate.py
+# Edit the rules here, not in the TOML, then run it again (the seed keeps cases stable).
 import random, string, json
 random.seed(20261123)
 U=string.ascii_uppercase; L=string.ascii_lowercase; D=string.digits
@@ -103,5 +104,5 @@ for x in rules:
     out.append('positive = [' + ', '.join(q(p) for p in x['pos']) + ']')
     out.append('negative = [' + ', '.join(q(n) for n in x['neg']) + ']')
     out.append('')
-open('/work/main/crates/scan/rules/default.toml','w').write('\n'.join(out))
+open(__import__('os').path.join(__import__('os').path.dirname(__file__), 'default.toml'),'w').write('\n'.join(out))
 print(len(rules))
