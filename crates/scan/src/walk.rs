@@ -191,3 +191,56 @@ pub fn sort(findings: &mut [Finding]) {
         ))
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::RuleSet;
+
+    #[test]
+    fn trees_skip_ignored_binary_oversized_and_symlinked_files() {
+        let outside = tempfile::tempdir().unwrap();
+        let secret = "GH=ghp_R8wq2Ld7Xk4PzN9vT3mB6yH1cJ5sF0aGe2Ku\n";
+        std::fs::write(outside.path().join("elsewhere.txt"), secret).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("found.txt"), secret).unwrap();
+        std::fs::write(d.join(".hidden.env"), secret).unwrap();
+        let mut binary = b"\x00\x01ELF".to_vec();
+        binary.extend_from_slice(secret.as_bytes());
+        std::fs::write(d.join("tool.bin"), binary).unwrap();
+        std::fs::write(d.join("big.txt"), format!("{secret}{}", "x".repeat(2000))).unwrap();
+        std::fs::write(d.join(".gitignore"), "ignored.txt\n").unwrap();
+        std::fs::write(d.join("ignored.txt"), secret).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("elsewhere.txt"), d.join("link.txt"))
+            .unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.join("linkdir")).unwrap();
+        let detector = Detector::new(RuleSet::defaults().unwrap(), "kw").unwrap();
+        let options = Options {
+            max_file_size: 1000,
+            ..Options::default()
+        };
+        let names = |found: Vec<Finding>| -> Vec<String> {
+            let mut n: Vec<String> = found
+                .iter()
+                .map(|f| f.location.artifact().rsplit('/').next().unwrap().to_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        let p = Progress::default();
+        let found = scan_paths(&detector, &[d.to_path_buf()], &options, &p);
+        assert_eq!(names(found), [".hidden.env", "found.txt"]);
+        assert_eq!(
+            p.skipped.load(Ordering::Relaxed),
+            2,
+            "the binary and the big file"
+        );
+        let all = Options {
+            no_ignore: true,
+            ..options
+        };
+        let found = scan_paths(&detector, &[d.to_path_buf()], &all, &Progress::default());
+        assert_eq!(names(found), [".hidden.env", "found.txt", "ignored.txt"]);
+    }
+}
