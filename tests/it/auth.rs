@@ -116,6 +116,19 @@ async fn role_matrix(b: Backend) {
         ),
         (Method::GET, "/v1/events?wait=0s".into(), None, [Y, N, N, Y]),
         (Method::GET, "/v1/alerts".into(), None, [Y, Y, Y, N]),
+        (
+            Method::POST,
+            "/v1/keys/identify".into(),
+            Some(json!({"keys": [secret]})),
+            [Y, Y, Y, N],
+        ),
+        (Method::GET, "/v1/shadow-keys".into(), None, [Y, Y, Y, N]),
+        (
+            Method::POST,
+            "/v1/shadow-keys".into(),
+            Some(json!({"shadows": []})),
+            [Y, Y, N, N],
+        ),
     ];
     for (method, path, body, allowed) in &matrix {
         for ((role, token), ok) in tokens.iter().zip(allowed) {

@@ -300,7 +300,71 @@ async fn scan_sources_and_errors(b: Backend) {
     s.stop().await;
 }
 
+async fn discovery_api_rejects_bad_input(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (id, key) = s.create_key(key_body("k")).await;
+    let wrong = format!("{}A", &key[..key.len() - 1]);
+    let (st, v) = s
+        .post(
+            "/v1/keys/identify",
+            serde_json::json!({ "keys": [key, wrong, "junk"] }),
+        )
+        .await;
+    assert!(st.is_success(), "{v}");
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r[0]["genuine"], true);
+    assert_eq!(r[0]["key_id"], id.as_str());
+    assert_eq!(
+        r[1]["genuine"], false,
+        "a wrong secret (or checksum) is not genuine"
+    );
+    assert_eq!(r[2]["genuine"], false);
+    assert_eq!(r[2]["key_id"], Value::Null);
+    assert!(
+        !v.to_string().contains(&key),
+        "the answer never echoes a key"
+    );
+    // Identifying is not a use.
+    let (_, k) = s.get(&format!("/v1/keys/{id}")).await;
+    assert_eq!(k["uses"], 0);
+    let many: Vec<&str> = std::iter::repeat_n("x", 1001).collect();
+    let (st, v) = s
+        .post("/v1/keys/identify", serde_json::json!({ "keys": many }))
+        .await;
+    assert_eq!(st.as_u16(), 422, "{v}");
+    let (st, v) = s
+        .post(
+            "/v1/shadow-keys",
+            serde_json::json!({ "shadows": [{ "fingerprint": "abc", "kind": "", "severity": "high", "location": "a\nb", "line": -1 }] }),
+        )
+        .await;
+    assert_eq!(st.as_u16(), 422, "{v}");
+    let fields: Vec<&str> = v["error"]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "shadows[0].fingerprint",
+            "shadows[0].kind",
+            "shadows[0].location"
+        ]
+    );
+    let (st, v) = s
+        .post(
+            "/v1/shadow-keys",
+            serde_json::json!({ "shadows": [], "extra": 1 }),
+        )
+        .await;
+    assert_eq!(st.as_u16(), 400, "{v}");
+    s.stop().await;
+}
+
 on_both_backends!(
     scan_finds_matches_revokes_and_imports,
-    scan_sources_and_errors
+    scan_sources_and_errors,
+    discovery_api_rejects_bad_input
 );
