@@ -68,7 +68,7 @@ pub fn postgres_or_skip() -> Option<Backend> {
 
 /// A fresh schema per test so tests run in parallel on one database; returns its URL and
 /// name.
-async fn postgres_schema_url() -> (String, String) {
+pub async fn postgres_schema_url() -> (String, String) {
     use sqlx::Connection;
     let base = postgres_url();
     let schema = format!(
@@ -89,7 +89,7 @@ async fn postgres_schema_url() -> (String, String) {
     )
 }
 
-async fn drop_schema(schema: &str) {
+pub async fn drop_schema(schema: &str) {
     use sqlx::Connection;
     if let Ok(mut conn) = sqlx::PgConnection::connect(&postgres_url()).await {
         let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))

@@ -5,6 +5,7 @@
 mod alerts;
 mod audit;
 mod auth;
+mod cluster;
 mod gateway;
 mod harness;
 mod input;
@@ -12,7 +13,7 @@ mod lifecycle;
 mod openapi;
 mod owners;
 mod policy;
-mod process;
+pub mod process;
 mod receiver;
 mod scan;
 mod scim;

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-struct Served {
-    child: Child,
-    base: String,
-    bootstrap: String,
+pub struct Served {
+    pub child: Child,
+    pub base: String,
+    pub bootstrap: String,
     stdout_rest: mpsc::Receiver<String>,
     /// Drained continuously so the server never blocks on a full pipe.
     stderr: std::thread::JoinHandle<String>,
@@ -25,6 +25,11 @@ fn bin() -> Command {
 }
 
 fn serve(data_dir: &Path) -> Served {
+    serve_with(data_dir, &[])
+}
+
+/// `keywarden serve` in a child process with more arguments (a database, intervals).
+pub fn serve_with(data_dir: &Path, extra: &[&str]) -> Served {
     let mut child = bin()
         .args([
             "serve",
@@ -33,6 +38,7 @@ fn serve(data_dir: &Path) -> Served {
             "--outbound-allow",
             "127.0.0.1",
         ])
+        .args(extra)
         .env("KEYWARDEN_DATA_DIR", data_dir)
         .env("KEYWARDEN_LOG", "trace")
         .env_remove("KEYWARDEN_TOKEN")

@@ -149,6 +149,19 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
         );
     }
 
+    /// Drops everything: when this node can no longer learn of changes made elsewhere,
+    /// nothing cached may be trusted.
+    pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        for shard in &self.shards {
+            let mut shard = match shard.write() {
+                Ok(s) => s,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            shard.clear();
+        }
+    }
+
     /// Call after a change to `id` has committed, before answering the caller.
     pub fn evict(&self, id: &KeyId) {
         // A poisoned shard is still evicted from: a stale entry must never survive.

@@ -52,6 +52,10 @@ pub struct Config {
     /// How often the dispatcher looks for work it was not woken for (writes by another
     /// process, retries falling due).
     pub dispatch_poll: Duration,
+    /// Several nodes: how often a node reads other nodes' changes even without a
+    /// notification. A revocation made elsewhere is honoured here within this (usually
+    /// within milliseconds, on the NOTIFY).
+    pub cluster_poll: Duration,
     /// Sightings of the same key from the same place within this window count up one
     /// alert instead of raising another.
     pub alert_window: time::Duration,
@@ -85,6 +89,7 @@ impl Config {
             webhook_backoff: Duration::from_secs(2),
             webhook_backoff_cap: Duration::from_secs(3600),
             dispatch_poll: Duration::from_secs(1),
+            cluster_poll: Duration::from_secs(1),
             alert_window: time::Duration::minutes(5),
             gateway: keywarden_core::gateway::GatewayMap::default(),
             print_bootstrap_token: false,

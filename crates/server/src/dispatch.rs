@@ -104,12 +104,16 @@ pub async fn run(app: SharedState, mut stop: watch::Receiver<bool>) {
     let mut changes = app.store.changes();
     let in_flight: Arc<Mutex<HashSet<(String, i64)>>> = Arc::default();
     let mut tasks = JoinSet::new();
+    let mut lead = crate::cluster::Lead::new(crate::cluster::DISPATCHER_LOCK);
     loop {
         if *stop.borrow() {
             break;
         }
-        if let Err(e) = pass(&app, &in_flight, &mut tasks).await {
-            tracing::warn!(error = %e, "dispatcher pass failed; retrying");
+        // Several nodes: one delivers; another takes over within a poll when it stops.
+        if lead.ensure(&app.store).await {
+            if let Err(e) = pass(&app, &in_flight, &mut tasks).await {
+                tracing::warn!(error = %e, "dispatcher pass failed; retrying");
+            }
         }
         tokio::select! {
             _ = stop.changed() => {}
@@ -168,6 +172,17 @@ async fn pass(
 
 async fn deliver(app: &AppState, d: DueDelivery) {
     let seq = d.event.seq;
+    // The due list may predate an attempt that finished since: its answer is recorded
+    // before it leaves the in-flight set, so this read sees it, and a delivery is never
+    // sent twice (or a key's events out of order) by one dispatcher.
+    match app.store.delivery_due(&d.service_id, seq, app.now()).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check a delivery; trying later");
+            return;
+        }
+    }
     let answer = match service_secret(app, &d.service_id, &d.secret_salt, d.pepper_version) {
         None => Err(format!(
             "pepper version {} is not loaded; the signing secret cannot be derived",

@@ -290,10 +290,15 @@ pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
 pub async fn run(app: SharedState, every: Duration, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lead = crate::cluster::Lead::new(crate::cluster::ENFORCER_LOCK);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
+        }
+        // Several nodes: one runs the passes; another takes over when it stops.
+        if !lead.ensure(&app.store).await {
+            continue;
         }
         if let Err(e) = pass(&app).await {
             tracing::error!(error = %e, "enforcer pass failed; retrying on the next one");

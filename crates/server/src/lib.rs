@@ -7,6 +7,7 @@ pub mod alerts;
 pub mod auth;
 pub mod bootstrap;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod dispatch;
 pub mod enforcer;
@@ -251,6 +252,7 @@ pub struct RunningServer {
     expiry: JoinHandle<()>,
     dispatcher: JoinHandle<()>,
     alerts: JoinHandle<()>,
+    sync: JoinHandle<()>,
 }
 
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer, StartError> {
@@ -310,7 +312,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         stop_jobs_rx.clone(),
     ));
     let dispatcher = tokio::spawn(dispatch::run(state.clone(), stop_jobs_rx.clone()));
-    let alerts = tokio::spawn(alerts::run(state.clone(), alerts_rx, stop_jobs_rx));
+    let alerts = tokio::spawn(alerts::run(state.clone(), alerts_rx, stop_jobs_rx.clone()));
+    let sync = tokio::spawn(cluster::sync(state.clone(), stop_jobs_rx));
     let app = router(state.clone());
     let (stop_http, mut stop_http_rx) = watch::channel(false);
     let http = tokio::spawn(async move {
@@ -336,6 +339,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         expiry,
         dispatcher,
         alerts,
+        sync,
     })
 }
 
@@ -355,6 +359,7 @@ impl RunningServer {
             ("enforcer", self.expiry),
             ("dispatcher", self.dispatcher),
             ("alerts", self.alerts),
+            ("sync", self.sync),
         ] {
             if let Err(e) = task.await {
                 tracing::error!(error = %e, task = name, "background task failed");

@@ -9,6 +9,7 @@
 
 mod audit;
 mod audit_sqlite;
+mod cluster;
 mod keys;
 mod owners;
 mod policies;
@@ -27,6 +28,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use audit::{ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder, KeyEvent};
+pub use cluster::{ChangeListener, Changes, Leadership, CHANNEL};
 pub use keys::{KeyFilter, StateFilter};
 pub use owners::Owner;
 pub use policies::StoredPolicy;
@@ -100,6 +102,8 @@ pub struct Store {
     /// Counts this process's committed writes, so the dispatcher and event streams wake
     /// on a change instead of polling for it.
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// For LISTEN, which needs a connection of its own (PostgreSQL only).
+    postgres_url: Option<String>,
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -182,6 +186,7 @@ impl Store {
             sqlite_writer: (backend == Backend::Sqlite).then(std::sync::Arc::default),
             fold_lock: std::sync::Arc::default(),
             changes: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+            postgres_url: (backend == Backend::Postgres).then(|| url.clone()),
         };
         store.seal_unchained_audit().await?;
         Ok(store)

@@ -413,6 +413,25 @@ impl Store {
             .collect()
     }
 
+    /// Whether a delivery is still due: open (pending or failing) and its time come.
+    pub async fn delivery_due(
+        &self,
+        service_id: &str,
+        seq: i64,
+        now: OffsetDateTime,
+    ) -> Result<bool> {
+        Ok(sqlx::query(
+            "SELECT 1 AS one FROM deliveries WHERE service_id = $1 AND seq = $2 \
+             AND state IN ('pending', 'failing') AND next_at <= $3",
+        )
+        .bind(service_id)
+        .bind(seq)
+        .bind(ms(now))
+        .fetch_optional(&self.pool)
+        .await?
+        .is_some())
+    }
+
     /// The earliest time an open webhook delivery falls due, if any.
     pub async fn next_delivery_at(&self) -> Result<Option<OffsetDateTime>> {
         let row = sqlx::query(

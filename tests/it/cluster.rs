@@ -1,0 +1,180 @@
+//! Issue 7: two server processes on one PostgreSQL database, behind no balancer: a
+//! revocation through one is honoured by the other within the bound, one-time keys stay
+//! exact across both, background jobs run once, and the survivor takes them over when a
+//! node dies.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{drop_schema, postgres_or_skip, postgres_schema_url};
+use crate::process::serve_with;
+use crate::receiver::Receiver;
+
+struct Node {
+    base: String,
+    http: reqwest::Client,
+    admin: String,
+}
+
+impl Node {
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert!(status.is_success(), "{path}: {status} {v}");
+        v
+    }
+
+    async fn verify(&self, key: &str) -> String {
+        self.post("/v1/verify", json!({ "key": key })).await["code"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn key(&self, name: &str, extra: Value) -> (String, String) {
+        let mut body = json!({
+            "name": name, "owner": "alice@example.com", "environment": "prod",
+            "systems": ["github"], "scopes": ["deploy:write"], "ttl": "1d",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let v = self.post("/v1/keys", body).await;
+        (
+            v["key"]["id"].as_str().unwrap().to_owned(),
+            v["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+/// The bound ARCHITECTURE.md states: a change is honoured by every node within the
+/// cluster poll (1 s) of its commit, usually within milliseconds (NOTIFY). The test
+/// allows twice that for a loaded CI machine.
+const BOUND: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_share_revocations_counters_and_jobs() {
+    if postgres_or_skip().is_none() {
+        return;
+    }
+    let (url, schema) = postgres_schema_url().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let args = ["--database-url", url.as_str(), "--enforcer-interval", "1s"];
+    // Both nodes share the data directory's pepper and signing key, as deployments
+    // share them (docs/deploy.md).
+    let mut a = serve_with(&data, &args);
+    let mut b = serve_with(&data, &args);
+    assert!(
+        b.bootstrap.is_empty(),
+        "the second node finds the store bootstrapped"
+    );
+    let http = reqwest::Client::new();
+    let node = |s: &crate::process::Served| Node {
+        base: s.base.clone(),
+        http: http.clone(),
+        admin: a.bootstrap.clone(),
+    };
+    let (na, nb) = (node(&a), node(&b));
+    let r = Receiver::start().await;
+    na.post(
+        "/v1/services",
+        json!({ "name": "hooks", "webhook_url": r.url, "events": ["revoke", "expire"] }),
+    )
+    .await;
+
+    // A revocation through A is refused by B, which had the key cached.
+    let (id, key) = na.key("shared", json!({})).await;
+    assert_eq!(nb.verify(&key).await, "VALID");
+    assert_eq!(nb.verify(&key).await, "VALID");
+    na.post(&format!("/v1/keys/{id}/revoke"), json!({})).await;
+    let revoked = Instant::now();
+    loop {
+        if nb.verify(&key).await == "REVOKED" {
+            break;
+        }
+        assert!(
+            revoked.elapsed() < BOUND,
+            "node B still accepts a key revoked on A"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // Exact one-time use across nodes.
+    let (_, once) = na.key("once", json!({ "max_uses": 1 })).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let n = if i % 2 == 0 { node(&a) } else { node(&b) };
+        let once = once.clone();
+        tasks.push(tokio::spawn(async move { n.verify(&once).await }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert_eq!(
+        codes.iter().filter(|c| *c == "VALID").count(),
+        1,
+        "{codes:?}"
+    );
+    assert_eq!(codes.iter().filter(|c| *c == "USAGE_EXHAUSTED").count(), 49);
+
+    // The dispatcher runs on one node: the revocation is delivered once, not twice.
+    r.wait_for(1, 10).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let revokes = r
+        .received()
+        .iter()
+        .filter(|x| x.json["type"] == "key.revoked" && x.json["data"]["key_id"] == id.as_str())
+        .count();
+    assert_eq!(revokes, 1, "both nodes delivered");
+
+    // Node A dies; B serves alone and takes the jobs over.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let (id2, key2) = nb.key("after", json!({})).await;
+    assert_eq!(nb.verify(&key2).await, "VALID");
+    nb.post(&format!("/v1/keys/{id2}/revoke"), json!({})).await;
+    let (id3, _) = nb.key("short", json!({ "ttl": "2s" })).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let has = |t: &str, k: &str| {
+        r.received()
+            .iter()
+            .any(|x| x.json["type"] == t && x.json["data"]["key_id"] == k)
+    };
+    while !(has("key.revoked", &id2) && has("key.expired", &id3)) {
+        assert!(
+            Instant::now() < deadline,
+            "B did not take over the dispatcher and the enforcer: {:?}",
+            r.received()
+                .iter()
+                .map(|x| x.json["type"].clone())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = nb
+        .http
+        .get(format!("{}/v1/audit?key={id3}&action=key.expired", nb.base))
+        .bearer_auth(&nb.admin)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(v["entries"][0]["actor"], "system:enforcer");
+
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    drop_schema(&schema).await;
+}
