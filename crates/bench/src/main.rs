@@ -12,12 +12,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use keywarden_core::clock::Clock;
+use keywarden_bench::SystemClock;
 use keywarden_core::key_format;
 use keywarden_core::model::{Actor, AuditEntry};
 use keywarden_proto::CreateKeyRequest;
 use keywarden_server::routes::keys::validate_create;
-use time::OffsetDateTime;
 
 #[derive(Parser)]
 struct Args {
@@ -44,15 +43,6 @@ struct Args {
     /// `sqlite` (default, in a temp dir) or a postgres:// URL.
     #[arg(long)]
     database_url: Option<String>,
-}
-
-struct SystemClock;
-
-impl Clock for SystemClock {
-    #[allow(clippy::disallowed_methods)] // a benchmark runs on real time
-    fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::now_utc()
-    }
 }
 
 struct WrkResult {

@@ -157,6 +157,18 @@ impl Stream {
     }
 }
 
+/// The error a non-2xx answer carries: the API's error body, or the start of whatever
+/// came instead.
+fn refusal(status: StatusCode, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => ClientError::Api { status, body },
+        Err(_) => ClientError::Unexpected {
+            status,
+            detail: String::from_utf8_lossy(bytes).chars().take(200).collect(),
+        },
+    }
+}
+
 fn utf8_line(line: Vec<u8>) -> Result<String> {
     String::from_utf8(line).map_err(|e| ClientError::Unexpected {
         status: StatusCode::OK,
@@ -222,13 +234,7 @@ impl Client {
                 detail: e.to_string(),
             })
         } else {
-            match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => Err(ClientError::Api { status, body }),
-                Err(_) => Err(ClientError::Unexpected {
-                    status,
-                    detail: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-                }),
-            }
+            Err(refusal(status, &bytes))
         }
     }
 
@@ -400,13 +406,7 @@ impl Client {
         let status = resp.status();
         if !status.is_success() {
             let bytes = resp.bytes().await.unwrap_or_default();
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => ClientError::Api { status, body },
-                Err(_) => ClientError::Unexpected {
-                    status,
-                    detail: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-                },
-            });
+            return Err(refusal(status, &bytes));
         }
         Ok(Stream {
             resp,
@@ -495,13 +495,7 @@ impl Client {
             server: self.server.clone(),
             source,
         })?;
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => Err(ClientError::Api { status, body }),
-            Err(_) => Err(ClientError::Unexpected {
-                status,
-                detail: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-            }),
-        }
+        Err(refusal(status, &bytes))
     }
 
     pub async fn test_service(&self, id: &str) -> Result<keywarden_proto::ServiceTestResult> {

@@ -75,8 +75,8 @@ pub struct RecordCache<T: Clone + Send + Sync + 'static> {
 }
 
 impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
-    /// `ttl` bounds staleness should a change ever bypass this node (several nodes before
-    /// the propagation issue lands).
+    /// `ttl` bounds staleness should a change ever reach this node neither directly nor
+    /// through `cluster::sync` (which evicts other nodes' changes within a second).
     pub fn new(capacity: u64, ttl: Duration) -> Self {
         let per_shard = usize::try_from(capacity)
             .unwrap_or(usize::MAX)

@@ -62,14 +62,17 @@ pub enum Backend {
 /// transaction ends (fields drop in order).
 pub(crate) struct WriteTx {
     tx: sqlx::Transaction<'static, sqlx::Any>,
-    changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// Told of the commit; `None` for writes nothing waits on (usage batches).
+    changes: Option<std::sync::Arc<tokio::sync::watch::Sender<u64>>>,
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl WriteTx {
     pub async fn commit(self) -> Result<()> {
         self.tx.commit().await?;
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        if let Some(c) = &self.changes {
+            c.send_modify(|n| *n = n.wrapping_add(1));
+        }
         Ok(())
     }
 }
@@ -212,6 +215,15 @@ impl Store {
     /// database's write lock up front (`BEGIN IMMEDIATE`), so writers never fail on a
     /// lock upgrade.
     async fn begin_write(&self) -> Result<WriteTx> {
+        let mut tx = self.begin_quiet_write().await?;
+        tx.changes = Some(self.changes.clone());
+        Ok(tx)
+    }
+
+    /// A write transaction whose commit wakes no one: usage batches, which commit every
+    /// few milliseconds under load and change nothing the dispatcher or event streams
+    /// wait for.
+    async fn begin_quiet_write(&self) -> Result<WriteTx> {
         let turn = self.write_turn().await;
         let tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
@@ -219,7 +231,7 @@ impl Store {
         };
         Ok(WriteTx {
             tx,
-            changes: self.changes.clone(),
+            changes: None,
             _turn: turn,
         })
     }

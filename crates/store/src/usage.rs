@@ -120,7 +120,7 @@ impl Store {
     }
 
     async fn record_usage_sql(&self, events: &[UsageEvent]) -> Result<()> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_quiet_write().await?;
         for chunk in events.chunks(ROWS_PER_INSERT) {
             let mut p = Params::new(self.backend);
             let mut tuples = Vec::with_capacity(chunk.len());

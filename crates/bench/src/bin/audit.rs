@@ -14,13 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use keywarden_bench::{percentile, SystemClock};
 use keywarden_client::{sealed_entry, AuditQuery, Client};
 use keywarden_core::audit_chain::{ChainWalk, SealedEntry};
-use keywarden_core::clock::Clock;
 use keywarden_core::model::{Actor, AuditEntry};
 use keywarden_store::{AuditFilter, AuditOrder};
 use serde_json::json;
-use time::OffsetDateTime;
 
 #[derive(Parser)]
 struct Args {
@@ -41,29 +40,12 @@ struct Args {
     cli: Option<std::path::PathBuf>,
 }
 
-struct SystemClock;
-
-impl Clock for SystemClock {
-    #[allow(clippy::disallowed_methods)] // a benchmark runs on real time
-    fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::now_utc()
-    }
-}
-
 /// Peak resident memory of this process, from /proc (Linux).
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 /// Runs `op(i)` for i in 0..n from `concurrency` tasks; returns (elapsed, latencies).

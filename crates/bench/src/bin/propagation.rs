@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
 use clap::Parser;
-use keywarden_core::clock::Clock;
+use keywarden_bench::{percentile, SystemClock};
 use serde_json::{json, Value};
-use time::OffsetDateTime;
 
 #[derive(Parser)]
 struct Args {
@@ -28,23 +27,6 @@ struct Args {
     /// `sqlite` (default, in a temp dir) or a postgres:// URL.
     #[arg(long)]
     database_url: Option<String>,
-}
-
-struct SystemClock;
-
-impl Clock for SystemClock {
-    #[allow(clippy::disallowed_methods)] // a benchmark runs on real time
-    fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::now_utc()
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn report(what: &str, mut d: Vec<Duration>) {

@@ -43,6 +43,14 @@ fn not_found(id: &str) -> ApiError {
     }
 }
 
+/// A service by id or name, or 404.
+async fn find(app: &AppState, id: &str) -> Result<ServiceRecord, ApiError> {
+    app.store
+        .get_service(id)
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
 pub(crate) fn delivery_view(d: DeliveryRecord, service: &str) -> DeliveryView {
     let open = matches!(d.state.as_str(), "pending" | "failing");
     DeliveryView {
@@ -230,11 +238,7 @@ pub async fn get_service(
     Path(id): Path<String>,
 ) -> Result<Json<ServiceView>, ApiError> {
     principal.require(Permission::ServicesRead)?;
-    let s = app
-        .store
-        .get_service(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let s = find(&app, &id).await?;
     Ok(Json(view(&app, s, true).await?))
 }
 
@@ -249,11 +253,7 @@ pub async fn delete_service(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     principal.require(Permission::ServicesWrite)?;
-    let s = app
-        .store
-        .get_service(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let s = find(&app, &id).await?;
     let entry = audit(
         principal.actor(),
         app.now(),
@@ -279,11 +279,7 @@ pub async fn test_service(
     Path(id): Path<String>,
 ) -> Result<Json<ServiceTestResult>, ApiError> {
     principal.require(Permission::ServicesWrite)?;
-    let s = app
-        .store
-        .get_service(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let s = find(&app, &id).await?;
     let Some(url) = &s.webhook_url else {
         return Err(ApiError::InvalidState(
             "a pull service has no webhook to test; it reads /v1/events".to_owned(),
@@ -345,11 +341,7 @@ pub async fn ack_service(
             format!("no event {} yet: the latest is {head}", req.seq),
         ));
     }
-    let s = app
-        .store
-        .get_service(&id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let s = find(&app, &id).await?;
     // Events not yet fanned out are covered too: fan-out confirms what the ack passed.
     let confirmed = app
         .store
