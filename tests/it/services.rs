@@ -254,6 +254,26 @@ async fn private_addresses_are_refused_unless_allowed(b: Backend) {
         r.received().is_empty(),
         "nothing may reach a refused address"
     );
+    // Tokens in webhook URLs (Slack, Discord) are shown cut and never audited.
+    let (sid, _) = add_service(
+        &s,
+        json!({ "name": "slackish", "webhook_url": "https://hooks.example.com/services/T0123456789ABCDEFGH/s3cr3tpart?token=qu3rys3cr3t" }),
+    )
+    .await;
+    let (_, v) = s.get(&format!("/v1/services/{sid}")).await;
+    assert_eq!(
+        v["webhook_url"],
+        "https://hooks.example.com/services/T012***/s3cr3tpart"
+    );
+    let (_, list) = s.get("/v1/services").await;
+    let (_, audit) = s.get("/v1/audit?action=service.created").await;
+    for text in [list.to_string(), audit.to_string()] {
+        assert!(
+            !text.contains("qu3rys3cr3t") && !text.contains("0123456789ABCDEFGH"),
+            "{text}"
+        );
+    }
+    assert!(audit.to_string().contains("https://hooks.example.com"));
     s.stop().await;
 }
 

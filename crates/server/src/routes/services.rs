@@ -89,7 +89,7 @@ async fn view(app: &AppState, s: ServiceRecord, recent: bool) -> Result<ServiceV
     Ok(ServiceView {
         id: s.id,
         name: s.name,
-        webhook_url: s.webhook_url,
+        webhook_url: s.webhook_url.as_deref().map(shown_url),
         events: s.events,
         created_at: s.created_at,
         created_by: s.created_by,
@@ -97,6 +97,39 @@ async fn view(app: &AppState, s: ServiceRecord, recent: bool) -> Result<ServiceV
         deliveries,
         recent,
     })
+}
+
+/// A webhook URL as shown: without its query, and with long path segments cut to their
+/// first characters. Receivers such as Slack and Discord put their token in the URL, and
+/// those URLs are secrets in themselves (`keywarden scan` reports them).
+fn shown_url(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else {
+        return String::new();
+    };
+    u.set_query(None);
+    u.set_fragment(None);
+    let path: Vec<String> = u
+        .path_segments()
+        .map(|segs| {
+            segs.map(|seg| {
+                if seg.len() > 12 {
+                    format!("{}***", &seg[..4])
+                } else {
+                    seg.to_owned()
+                }
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    u.set_path(&path.join("/"));
+    u.to_string()
+}
+
+/// Scheme, host and port: all the audit trail keeps of a webhook URL.
+fn origin(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default()
 }
 
 fn valid_name(n: &str) -> bool {
@@ -193,7 +226,11 @@ pub async fn create_service(
         "service.created",
         format!("service:{}", record.id),
         None,
-        json!({ "name": record.name, "webhook_url": record.webhook_url, "events": record.events }),
+        json!({
+            "name": record.name,
+            "webhook": record.webhook_url.as_deref().map(origin),
+            "events": record.events,
+        }),
     );
     if !app.store.create_service(&record, &entry).await? {
         return Err(ApiError::Conflict(format!(
