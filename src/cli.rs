@@ -268,6 +268,14 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub outbound_allow: Vec<String>,
+    /// How long a failing webhook delivery is retried before it is abandoned (at least
+    /// 1h), e.g. 72h.
+    #[arg(long, env = "KEYWARDEN_WEBHOOK_RETRY_FOR", default_value = "72h")]
+    pub webhook_retry_for: String,
+    /// Several nodes on PostgreSQL: how often a node reads other nodes' changes even
+    /// without a notification (the bound on revocation visibility), e.g. 1s.
+    #[arg(long, env = "KEYWARDEN_CLUSTER_POLL", default_value = "1s")]
+    pub cluster_poll: String,
     /// The gateway map for /v1/auth (TOML): the scope each method and path needs, and
     /// the callers trusted without a token. See docs/gateway.md.
     #[arg(long, env = "KEYWARDEN_GATEWAY_MAP")]

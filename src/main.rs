@@ -89,6 +89,28 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
             )
         })?;
     config.enforcer_interval = every;
+    let duration = |flag: &str, value: &str, min: std::time::Duration| {
+        keywarden_core::duration::parse_duration(value)
+            .ok()
+            .and_then(|d| std::time::Duration::try_from(d).ok())
+            .filter(|d| *d >= min && !d.is_zero())
+            .with_context(|| {
+                format!(
+                    "{flag} {value:?}: expected a duration of at least {}s, such as 72h or 1s",
+                    min.as_secs()
+                )
+            })
+    };
+    config.webhook_retry_for = duration(
+        "--webhook-retry-for",
+        &args.webhook_retry_for,
+        std::time::Duration::from_secs(3600),
+    )?;
+    config.cluster_poll = duration(
+        "--cluster-poll",
+        &args.cluster_poll,
+        std::time::Duration::from_secs(1),
+    )?;
     config.trusted_proxies = args
         .trusted_proxies
         .iter()

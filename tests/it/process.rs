@@ -396,4 +396,14 @@ fn serve_refuses_bad_gateway_maps_and_networks() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("--outbound-allow \"intranet\" is not a CIDR"));
+    for (flag, value) in [("--webhook-retry-for", "10m"), ("--cluster-poll", "soon")] {
+        let out = bin()
+            .args(["serve", "--listen", "127.0.0.1:0", flag, value])
+            .env("KEYWARDEN_DATA_DIR", tmp.path().join("data"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag) && err.contains("at least"), "{err}");
+    }
 }
