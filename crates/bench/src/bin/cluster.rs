@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use keywarden_bench::{percentile, SystemClock};
+use keywarden_bench::{percentile, post_json, SystemClock};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -50,20 +50,7 @@ async fn main() -> Result<()> {
     let http = reqwest::Client::new();
     let post = |base: String, path: String, body: Value| {
         let (http, admin) = (http.clone(), admin.clone());
-        async move {
-            let resp = http
-                .post(format!("{base}{path}"))
-                .bearer_auth(&admin)
-                .json(&body)
-                .send()
-                .await?;
-            let status = resp.status();
-            let v: Value = resp.json().await?;
-            if !status.is_success() {
-                bail!("{path}: {status} {v}");
-            }
-            Ok::<Value, anyhow::Error>(v)
-        }
+        async move { post_json(&http, &format!("{base}{path}"), &admin, &body).await }
     };
     let mut seen = Vec::with_capacity(args.revocations);
     let mut polls = 0usize;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
 use clap::Parser;
-use keywarden_bench::{percentile, SystemClock};
+use keywarden_bench::{percentile, post_json, SystemClock};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -92,20 +92,7 @@ async fn main() -> Result<()> {
 
     let post = |path: String, body: Value| {
         let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
-        async move {
-            let resp = http
-                .post(format!("{base}{path}"))
-                .bearer_auth(&admin)
-                .json(&body)
-                .send()
-                .await?;
-            let status = resp.status();
-            let v: Value = resp.json().await?;
-            if !status.is_success() {
-                bail!("{path}: {status} {v}");
-            }
-            Ok::<Value, anyhow::Error>(v)
-        }
+        async move { post_json(&http, &format!("{base}{path}"), &admin, &body).await }
     };
     post(
         "/v1/services".into(),
