@@ -232,3 +232,82 @@ async fn sqlite_usage_from_0001_survives_the_log_migration() {
     assert_eq!(store.subjects(&key_id).await.unwrap().len(), 2);
     store.close().await;
 }
+
+/// Verify's cache misses read a key on SQLite without waiting for a fold step. While
+/// steps move usage from the overlay into the tables, every read must count each use
+/// exactly once: never less than the appends finished before it, never more than those
+/// started by its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_point_reads_count_each_use_once_while_folds_run() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let s = TestServer::start_with(Backend::Sqlite, |c| {
+        c.usage_fold_interval = std::time::Duration::from_secs(3600);
+        c.usage_fold_max_keys = usize::MAX;
+    })
+    .await;
+    let store = s.server.as_ref().unwrap().state.store.clone();
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let (id, _) = s.create_key(key_body(&format!("k{i}"))).await;
+        ids.push(keywarden_core::KeyId::parse(&id).unwrap());
+    }
+    let ids = Arc::new(ids);
+    let started = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    const ROUNDS: u64 = 150;
+
+    let writer = {
+        let (store, ids, started, done) =
+            (store.clone(), ids.clone(), started.clone(), done.clone());
+        tokio::spawn(async move {
+            for round in 0..ROUNDS {
+                let batch = ids
+                    .iter()
+                    .map(|id| keywarden_core::model::UsageEvent {
+                        key_id: Some(id.clone()),
+                        time: crate::harness::START + time::Duration::seconds(round as i64),
+                        code: keywarden_core::verify::VerifyCode::Valid,
+                        source_ip: Some("192.0.2.7".into()),
+                        scope: None,
+                        environment: None,
+                        subject: None,
+                        user_agent: None,
+                        counted: false,
+                    })
+                    .collect();
+                started.fetch_add(1, Ordering::SeqCst);
+                let (_, written) = store.record_usage(batch).await;
+                written.unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+                // Small steps, so reads land before, during and after each one.
+                while !store.fold_usage_step(5).await.unwrap() {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let mut reads = 0u64;
+    while !writer.is_finished() {
+        for id in ids.iter() {
+            let lo = done.load(Ordering::SeqCst);
+            let uses = store.get_key(id).await.unwrap().unwrap().uses;
+            let hi = started.load(Ordering::SeqCst);
+            assert!(
+                (lo..=hi).contains(&uses),
+                "key {id}: {uses} uses read, between {lo} and {hi} appended"
+            );
+            reads += 1;
+        }
+    }
+    writer.await.unwrap();
+    for id in ids.iter() {
+        assert_eq!(store.get_key(id).await.unwrap().unwrap().uses, ROUNDS);
+    }
+    assert!(
+        reads > ROUNDS,
+        "the reads ran alongside the folds ({reads} reads)"
+    );
+    s.stop().await;
+}

@@ -39,3 +39,18 @@ pub async fn post_json(
     }
     Ok(v)
 }
+
+/// CPU time this process has used so far (user + system, all threads), from
+/// `/proc/self/stat`; `None` where there is no procfs. Clock ticks are 10 ms, fine for
+/// runs of seconds.
+pub fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace();
+    // utime and stime are fields 14 and 15 of the whole line: 12th and 13th after ')'.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // USER_HZ is 100 on every Linux target the bench runs on.
+    Some(Duration::from_millis((utime + stime) * 10))
+}

@@ -51,9 +51,13 @@ struct WrkResult {
     p50: String,
     p99: String,
     non_2xx: u64,
+    /// CPU this process (server and fixed handler; wrk is another process) spent per
+    /// answered request during the run.
+    cpu_per_request: Option<std::time::Duration>,
 }
 
 fn run_wrk(args: &Args, url: &str, script: &Path, seconds: u32) -> Result<WrkResult> {
+    let cpu_before = keywarden_bench::process_cpu();
     let out = Command::new("wrk")
         .args([
             "-t",
@@ -69,6 +73,9 @@ fn run_wrk(args: &Args, url: &str, script: &Path, seconds: u32) -> Result<WrkRes
         .arg(url)
         .output()
         .context("running wrk (apt-get install wrk)")?;
+    let cpu = keywarden_bench::process_cpu()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
@@ -90,8 +97,12 @@ fn run_wrk(args: &Args, url: &str, script: &Path, seconds: u32) -> Result<WrkRes
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
+    let cpu_per_request = cpu
+        .zip(u32::try_from(requests).ok().filter(|n| *n > 0))
+        .map(|(cpu, n)| cpu / n);
     Ok(WrkResult {
         requests,
+        cpu_per_request,
         rps,
         p50: field("50%").unwrap_or_default(),
         p99: field("99%").unwrap_or_default(),
@@ -324,15 +335,21 @@ async fn main() -> Result<()> {
             .as_deref()
             .map_or("sqlite", |_| "postgres")
     );
-    println!("| target | req/s | p50 | p99 | non-2xx | verify / ceiling |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| target | req/s | p50 | p99 | non-2xx | server CPU per request | verify / ceiling |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let row = |name: &str, r: &WrkResult, ratio: Option<f64>| {
         println!(
-            "| {name} | {:.0} | {} | {} | {} | {} |",
+            "| {name} | {:.0} | {} | {} | {} | {} | {} |",
             r.rps,
             r.p50,
             r.p99,
             r.non_2xx,
+            r.cpu_per_request.map_or(String::new(), |c| format!(
+                "{:.1} µs",
+                c.as_secs_f64() * 1e6
+            )),
             ratio.map_or(String::new(), |x| format!("{x:.2}"))
         );
     };

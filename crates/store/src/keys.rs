@@ -48,6 +48,9 @@ impl Store {
     }
 
     pub async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>> {
+        if let Some(key) = self.point_read_key(id)? {
+            return Ok(key);
+        }
         let _folding = self.fold_lock.read().await;
         let row = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE id = $1"
@@ -64,6 +67,39 @@ impl Store {
             })?;
         }
         Ok(key)
+    }
+
+    /// SQLite: the key read on this thread, without waiting for a fold step (verify's
+    /// cache misses must not queue behind one). A step that ended during the read may
+    /// have moved the key's usage from the overlay into the tables after the read saw
+    /// them, so the read is retried; a step still running is told apart by the key's
+    /// `last_seq`. `None`: read through the pool.
+    fn point_read_key(&self, id: &KeyId) -> Result<Option<Option<KeyRecord>>> {
+        let Some(reads) = &self.key_reads else {
+            return Ok(None);
+        };
+        for _ in 0..3 {
+            let Some(folds_before) = self.with_pending(|p| p.map(|p| p.folds))? else {
+                return Ok(None);
+            };
+            let Some(read) = reads.get_key(id.as_str()) else {
+                return Ok(None);
+            };
+            let Some((mut key, folded_upto)) = read? else {
+                return Ok(Some(None));
+            };
+            let consistent = self.with_pending(|p| match p {
+                Some(p) if p.folds == folds_before => {
+                    p.apply_unfolded(&mut key, folded_upto);
+                    true
+                }
+                _ => false,
+            })?;
+            if consistent {
+                return Ok(Some(Some(key)));
+            }
+        }
+        Ok(None)
     }
 
     /// Newest first. `after` is the `seq` cursor returned by the previous page.

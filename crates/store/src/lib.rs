@@ -16,6 +16,7 @@ mod policies;
 mod rows;
 mod services;
 mod shadow;
+mod sqlite_reads;
 mod tokens;
 mod usage;
 mod usage_pending;
@@ -96,6 +97,7 @@ pub struct Store {
     backend: Backend,
     usage_sqlite: Option<usage_sqlite::SqliteUsageSink>,
     audit_sqlite: Option<audit_sqlite::SqliteAuditReader>,
+    key_reads: Option<std::sync::Arc<sqlite_reads::SqlitePointReads>>,
     /// This process's writers take turns on SQLite (see [`Store::write_turn`]).
     sqlite_writer: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
     /// Readers of usage stats hold it shared while they read the tables and the pending
@@ -167,18 +169,21 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        let (usage_sqlite, audit_sqlite) = match backend {
+        let (usage_sqlite, audit_sqlite, key_reads) = match backend {
             Backend::Sqlite => {
                 SQLITE_MIGRATIONS.run(&pool).await?;
                 let path = sqlite_path(&url)?;
                 (
                     Some(usage_sqlite::SqliteUsageSink::open(&path)?),
                     Some(audit_sqlite::SqliteAuditReader::open(&path)?),
+                    Some(std::sync::Arc::new(sqlite_reads::SqlitePointReads::open(
+                        &path,
+                    )?)),
                 )
             }
             Backend::Postgres => {
                 POSTGRES_MIGRATIONS.run(&pool).await?;
-                (None, None)
+                (None, None, None)
             }
         };
         let store = Self {
@@ -186,6 +191,7 @@ impl Store {
             backend,
             usage_sqlite,
             audit_sqlite,
+            key_reads,
             sqlite_writer: (backend == Backend::Sqlite).then(std::sync::Arc::default),
             fold_lock: std::sync::Arc::default(),
             changes: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),

@@ -38,9 +38,48 @@ fn key_id(what: &str, s: &str) -> Result<KeyId> {
     KeyId::parse(s).map_err(|e| decode_error(what, e))
 }
 
-fn hash(row: &AnyRow) -> Result<KeyHash> {
-    let version: i64 = row.try_get("pepper_version")?;
-    let hex: String = row.try_get("hash")?;
+/// Columns by name, from either driver: keys decode the same from sqlx's rows and from
+/// rusqlite's (the SQLite point reads on verify's cache misses, `sqlite_reads`).
+pub(crate) trait Columns {
+    fn text(&self, col: &str) -> Result<String>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>>;
+    fn int(&self, col: &str) -> Result<i64>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>>;
+}
+
+impl Columns for AnyRow {
+    fn text(&self, col: &str) -> Result<String> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>> {
+        Ok(self.try_get(col)?)
+    }
+    fn int(&self, col: &str) -> Result<i64> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
+        Ok(self.try_get(col)?)
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn text(&self, col: &str) -> Result<String> {
+        self.get(col).map_err(|e| decode_error(col, e))
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>> {
+        self.get(col).map_err(|e| decode_error(col, e))
+    }
+    fn int(&self, col: &str) -> Result<i64> {
+        self.get(col).map_err(|e| decode_error(col, e))
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
+        self.get(col).map_err(|e| decode_error(col, e))
+    }
+}
+
+fn hash(row: &impl Columns) -> Result<KeyHash> {
+    let version: i64 = row.int("pepper_version")?;
+    let hex: String = row.text("hash")?;
     let version = u32::try_from(version).map_err(|e| decode_error("pepper_version", e))?;
     KeyHash::from_hex(version, &hex).ok_or_else(|| decode_error("hash", "not 64 hex characters"))
 }
@@ -57,64 +96,53 @@ pub(crate) const KEY_COLUMNS: &str = "seq, id, hash, pepper_version, hint, name,
 /// Keys with their usage stats; column names do not overlap, so filters need no prefix.
 pub(crate) const KEY_FROM: &str = "keys LEFT JOIN key_usage ON key_usage.key_id = keys.id";
 
-pub(crate) fn key_from_row(row: &AnyRow) -> Result<KeyRecord> {
-    let state: String = row.try_get("state")?;
-    let scopes: Vec<String> = from_json("scopes", &row.try_get::<String, _>("scopes")?)?;
-    let cidrs: Vec<String> =
-        from_json("allowed_cidrs", &row.try_get::<String, _>("allowed_cidrs")?)?;
+pub(crate) fn key_from_row(row: &impl Columns) -> Result<KeyRecord> {
+    let state = row.text("state")?;
+    let scopes: Vec<String> = from_json("scopes", &row.text("scopes")?)?;
+    let cidrs: Vec<String> = from_json("allowed_cidrs", &row.text("allowed_cidrs")?)?;
     Ok(KeyRecord {
-        id: key_id("id", &row.try_get::<String, _>("id")?)?,
+        id: key_id("id", &row.text("id")?)?,
         hash: hash(row)?,
-        hint: row.try_get("hint")?,
-        name: row.try_get("name")?,
-        description: row.try_get("description")?,
-        owner: row.try_get("owner")?,
-        systems: from_json("systems", &row.try_get::<String, _>("systems")?)?,
-        environment: row.try_get("environment")?,
+        hint: row.text("hint")?,
+        name: row.text("name")?,
+        description: row.text("description")?,
+        owner: row.text("owner")?,
+        systems: from_json("systems", &row.text("systems")?)?,
+        environment: row.text("environment")?,
         scopes: scopes
             .iter()
             .map(|s| Scope::granted(s).map_err(|e| decode_error("scopes", e)))
             .collect::<Result<_>>()?,
-        created_at: from_millis(row.try_get("created_at")?),
-        created_by: row.try_get("created_by")?,
-        expires_at: from_millis(row.try_get("expires_at")?),
+        created_at: from_millis(row.int("created_at")?),
+        created_by: row.text("created_by")?,
+        expires_at: from_millis(row.int("expires_at")?),
         state: state
             .parse::<KeyState>()
             .map_err(|e| decode_error("state", e))?,
-        state_reason: row.try_get("state_reason")?,
-        state_changed_at: row
-            .try_get::<Option<i64>, _>("state_changed_at")?
-            .map(from_millis),
+        state_reason: row.opt_text("state_reason")?,
+        state_changed_at: row.opt_int("state_changed_at")?.map(from_millis),
         allowed_cidrs: cidrs
             .iter()
             .map(|c| c.parse().map_err(|e| decode_error("allowed_cidrs", e)))
             .collect::<Result<_>>()?,
         max_uses: row
-            .try_get::<Option<i64>, _>("max_uses")?
+            .opt_int("max_uses")?
             .map(|v| u64_of("max_uses", v))
             .transpose()?,
-        uses: u64_of("uses", row.try_get("uses")?)?
-            + u64_of(
-                "batched_uses",
-                row.try_get::<Option<i64>, _>("batched_uses")?.unwrap_or(0),
-            )?,
-        last_used_at: row
-            .try_get::<Option<i64>, _>("last_used_at")?
-            .map(from_millis),
-        last_used_from: row.try_get("last_used_from")?,
+        uses: u64_of("uses", row.int("uses")?)?
+            + u64_of("batched_uses", row.opt_int("batched_uses")?.unwrap_or(0))?,
+        last_used_at: row.opt_int("last_used_at")?.map(from_millis),
+        last_used_from: row.opt_text("last_used_from")?,
         rotated_from: row
-            .try_get::<Option<String>, _>("rotated_from")?
+            .opt_text("rotated_from")?
             .map(|s| key_id("rotated_from", &s))
             .transpose()?,
         rotated_to: row
-            .try_get::<Option<String>, _>("rotated_to")?
+            .opt_text("rotated_to")?
             .map(|s| key_id("rotated_to", &s))
             .transpose()?,
-        metadata: from_json::<BTreeMap<String, String>>(
-            "metadata",
-            &row.try_get::<String, _>("metadata")?,
-        )?,
-        version: row.try_get("version")?,
+        metadata: from_json::<BTreeMap<String, String>>("metadata", &row.text("metadata")?)?,
+        version: row.int("version")?,
     })
 }
 

@@ -35,6 +35,13 @@ pub(crate) struct Pending {
     /// fold (in reverse key order, taken from the end), and the `max_seq` it started at.
     pub fold_queue: Vec<String>,
     pub fold_upto: i64,
+    /// The chunk a fold step is writing right now, out of `keys`: its deltas are in the
+    /// tables once the step commits, and here until the step ends. Only point reads
+    /// (which do not wait for folds) ever see it non-empty.
+    pub in_flight: HashMap<String, KeyDelta>,
+    /// Fold steps that have ended; a point read that saw this move while it read the
+    /// tables reads again.
+    pub folds: u64,
 }
 
 pub(crate) const HEADS_CACHED: usize = 1_000_000;
@@ -107,18 +114,25 @@ impl Pending {
         }
     }
 
-    /// `key` as stored, plus what is pending for it.
+    /// `key` as stored, plus what is pending for it. For readers that hold off folds.
     pub fn apply_to(&self, key: &mut KeyRecord) {
-        let Some(d) = self.keys.get(key.id.as_str()) else {
-            return;
-        };
-        key.uses += u64::try_from(d.uses).unwrap_or(0);
-        if let Some(at) = d.last_at {
-            let at = from_millis(at);
-            if key.last_used_at.is_none_or(|stored| at >= stored) {
-                key.last_used_at = Some(at);
-                key.last_used_from.clone_from(&d.last_from);
+        if let Some(d) = self.keys.get(key.id.as_str()) {
+            apply(d, key);
+        }
+    }
+
+    /// `key` as read from the tables, whose stats include its events up to
+    /// `folded_upto` (`key_usage.last_seq`), plus what is not in them: the chunk being
+    /// folded, unless the read already saw it committed, then what is pending. The
+    /// caller checked that no fold step ended while it read.
+    pub fn apply_unfolded(&self, key: &mut KeyRecord, folded_upto: Option<i64>) {
+        if let Some(d) = self.in_flight.get(key.id.as_str()) {
+            if folded_upto.is_none_or(|upto| d.head > upto) {
+                apply(d, key);
             }
+        }
+        if let Some(d) = self.keys.get(key.id.as_str()) {
+            apply(d, key);
         }
     }
 
@@ -141,6 +155,18 @@ impl Pending {
         }
         stored.sort_by(|a, b| (a.first_seen, &a.subject).cmp(&(b.first_seen, &b.subject)));
         stored
+    }
+}
+
+/// Adds one key's delta to its record, by the fold's rules.
+fn apply(d: &KeyDelta, key: &mut KeyRecord) {
+    key.uses += u64::try_from(d.uses).unwrap_or(0);
+    if let Some(at) = d.last_at {
+        let at = from_millis(at);
+        if key.last_used_at.is_none_or(|stored| at >= stored) {
+            key.last_used_at = Some(at);
+            key.last_used_from.clone_from(&d.last_from);
+        }
     }
 }
 

@@ -143,23 +143,33 @@ impl SqliteUsageSink {
     /// left in progress. A fold starts with the keys pending now and ends when all of
     /// them are folded; then `folded_seq` moves to where it started. Each folded key's
     /// `last_seq` says which of its events are in its stats, so a crash in between
-    /// refolds nothing twice. Blocking. The caller keeps readers out until this returns
-    /// (see `Store::fold_usage_step`).
+    /// refolds nothing twice. Blocking. The caller keeps appends and most readers out
+    /// until this returns (see `Store::fold_usage_step`); point reads go on, so the
+    /// overlay is not locked during the transaction: the chunk waits in `in_flight`.
     pub fn fold_step(&self, max_keys: usize) -> Result<bool> {
         let mut conn = lock(&self.conn)?;
-        let mut pending = lock(&self.pending)?;
-        if pending.fold_queue.is_empty() {
-            if pending.is_empty() {
-                return Ok(true);
+        let (chunk, last_chunk, fold_upto) = {
+            let mut pending = lock(&self.pending)?;
+            if pending.fold_queue.is_empty() {
+                if pending.is_empty() {
+                    return Ok(true);
+                }
+                let mut queue: Vec<String> = pending.keys.keys().cloned().collect();
+                queue.sort_unstable_by(|a, b| b.cmp(a));
+                pending.fold_queue = queue;
+                pending.fold_upto = pending.max_seq;
             }
-            let mut queue: Vec<String> = pending.keys.keys().cloned().collect();
-            queue.sort_unstable_by(|a, b| b.cmp(a));
-            pending.fold_queue = queue;
-            pending.fold_upto = pending.max_seq;
-        }
-        let at = pending.fold_queue.len().saturating_sub(max_keys.max(1));
-        let chunk: Vec<String> = pending.fold_queue.drain(at..).rev().collect();
-        let last_chunk = pending.fold_queue.is_empty();
+            let at = pending.fold_queue.len().saturating_sub(max_keys.max(1));
+            let ids: Vec<String> = pending.fold_queue.drain(at..).rev().collect();
+            let mut chunk = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(d) = pending.keys.remove(&id) {
+                    pending.in_flight.insert(id.clone(), d.clone());
+                    chunk.push((id, d));
+                }
+            }
+            (chunk, pending.fold_queue.is_empty(), pending.fold_upto)
+        };
         let result = (|| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -172,10 +182,7 @@ impl SqliteUsageSink {
                          VALUES (?1, ?2, ?3, ?4) {UPSERT_SUBJECT_TAIL}"
                     ))
                     .map_err(err)?;
-                for id in &chunk {
-                    let Some(d) = pending.keys.get(id) else {
-                        continue;
-                    };
+                for (id, d) in &chunk {
                     fold_key
                         .execute(params![id, d.uses, d.last_at, d.last_from, d.head])
                         .map_err(err)?;
@@ -189,25 +196,30 @@ impl SqliteUsageSink {
                 if last_chunk {
                     tx.execute(
                         "UPDATE usage_state SET folded_seq = MAX(folded_seq, ?1) WHERE id = 1",
-                        [pending.fold_upto],
+                        [fold_upto],
                     )
                     .map_err(err)?;
                 }
             }
             tx.commit().map_err(err)
         })();
+        let mut pending = lock(&self.pending)?;
+        pending.in_flight.clear();
+        pending.folds += 1;
         if let Err(e) = result {
-            // Put the chunk back; the next step retries it.
-            pending.fold_queue.extend(chunk.into_iter().rev());
+            // Put the chunk back; the next step retries it. Appends wait for this step
+            // (they need the connection), so no key of the chunk has come back meanwhile.
+            for (id, d) in chunk.iter().rev() {
+                pending.fold_queue.push(id.clone());
+                pending.keys.insert(id.clone(), d.clone());
+            }
             return Err(e);
         }
         if pending.folded_heads.len() + chunk.len() > HEADS_CACHED {
             pending.folded_heads.clear();
         }
-        for id in chunk {
-            if let Some(d) = pending.keys.remove(&id) {
-                pending.folded_heads.insert(id, d.head);
-            }
+        for (id, d) in chunk {
+            pending.folded_heads.insert(id, d.head);
         }
         Ok(last_chunk)
     }

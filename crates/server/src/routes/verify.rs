@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::Json;
+use axum::response::IntoResponse;
 use keywarden_core::key_format::{self, ADMIN_ENV};
 use keywarden_core::model::UsageEvent;
 use keywarden_core::role::Permission;
@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::auth::Principal;
-use crate::cache::CachedKey;
+use crate::cache::{CachedKey, VALID_HEAD};
 use crate::error::{violation, ApiError};
 use crate::extract::JsonBody;
 use crate::state::{AppState, SharedState};
@@ -35,7 +35,7 @@ pub async fn verify(
     State(app): State<SharedState>,
     principal: Principal,
     JsonBody(req): JsonBody<WireRequest>,
-) -> Result<Json<VerifyResponse>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     principal.require(Permission::Verify)?;
     let ask = validate_request(&req, principal.client_ip)?;
     let outcome = judge(
@@ -47,7 +47,14 @@ pub async fn verify(
         || principal.actor(),
     )
     .await?;
-    Ok(Json(outcome.into_response()))
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        outcome.body(),
+    )
+        .into_response())
 }
 
 /// Decides on a key and records the decision: its usage event (before the answer
@@ -194,6 +201,32 @@ impl Outcome {
         }
     }
 
+    /// The answer's JSON, exactly as `serde_json` writes [`Self::into_response`]. A VALID
+    /// answer splices the fields its key serialized when it was cached.
+    pub fn body(self) -> Vec<u8> {
+        if let Some(k) = self.key.as_ref().filter(|_| self.code == VerifyCode::Valid) {
+            let fields = k.valid_fields();
+            if !fields.is_empty() {
+                let mut out = Vec::with_capacity(VALID_HEAD.len() + fields.len() + 32);
+                out.extend_from_slice(VALID_HEAD.as_bytes());
+                out.extend_from_slice(fields.as_bytes());
+                if let Some(n) = self.remaining_uses {
+                    // Writing to a Vec cannot fail.
+                    let _ = std::io::Write::write_fmt(
+                        &mut out,
+                        format_args!(",\"remaining_uses\":{n}"),
+                    );
+                }
+                out.push(b'}');
+                return out;
+            }
+        }
+        // Serializing these plain structs cannot fail; the fallback keeps the answer
+        // well-formed anyway.
+        serde_json::to_vec(&self.into_response())
+            .unwrap_or_else(|_| br#"{"valid":false,"code":"NOT_FOUND"}"#.to_vec())
+    }
+
     pub fn into_response(self) -> VerifyResponse {
         let valid = self.code == VerifyCode::Valid;
         let mut r = VerifyResponse {
@@ -289,4 +322,80 @@ async fn check(
         record.mark_seen(now);
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use keywarden_core::hashing::{KeyHasher, Pepper};
+    use keywarden_proto::CreateKeyRequest;
+    use time::macros::datetime;
+
+    use super::*;
+
+    fn cached(owner: &str, scopes: &[&str]) -> Arc<CachedKey> {
+        let now = datetime!(2026-06-01 12:00 UTC);
+        let hasher = KeyHasher::new(&[Pepper::new(1, [7; 32])]).unwrap();
+        let parsed = key_format::generate(&mut rand::rngs::OsRng, "kw", "prod").unwrap();
+        let spec = crate::routes::keys::validate_create(
+            &CreateKeyRequest {
+                name: "k".into(),
+                owner: owner.into(),
+                environment: "prod".into(),
+                systems: vec!["github".into()],
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                ttl: Some("30d".into()),
+                ..CreateKeyRequest::default()
+            },
+            now,
+            &keywarden_core::policy::Rules::default(),
+        )
+        .unwrap();
+        Arc::new(CachedKey::new(spec.issue(
+            &parsed,
+            &hasher,
+            "t".into(),
+            now,
+        )))
+    }
+
+    fn outcome(code: VerifyCode, key: Option<Arc<CachedKey>>, left: Option<u64>) -> Outcome {
+        Outcome {
+            code,
+            key_id: key.as_ref().map(|k| k.id.clone()),
+            key,
+            remaining_uses: left,
+            counted: false,
+        }
+    }
+
+    /// The spliced body of a VALID answer is byte for byte what serde writes for the
+    /// documented response, with and without a cap, and so is every other answer.
+    #[test]
+    fn bodies_are_what_serde_writes() {
+        let keys = [
+            cached("alice@example.com", &["deploy:write", "db:*"]),
+            cached("ci+deploy_bot@example.com", &["*"]),
+        ];
+        for k in &keys {
+            assert!(!k.valid_fields().is_empty());
+            for (code, left) in [
+                (VerifyCode::Valid, None),
+                (VerifyCode::Valid, Some(0)),
+                (VerifyCode::Valid, Some(41)),
+                (VerifyCode::Revoked, None),
+                (VerifyCode::ScopeDenied, None),
+            ] {
+                let expected =
+                    serde_json::to_vec(&outcome(code, Some(k.clone()), left).into_response())
+                        .unwrap();
+                let body = outcome(code, Some(k.clone()), left).body();
+                assert_eq!(
+                    String::from_utf8(body).unwrap(),
+                    String::from_utf8(expected).unwrap()
+                );
+            }
+        }
+        let body = outcome(VerifyCode::Malformed, None, None).body();
+        assert_eq!(body, br#"{"valid":false,"code":"MALFORMED"}"#);
+    }
 }
