@@ -309,3 +309,13 @@ pub fn key_body(name: &str) -> Value {
         "ttl": "30d",
     })
 }
+
+/// The `field` of each violation in a 422 answer, in order.
+pub fn violation_fields(v: &Value) -> Vec<&str> {
+    v["error"]["violations"]
+        .as_array()
+        .expect("a violations array")
+        .iter()
+        .map(|x| x["field"].as_str().expect("a field name"))
+        .collect()
+}

@@ -176,12 +176,7 @@ async fn bad_fields(b: Backend) {
     let (st, v) = s.post("/v1/keys", many).await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(code(&v), "VALIDATION_FAILED");
-    let fields: Vec<&str> = v["error"]["violations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["field"].as_str().unwrap())
-        .collect();
+    let fields = crate::harness::violation_fields(&v);
     assert_eq!(fields, ["scopes", "allowed_cidrs", "ttl"]);
 
     // Verify rejects malformed request fields with 422, not a verdict.

@@ -341,12 +341,7 @@ async fn discovery_api_rejects_bad_input(b: Backend) {
         )
         .await;
     assert_eq!(st.as_u16(), 422, "{v}");
-    let fields: Vec<&str> = v["error"]["violations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["field"].as_str().unwrap())
-        .collect();
+    let fields = crate::harness::violation_fields(&v);
     assert_eq!(
         fields,
         [
