@@ -269,7 +269,7 @@ async fn sqlite_point_reads_count_each_use_once_while_folds_run() {
                         key_id: Some(id.clone()),
                         time: crate::harness::START + time::Duration::seconds(round as i64),
                         code: keywarden_core::verify::VerifyCode::Valid,
-                        source_ip: Some("192.0.2.7".into()),
+                        source_ip: Some([192, 0, 2, 7].into()),
                         scope: None,
                         environment: None,
                         subject: None,

@@ -31,24 +31,33 @@ pub enum FormatError {
 }
 
 /// The public identity of a key (like Vault's accessor): safe to log, show and store.
+/// Held inline: ids are cloned into every answer, usage event and cache lookup on the
+/// verify path, and a heap string there cost an allocation each, freed on another thread.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct KeyId(String);
+pub struct KeyId([u8; ID_LEN]);
 
 impl KeyId {
     pub fn parse(s: &str) -> Result<Self, FormatError> {
-        if s.len() == ID_LEN && base62::is_base62(s) {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(FormatError::Shape)
+        match s.as_bytes().try_into() {
+            Ok(bytes) if base62::is_base62(s) => Ok(Self(bytes)),
+            _ => Err(FormatError::Shape),
         }
     }
 
     pub fn generate<R: rand::RngCore + rand::CryptoRng>(rng: &mut R) -> Self {
-        Self(base62::random(rng, ID_LEN))
+        let id = base62::random(rng, ID_LEN);
+        let mut bytes = [0; ID_LEN];
+        bytes.copy_from_slice(id.as_bytes());
+        Self(bytes)
     }
 
     pub fn as_str(&self) -> &str {
+        // Only `parse` and `generate` build ids, both from base62 ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    pub fn as_bytes(&self) -> &[u8; ID_LEN] {
         &self.0
     }
 }
@@ -62,19 +71,19 @@ impl TryFrom<String> for KeyId {
 
 impl From<KeyId> for String {
     fn from(id: KeyId) -> String {
-        id.0
+        id.as_str().to_owned()
     }
 }
 
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyId({})", self.0)
+        write!(f, "KeyId({})", self.as_str())
     }
 }
 

@@ -158,7 +158,8 @@ pub struct UsageEvent {
     pub key_id: Option<KeyId>,
     pub time: OffsetDateTime,
     pub code: crate::verify::VerifyCode,
-    pub source_ip: Option<String>,
+    /// Kept as an address, not text: the verify path formats nothing it does not answer.
+    pub source_ip: Option<std::net::IpAddr>,
     pub scope: Option<String>,
     pub environment: Option<String>,
     pub subject: Option<String>,

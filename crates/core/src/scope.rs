@@ -30,6 +30,11 @@ impl Scope {
         validate(s, false).map(|()| Self(s.to_owned()))
     }
 
+    /// [`Scope::requested`] without copying: verify hands the string on to its usage event.
+    pub fn requested_owned(s: String) -> Result<Self, ScopeError> {
+        validate(&s, false).map(|()| Self(s))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

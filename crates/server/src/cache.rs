@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use keywarden_core::key_format::ID_LEN;
 use keywarden_core::{KeyId, KeyRecord};
 
 /// `None` caches "no such key", so floods of well-formed unknown ids stay off the store.
@@ -97,17 +96,10 @@ struct Slot<T> {
     expires: Instant,
 }
 
-/// A key id inline, as the maps' key: comparing it reads the map's own bucket, where a
-/// `String` key sent every lookup to a cold heap allocation at 100k keys.
-type Inline = [u8; ID_LEN];
-
-/// Every `KeyId` is `ID_LEN` ASCII characters; anything else is simply not cached.
-fn inline(id: &KeyId) -> Option<Inline> {
-    id.as_str().as_bytes().try_into().ok()
-}
-
 pub struct RecordCache<T: Clone + Send + Sync + 'static> {
-    shards: Vec<RwLock<HashMap<Inline, Slot<T>>>>,
+    /// `KeyId` is inline: comparing one reads the map's own bucket, where a `String` key
+    /// sent every lookup to a cold heap allocation at 100k keys.
+    shards: Vec<RwLock<HashMap<KeyId, Slot<T>>>>,
     hasher: RandomState,
     per_shard: usize,
     ttl: Duration,
@@ -131,17 +123,16 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
         }
     }
 
-    fn shard(&self, id: &Inline) -> &RwLock<HashMap<Inline, Slot<T>>> {
+    fn shard(&self, id: &KeyId) -> &RwLock<HashMap<KeyId, Slot<T>>> {
         // The low bits pick the shard; the map inside hashes again with its own keys.
         let i = (self.hasher.hash_one(id) as usize) % SHARDS;
         &self.shards[i]
     }
 
     pub fn get(&self, id: &KeyId) -> Option<T> {
-        let id = inline(id)?;
         // A poisoned shard only means a panic elsewhere mid-insert; treat it as a miss.
-        let shard = self.shard(&id).read().ok()?;
-        let slot = shard.get(&id)?;
+        let shard = self.shard(id).read().ok()?;
+        let slot = shard.get(id)?;
         (Instant::now() < slot.expires).then(|| slot.value.clone())
     }
 
@@ -165,9 +156,6 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
     }
 
     fn insert(&self, id: KeyId, value: T, read_at_generation: u64) {
-        let Some(id) = inline(&id) else {
-            return;
-        };
         let Ok(mut shard) = self.shard(&id).write() else {
             return;
         };
@@ -177,7 +165,7 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
             return;
         }
         if shard.len() >= self.per_shard && !shard.contains_key(&id) {
-            if let Some(victim) = shard.keys().next().copied() {
+            if let Some(victim) = shard.keys().next().cloned() {
                 shard.remove(&victim);
             }
         }
@@ -208,19 +196,13 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
 
     /// Call after a change to `id` has committed, before answering the caller.
     pub fn evict(&self, id: &KeyId) {
-        // Ids that are never cached still move the generation: a load racing this
-        // eviction must not be cached either way.
-        let Some(id) = inline(id) else {
-            self.generation.fetch_add(1, Ordering::SeqCst);
-            return;
-        };
         // A poisoned shard is still evicted from: a stale entry must never survive.
-        let mut shard = match self.shard(&id).write() {
+        let mut shard = match self.shard(id).write() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
         self.generation.fetch_add(1, Ordering::SeqCst);
-        shard.remove(&id);
+        shard.remove(id);
     }
 }
 

@@ -329,7 +329,7 @@ impl Store {
             })
             .collect::<Result<Vec<_>>>()?;
         self.with_pending(|p| match p {
-            Some(p) => p.merge_subjects(id.as_str(), stored),
+            Some(p) => p.merge_subjects(id, stored),
             None => stored,
         })
     }

@@ -131,7 +131,8 @@ impl Store {
                         .map_or_else(|| "NULL".to_owned(), |k| p.push_text(k.as_str())),
                     p.push_int(ms(e.time)),
                     p.push_text(e.code.as_str()),
-                    opt_text(&mut p, &e.source_ip),
+                    e.source_ip
+                        .map_or_else(|| "NULL".to_owned(), |ip| p.push_text(ip.to_string())),
                     opt_text(&mut p, &e.scope),
                     opt_text(&mut p, &e.environment),
                     opt_text(&mut p, &e.subject),
@@ -153,7 +154,7 @@ impl Store {
         for e in events {
             folded.add(&LoggedEvent::of(0, e));
         }
-        let mut used: Vec<(&String, &KeyDelta)> = folded
+        let mut used: Vec<(&KeyId, &KeyDelta)> = folded
             .keys
             .iter()
             .filter(|(_, d)| d.last_at.is_some())
@@ -170,8 +171,7 @@ impl Store {
                         p.push_int(d.uses),
                         p.push_int(d.last_at.unwrap_or_default()),
                         d.last_from
-                            .as_deref()
-                            .map_or_else(|| "NULL".to_owned(), |s| p.push_text(s)),
+                            .map_or_else(|| "NULL".to_owned(), |ip| p.push_text(ip.to_string())),
                     )
                 })
                 .collect();
@@ -269,7 +269,11 @@ impl Store {
                     key_id: Some(id.clone()),
                     time: from_millis(row.try_get("time")?),
                     code: code.parse().map_err(|e| decode_error("code", e))?,
-                    source_ip: row.try_get("source_ip")?,
+                    source_ip: row
+                        .try_get::<Option<String>, _>("source_ip")?
+                        .map(|ip| ip.parse())
+                        .transpose()
+                        .map_err(|e| decode_error("source_ip", e))?,
                     scope: row.try_get("scope")?,
                     environment: row.try_get("environment")?,
                     subject: row.try_get("subject")?,
@@ -289,7 +293,7 @@ impl Store {
     /// The newest event of a key: pending in the overlay, else as last folded.
     async fn usage_head(&self, id: &KeyId) -> Result<Option<i64>> {
         let _folding = self.fold_lock.read().await;
-        if let Some(head) = self.with_pending(|p| p.and_then(|p| p.head(id.as_str())))? {
+        if let Some(head) = self.with_pending(|p| p.and_then(|p| p.head(id)))? {
             return Ok(Some(head));
         }
         let row = sqlx::query("SELECT last_seq FROM key_usage WHERE key_id = $1")

@@ -5,10 +5,12 @@
 //! the tables hold, so reads stay as fresh as the log.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use keywarden_core::clock::{from_millis, to_millis};
 use keywarden_core::model::{KeyRecord, Subject, UsageEvent};
 use keywarden_core::verify::VerifyCode;
+use keywarden_core::KeyId;
 
 /// One key's events since the last fold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -16,7 +18,7 @@ pub(crate) struct KeyDelta {
     /// Valid uses not already counted against a cap at verify time.
     pub uses: i64,
     pub last_at: Option<i64>,
-    pub last_from: Option<String>,
+    pub last_from: Option<IpAddr>,
     /// The key's newest event (head of its chain in the log).
     pub head: i64,
     /// (subject, first seen, last seen), unix ms; a key enrolls few subjects.
@@ -25,20 +27,22 @@ pub(crate) struct KeyDelta {
 
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
-    pub keys: HashMap<String, KeyDelta>,
+    /// Keyed by inline ids: a lookup compares in the table, not through a pointer to a
+    /// cold string, which at 100k keys was a cache miss per event.
+    pub keys: HashMap<KeyId, KeyDelta>,
     /// Every event up to this seq is reflected in the tables or here.
     pub max_seq: i64,
     /// Heads of keys already folded: saves the append a read of `key_usage.last_seq`.
     /// A cache, cleared when it grows past [`HEADS_CACHED`].
-    pub folded_heads: HashMap<String, i64>,
+    pub folded_heads: HashMap<KeyId, i64>,
     /// The fold in progress, folded a chunk at a time between appends: the keys still to
     /// fold (in reverse key order, taken from the end), and the `max_seq` it started at.
-    pub fold_queue: Vec<String>,
+    pub fold_queue: Vec<KeyId>,
     pub fold_upto: i64,
     /// The chunk a fold step is writing right now, out of `keys`: its deltas are in the
     /// tables once the step commits, and here until the step ends. Only point reads
     /// (which do not wait for folds) ever see it non-empty.
-    pub in_flight: HashMap<String, KeyDelta>,
+    pub in_flight: HashMap<KeyId, KeyDelta>,
     /// Fold steps that have ended; a point read that saw this move while it read the
     /// tables reads again.
     pub folds: u64,
@@ -49,11 +53,11 @@ pub(crate) const HEADS_CACHED: usize = 1_000_000;
 /// The event's fields that stats are made of, as stored in the log.
 pub(crate) struct LoggedEvent<'a> {
     pub seq: i64,
-    pub key_id: Option<&'a str>,
+    pub key_id: Option<&'a KeyId>,
     pub time: i64,
     pub valid: bool,
     pub counted: bool,
-    pub source_ip: Option<&'a str>,
+    pub source_ip: Option<IpAddr>,
     pub subject: Option<&'a str>,
 }
 
@@ -61,11 +65,11 @@ impl<'a> LoggedEvent<'a> {
     pub fn of(seq: i64, e: &'a UsageEvent) -> Self {
         Self {
             seq,
-            key_id: e.key_id.as_ref().map(|k| k.as_str()),
+            key_id: e.key_id.as_ref(),
             time: to_millis(e.time),
             valid: e.code == VerifyCode::Valid,
             counted: e.counted,
-            source_ip: e.source_ip.as_deref(),
+            source_ip: e.source_ip,
             subject: e.subject.as_deref(),
         }
     }
@@ -77,7 +81,7 @@ impl Pending {
     }
 
     /// The key's newest event, if it is pending.
-    pub fn head(&self, key_id: &str) -> Option<i64> {
+    pub fn head(&self, key_id: &KeyId) -> Option<i64> {
         self.keys.get(key_id).map(|d| d.head)
     }
 
@@ -85,12 +89,7 @@ impl Pending {
     pub fn add(&mut self, e: &LoggedEvent<'_>) {
         self.max_seq = self.max_seq.max(e.seq);
         let Some(id) = e.key_id else { return };
-        // Look up before inserting: the common case is a key already pending, and
-        // `entry` would allocate its id for every event.
-        let d = match self.keys.get_mut(id) {
-            Some(d) => d,
-            None => self.keys.entry(id.to_owned()).or_default(),
-        };
+        let d = self.keys.entry(id.clone()).or_default();
         d.head = d.head.max(e.seq);
         if !e.valid {
             return;
@@ -101,7 +100,7 @@ impl Pending {
         // The same rule as the fold's SQL: the newest use wins, ties to the later event.
         if d.last_at.is_none_or(|t| e.time >= t) {
             d.last_at = Some(e.time);
-            d.last_from = e.source_ip.map(str::to_owned).or(d.last_from.take());
+            d.last_from = e.source_ip.or(d.last_from);
         }
         if let Some(s) = e.subject {
             match d.subjects.iter_mut().find(|(known, _, _)| known == s) {
@@ -116,7 +115,7 @@ impl Pending {
 
     /// `key` as stored, plus what is pending for it. For readers that hold off folds.
     pub fn apply_to(&self, key: &mut KeyRecord) {
-        if let Some(d) = self.keys.get(key.id.as_str()) {
+        if let Some(d) = self.keys.get(&key.id) {
             apply(d, key);
         }
     }
@@ -126,18 +125,18 @@ impl Pending {
     /// folded, unless the read already saw it committed, then what is pending. The
     /// caller checked that no fold step ended while it read.
     pub fn apply_unfolded(&self, key: &mut KeyRecord, folded_upto: Option<i64>) {
-        if let Some(d) = self.in_flight.get(key.id.as_str()) {
+        if let Some(d) = self.in_flight.get(&key.id) {
             if folded_upto.is_none_or(|upto| d.head > upto) {
                 apply(d, key);
             }
         }
-        if let Some(d) = self.keys.get(key.id.as_str()) {
+        if let Some(d) = self.keys.get(&key.id) {
             apply(d, key);
         }
     }
 
     /// `stored` subjects of `key_id`, plus pending sightings, in first-seen order.
-    pub fn merge_subjects(&self, key_id: &str, mut stored: Vec<Subject>) -> Vec<Subject> {
+    pub fn merge_subjects(&self, key_id: &KeyId, mut stored: Vec<Subject>) -> Vec<Subject> {
         let pending = self.keys.get(key_id).map_or(&[][..], |d| &d.subjects[..]);
         for (subject, first, last) in pending {
             let (first, last) = (from_millis(*first), from_millis(*last));
@@ -165,7 +164,7 @@ fn apply(d: &KeyDelta, key: &mut KeyRecord) {
         let at = from_millis(at);
         if key.last_used_at.is_none_or(|stored| at >= stored) {
             key.last_used_at = Some(at);
-            key.last_used_from.clone_from(&d.last_from);
+            key.last_used_from = d.last_from.map(|ip| ip.to_string());
         }
     }
 }
@@ -174,20 +173,19 @@ fn apply(d: &KeyDelta, key: &mut KeyRecord) {
 mod tests {
     use super::*;
 
-    fn ev(
-        seq: i64,
-        key: &'static str,
-        time: i64,
-        valid: bool,
-        from: Option<&'static str>,
-    ) -> LoggedEvent<'static> {
+    fn key() -> &'static KeyId {
+        static KEY: std::sync::OnceLock<KeyId> = std::sync::OnceLock::new();
+        KEY.get_or_init(|| KeyId::parse("k000000000000001").expect("a valid id"))
+    }
+
+    fn ev(seq: i64, time: i64, valid: bool, from: Option<&'static str>) -> LoggedEvent<'static> {
         LoggedEvent {
             seq,
-            key_id: Some(key),
+            key_id: Some(key()),
             time,
             valid,
             counted: false,
-            source_ip: from,
+            source_ip: from.map(|ip| ip.parse().expect("an address")),
             subject: Some("host-a"),
         }
     }
@@ -195,11 +193,14 @@ mod tests {
     #[test]
     fn denied_events_move_the_head_but_not_the_stats() {
         let mut p = Pending::default();
-        p.add(&ev(1, "k", 10, true, Some("10.0.0.1")));
-        p.add(&ev(2, "k", 20, false, Some("10.0.0.2")));
-        let d = &p.keys["k"];
+        p.add(&ev(1, 10, true, Some("10.0.0.1")));
+        p.add(&ev(2, 20, false, Some("10.0.0.2")));
+        let d = &p.keys[key()];
         assert_eq!((d.uses, d.last_at, d.head), (1, Some(10), 2));
-        assert_eq!(d.last_from.as_deref(), Some("10.0.0.1"));
+        assert_eq!(
+            d.last_from.map(|ip| ip.to_string()).as_deref(),
+            Some("10.0.0.1")
+        );
         assert_eq!(d.subjects, vec![("host-a".to_owned(), 10, 10)]);
         assert_eq!(p.max_seq, 2);
     }
@@ -207,10 +208,10 @@ mod tests {
     #[test]
     fn counted_uses_are_not_counted_twice() {
         let mut p = Pending::default();
-        let mut e = ev(1, "k", 10, true, None);
+        let mut e = ev(1, 10, true, None);
         e.counted = true;
         p.add(&e);
-        assert_eq!(p.keys["k"].uses, 0);
-        assert_eq!(p.keys["k"].last_at, Some(10));
+        assert_eq!(p.keys[key()].uses, 0);
+        assert_eq!(p.keys[key()].last_at, Some(10));
     }
 }

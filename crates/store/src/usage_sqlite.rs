@@ -9,11 +9,13 @@
 //! refolds exactly the events that were logged and not folded.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use keywarden_core::model::UsageEvent;
+use keywarden_core::KeyId;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::rows::{decode_error, ms};
@@ -73,14 +75,14 @@ impl SqliteUsageSink {
     pub fn append(&self, events: &[UsageEvent]) -> Result<()> {
         let mut conn = lock(&self.conn)?;
         // Heads of the batch's keys: pending ones from the overlay, the rest from the table.
-        let mut heads: HashMap<&str, Option<i64>> = HashMap::new();
+        let mut heads: HashMap<&KeyId, Option<i64>> = HashMap::new();
         {
             let pending = lock(&self.pending)?;
             for id in events.iter().filter_map(|e| e.key_id.as_ref()) {
-                heads.entry(id.as_str()).or_insert_with(|| {
+                heads.entry(id).or_insert_with(|| {
                     pending
-                        .head(id.as_str())
-                        .or_else(|| pending.folded_heads.get(id.as_str()).copied())
+                        .head(id)
+                        .or_else(|| pending.folded_heads.get(id).copied())
                 });
             }
         }
@@ -94,7 +96,7 @@ impl SqliteUsageSink {
                 .map_err(err)?;
             for (id, head) in heads.iter_mut().filter(|(_, h)| h.is_none()) {
                 *head = stored_head
-                    .query_row([id], |r| r.get::<_, Option<i64>>(0))
+                    .query_row([id.as_str()], |r| r.get::<_, Option<i64>>(0))
                     .optional()
                     .map_err(err)?
                     .flatten();
@@ -106,15 +108,22 @@ impl SqliteUsageSink {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .map_err(err)?;
+            // Addresses are formatted here, off the verify path, into one reused buffer.
+            let mut ip_text = String::with_capacity(48);
             for e in events {
-                let id = e.key_id.as_ref().map(|k| k.as_str());
+                let id = e.key_id.as_ref();
                 let prev = id.and_then(|id| heads.get(id).copied().flatten());
+                let source_ip = e.source_ip.map(|ip| {
+                    ip_text.clear();
+                    let _ = write!(ip_text, "{ip}");
+                    ip_text.as_str()
+                });
                 insert
                     .execute(params![
-                        id,
+                        id.map(KeyId::as_str),
                         ms(e.time),
                         e.code.as_str(),
-                        e.source_ip,
+                        source_ip,
                         e.scope,
                         e.environment,
                         e.subject,
@@ -154,13 +163,13 @@ impl SqliteUsageSink {
                 if pending.is_empty() {
                     return Ok(true);
                 }
-                let mut queue: Vec<String> = pending.keys.keys().cloned().collect();
+                let mut queue: Vec<KeyId> = pending.keys.keys().cloned().collect();
                 queue.sort_unstable_by(|a, b| b.cmp(a));
                 pending.fold_queue = queue;
                 pending.fold_upto = pending.max_seq;
             }
             let at = pending.fold_queue.len().saturating_sub(max_keys.max(1));
-            let ids: Vec<String> = pending.fold_queue.drain(at..).rev().collect();
+            let ids: Vec<KeyId> = pending.fold_queue.drain(at..).rev().collect();
             let mut chunk = Vec::with_capacity(ids.len());
             for id in ids {
                 if let Some(d) = pending.keys.remove(&id) {
@@ -183,13 +192,14 @@ impl SqliteUsageSink {
                     ))
                     .map_err(err)?;
                 for (id, d) in &chunk {
+                    let last_from = d.last_from.map(|ip| ip.to_string());
                     fold_key
-                        .execute(params![id, d.uses, d.last_at, d.last_from, d.head])
+                        .execute(params![id.as_str(), d.uses, d.last_at, last_from, d.head])
                         .map_err(err)?;
                     // Subjects only come with valid uses, so the key exists.
                     for (subject, first, last) in &d.subjects {
                         fold_subject
-                            .execute(params![id, subject, first, last])
+                            .execute(params![id.as_str(), subject, first, last])
                             .map_err(err)?;
                     }
                 }
@@ -252,17 +262,22 @@ fn recover(conn: &Connection) -> Result<Pending> {
         .prepare("SELECT last_seq FROM key_usage WHERE key_id = ?1")
         .map_err(err)?;
     // Keys folded by an unfinished fold hold events past folded_seq already.
-    let mut key_folded: HashMap<String, i64> = HashMap::new();
+    let mut key_folded: HashMap<KeyId, i64> = HashMap::new();
     let mut rows = stmt.query([folded]).map_err(err)?;
     while let Some(row) = rows.next().map_err(err)? {
         let seq: i64 = row.get(0).map_err(err)?;
-        let key_id: Option<String> = row.get(1).map_err(err)?;
+        // Every logged id was a `KeyId`; text that is not one names no key, so it has
+        // no stats to fold.
+        let key_id: Option<KeyId> = row
+            .get::<_, Option<String>>(1)
+            .map_err(err)?
+            .and_then(|id| KeyId::parse(&id).ok());
         if let Some(id) = &key_id {
             let upto = match key_folded.get(id) {
                 Some(upto) => *upto,
                 None => {
                     let upto = folded_upto
-                        .query_row([id], |r| r.get::<_, Option<i64>>(0))
+                        .query_row([id.as_str()], |r| r.get::<_, Option<i64>>(0))
                         .optional()
                         .map_err(err)?
                         .flatten()
@@ -277,14 +292,15 @@ fn recover(conn: &Connection) -> Result<Pending> {
         }
         let code: String = row.get(3).map_err(err)?;
         let source_ip: Option<String> = row.get(5).map_err(err)?;
+        let source_ip = source_ip.and_then(|ip| ip.parse().ok());
         let subject: Option<String> = row.get(6).map_err(err)?;
         pending.add(&LoggedEvent {
             seq,
-            key_id: key_id.as_deref(),
+            key_id: key_id.as_ref(),
             time: row.get(2).map_err(err)?,
             valid: code == keywarden_core::verify::VerifyCode::Valid.as_str(),
             counted: row.get::<_, i64>(4).map_err(err)? != 0,
-            source_ip: source_ip.as_deref(),
+            source_ip,
             subject: subject.as_deref(),
         });
     }

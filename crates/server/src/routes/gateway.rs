@@ -129,24 +129,23 @@ async fn decide(
         source_ip,
     };
     let user_agent = header_text(headers, "user-agent", 256);
-    let outcome =
-        super::verify::judge(app, &key, &ask, None, user_agent, || match &gateway_token {
-            Some(t) => Actor {
-                id: format!("token:{}", t.id),
-                name: t.owner.clone().unwrap_or_else(|| t.name.clone()),
-                source_ip: source_ip.map(|ip| ip.to_string()),
-                user_agent: None,
-                request_id: None,
-            },
-            None => Actor {
-                id: format!("gateway:{peer}"),
-                name: "trusted gateway".to_owned(),
-                source_ip: source_ip.map(|ip| ip.to_string()),
-                user_agent: None,
-                request_id: None,
-            },
-        })
-        .await?;
+    let outcome = super::verify::judge(app, &key, ask, None, user_agent, || match &gateway_token {
+        Some(t) => Actor {
+            id: format!("token:{}", t.id),
+            name: t.owner.clone().unwrap_or_else(|| t.name.clone()),
+            source_ip: source_ip.map(|ip| ip.to_string()),
+            user_agent: None,
+            request_id: None,
+        },
+        None => Actor {
+            id: format!("gateway:{peer}"),
+            name: "trusted gateway".to_owned(),
+            source_ip: source_ip.map(|ip| ip.to_string()),
+            user_agent: None,
+            request_id: None,
+        },
+    })
+    .await?;
     let code = outcome.code;
     let body = outcome.into_response();
     let status = match code {

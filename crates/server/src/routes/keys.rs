@@ -666,7 +666,7 @@ pub async fn key_usage(
             .map(|u| UsageEventView {
                 time: u.event.time,
                 code: u.event.code.as_str().to_owned(),
-                source_ip: u.event.source_ip,
+                source_ip: u.event.source_ip.map(|ip| ip.to_string()),
                 scope: u.event.scope,
                 environment: u.event.environment,
                 subject: u.event.subject,

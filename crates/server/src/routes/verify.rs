@@ -34,14 +34,14 @@ const USAGE_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 pub async fn verify(
     State(app): State<SharedState>,
     principal: Principal,
-    JsonBody(req): JsonBody<WireRequest>,
+    JsonBody(mut req): JsonBody<WireRequest>,
 ) -> Result<axum::response::Response, ApiError> {
     principal.require(Permission::Verify)?;
-    let ask = validate_request(&req, principal.client_ip)?;
+    let ask = validate_request(&mut req, principal.client_ip)?;
     let outcome = judge(
         &app,
         &req.key,
-        &ask,
+        ask,
         req.subject,
         principal.user_agent.clone(),
         || principal.actor(),
@@ -63,13 +63,13 @@ pub async fn verify(
 pub(crate) async fn judge(
     app: &AppState,
     key: &str,
-    ask: &VerifyRequest,
+    ask: VerifyRequest,
     subject: Option<String>,
     user_agent: Option<String>,
     asked_by: impl FnOnce() -> keywarden_core::model::Actor,
 ) -> Result<Outcome, ApiError> {
     let now = app.now();
-    let outcome = check(app, key, ask, now).await?;
+    let outcome = check(app, key, &ask, now).await?;
     if crate::alerts::is_still_in_use(outcome.code) {
         if let Some(k) = &outcome.key {
             let sighting = crate::alerts::Sighting {
@@ -92,9 +92,9 @@ pub(crate) async fn judge(
         key_id: outcome.key_id.clone(),
         time: now,
         code: outcome.code,
-        source_ip: ask.source_ip.map(|ip| ip.to_string()),
-        scope: ask.scope.as_ref().map(ToString::to_string),
-        environment: ask.environment.clone(),
+        source_ip: ask.source_ip,
+        scope: ask.scope.map(String::from),
+        environment: ask.environment,
         subject,
         user_agent,
         counted: outcome.counted,
@@ -131,12 +131,13 @@ pub(crate) async fn judge(
     Ok(outcome)
 }
 
+/// Takes the scope and environment out of `req`: they go on into the usage event.
 fn validate_request(
-    req: &WireRequest,
+    req: &mut WireRequest,
     client_ip: Option<IpAddr>,
 ) -> Result<VerifyRequest, ApiError> {
     let mut v = Vec::new();
-    let scope = match req.scope.as_deref().map(Scope::requested).transpose() {
+    let scope = match req.scope.take().map(Scope::requested_owned).transpose() {
         Ok(s) => s,
         Err(e) => {
             v.push(violation(codes::SCOPE_INVALID, "scope", e.to_string()));
@@ -176,7 +177,7 @@ fn validate_request(
     }
     Ok(VerifyRequest {
         scope,
-        environment: req.environment.clone(),
+        environment: req.environment.take(),
         source_ip,
     })
 }
