@@ -311,3 +311,56 @@ async fn sqlite_point_reads_count_each_use_once_while_folds_run() {
     );
     s.stop().await;
 }
+
+/// On SQLite, verify's cache misses read keys through rusqlite by column position, and
+/// everything else through sqlx by name: both must decode every field alike.
+#[tokio::test]
+async fn sqlite_point_reads_decode_every_field_as_pooled_reads_do() {
+    let s = TestServer::start(Backend::Sqlite).await;
+    let store = s.server.as_ref().unwrap().state.store.clone();
+    let mut body = key_body("every-field");
+    body["description"] = json!("reads the same both ways");
+    body["allowed_cidrs"] = json!(["192.0.2.0/24", "2001:db8::/32"]);
+    body["max_uses"] = json!(10);
+    body["metadata"] = json!({"team": "infra", "ticket": "OPS-1"});
+    body["systems"] = json!(["github", "vault"]);
+    let (id, secret) = s.create_key(body).await;
+    let answer = s
+        .verify(
+            json!({"key": secret, "scope": "deploy:write", "source_ip": "192.0.2.9",
+                       "subject": "host-1"}),
+        )
+        .await;
+    assert_eq!(answer["code"], "VALID");
+    let (status, _) = s
+        .post(&format!("/v1/keys/{id}/rotate"), json!({"grace": "1h"}))
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED);
+    s.post(
+        &format!("/v1/keys/{id}/suspend"),
+        json!({"reason": "checking"}),
+    )
+    .await;
+    let id = keywarden_core::KeyId::parse(&id).unwrap();
+    // Fold half of the usage into the tables, so both the stored and the pending parts
+    // are read.
+    store.fold_usage().await.unwrap();
+    s.verify(json!({"key": secret, "source_ip": "198.51.100.1"}))
+        .await;
+
+    let point = store.get_key(&id).await.unwrap().expect("the key");
+    let (listed, _) = store
+        .list_keys(&Default::default(), crate::harness::START, 500, None)
+        .await
+        .unwrap();
+    let pooled = listed.into_iter().find(|k| k.id == id).expect("listed");
+    assert_eq!(format!("{point:?}"), format!("{pooled:?}"));
+    assert_eq!(point.metadata.len(), 2);
+    assert_eq!(point.allowed_cidrs.len(), 2);
+    assert_eq!(point.max_uses, Some(10));
+    assert_eq!(point.uses, 1);
+    assert!(point.rotated_to.is_some());
+    assert_eq!(point.state_reason.as_deref(), Some("checking"));
+    assert_eq!(point.last_used_from.as_deref(), Some("192.0.2.9"));
+    s.stop().await;
+}

@@ -13,8 +13,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use keywarden_bench::SystemClock;
+use keywarden_core::clock::Clock;
 use keywarden_core::key_format;
-use keywarden_core::model::{Actor, AuditEntry};
+use keywarden_core::model::{Actor, AuditEntry, UsageEvent};
 use keywarden_proto::CreateKeyRequest;
 use keywarden_server::routes::keys::validate_create;
 
@@ -160,6 +161,88 @@ wrk.body = '{{"key":"x"}}'
     Ok(())
 }
 
+/// The usage writer alone, without wrk or workers competing for the cores: the CPU it
+/// takes to append events for random keys in batches the size it sees at ~60k verifies/s
+/// (5 ms of them). Steadier than the rounds, so a change to the writer can be judged here.
+async fn bench_appends(
+    store: &keywarden_store::Store,
+    ids: &[keywarden_core::KeyId],
+    args: &Args,
+) -> Result<String> {
+    const EVENTS: usize = 300_000;
+    const BATCH: usize = 300;
+    if ids.is_empty() {
+        return Ok(String::new());
+    }
+    let now = SystemClock.now();
+    let mut batches: Vec<Vec<UsageEvent>> = (0..EVENTS / BATCH)
+        .map(|_| {
+            (0..BATCH)
+                .map(|_| UsageEvent {
+                    key_id: Some(
+                        ids[rand::Rng::gen_range(&mut rand::thread_rng(), 0..ids.len())].clone(),
+                    ),
+                    time: now,
+                    code: keywarden_core::verify::VerifyCode::Valid,
+                    source_ip: Some([127, 0, 0, 1].into()),
+                    scope: Some("deploy:write".to_owned()),
+                    environment: None,
+                    subject: Some("bench-host".to_owned()),
+                    user_agent: None,
+                    counted: false,
+                })
+                .collect()
+        })
+        .collect();
+    let cpu_before = keywarden_bench::process_cpu();
+    let started = Instant::now();
+    for batch in batches.drain(..) {
+        let (_, result) = store.record_usage(batch).await;
+        result?;
+    }
+    let wall = started.elapsed();
+    let cpu = keywarden_bench::process_cpu()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    let per_event = |d: std::time::Duration| d.as_secs_f64() * 1e6 / EVENTS as f64;
+    Ok(format!(
+        "usage writer alone ({} store): {EVENTS} events in batches of {BATCH}: {:.2} µs wall, {} CPU a event",
+        args.database_url.as_deref().map_or("sqlite", |_| "postgres"),
+        per_event(wall),
+        cpu.map_or("unknown".to_owned(), |c| format!("{:.2} µs", per_event(c)))
+    ))
+}
+
+/// What a verify cache miss costs: reading the key from the store and building the cache
+/// entry, for random keys, one after another on this thread. Once a cached entry
+/// expires (60 s by default), every key pays this again.
+async fn bench_misses(
+    store: &keywarden_store::Store,
+    ids: &[keywarden_core::KeyId],
+) -> Result<String> {
+    const READS: usize = 20_000;
+    if ids.is_empty() {
+        return Ok(String::new());
+    }
+    let cpu_before = keywarden_bench::process_cpu();
+    let started = Instant::now();
+    for _ in 0..READS {
+        let id = &ids[rand::Rng::gen_range(&mut rand::thread_rng(), 0..ids.len())];
+        let key = store.get_key(id).await?.context("a bench key is missing")?;
+        std::hint::black_box(keywarden_server::cache::CachedKey::new(key));
+    }
+    let wall = started.elapsed();
+    let cpu = keywarden_bench::process_cpu()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    let per_read = |d: std::time::Duration| d.as_secs_f64() * 1e6 / READS as f64;
+    Ok(format!(
+        "cache misses alone: {READS} key reads and cache entries: {:.1} µs wall, {} CPU a miss",
+        per_read(wall),
+        cpu.map_or("unknown".to_owned(), |c| format!("{:.1} µs", per_read(c)))
+    ))
+}
+
 /// Waits until the usage writer has caught up (its queue is empty and the stored count
 /// stays put for 300 ms, longer than a batch takes) and returns the count, so that a
 /// count taken after a run covers that run only.
@@ -210,6 +293,7 @@ async fn main() -> Result<()> {
     let now = state.now();
     let keys_path = dir.path().join("keys.txt");
     let mut keys_file = std::io::BufWriter::new(std::fs::File::create(&keys_path)?);
+    let mut ids = Vec::with_capacity(args.keys);
     for i in 0..args.keys {
         let parsed = key_format::generate(&mut rand::rngs::OsRng, "kw", "prod")?;
         let request = CreateKeyRequest {
@@ -238,6 +322,7 @@ async fn main() -> Result<()> {
         };
         state.store.insert_key(&record, &audit).await?;
         writeln!(keys_file, "{}", parsed.plain.expose())?;
+        ids.push(parsed.id);
     }
     keys_file.flush()?;
     eprintln!("created in {:.1}s", started.elapsed().as_secs_f64());
@@ -322,6 +407,8 @@ async fn main() -> Result<()> {
         verifies.push(verify);
         ceilings.push(run_wrk(&args, &fixed_url, &verify_script, args.duration)?);
     }
+    let appends = bench_appends(&state.store, &ids, &args).await?;
+    let misses = bench_misses(&state.store, &ids).await?;
     // What a fold costs, the part of usage that the rounds above only see when one falls
     // into them: the stats of every key with events since the last fold, written back.
     let unfolded = state.store.unfolded_keys();
@@ -390,6 +477,8 @@ async fn main() -> Result<()> {
     println!(
         "usage events stored for the measured runs: {stored} (wrk counted {verified} verify responses)"
     );
+    println!("{appends}");
+    println!("{misses}");
     if unfolded > 0 {
         println!(
             "a fold of {unfolded} keys' pending usage: {:.0} ms, {} of CPU",

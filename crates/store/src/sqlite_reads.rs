@@ -20,7 +20,7 @@ use std::sync::{Mutex, TryLockError};
 use keywarden_core::model::KeyRecord;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
-use crate::rows::{decode_error, key_from_row, KEY_COLUMNS, KEY_FROM};
+use crate::rows::{decode_error, key_from_row, KeyColumns, KEY_COLUMNS, KEY_FROM};
 use crate::Result;
 
 /// A key as stored, and `key_usage.last_seq`: the last event its stats include.
@@ -76,8 +76,8 @@ impl SqlitePointReads {
             };
             let read = conn.prepare_cached(&self.sql).and_then(|mut stmt| {
                 stmt.query_row([id], |row| {
-                    let folded_upto = row.get::<_, Option<i64>>("last_seq")?;
-                    Ok(key_from_row(row).map(|k| (k, folded_upto)))
+                    let folded_upto = row.get::<_, Option<i64>>(KeyColumns::after())?;
+                    Ok(key_from_row(&KeyColumns(row)).map(|k| (k, folded_upto)))
                 })
                 .optional()
             });
