@@ -161,6 +161,20 @@ wrk.body = '{{"key":"x"}}'
     Ok(())
 }
 
+/// `work`'s result, wall time and this process's CPU time (`None` where /proc is not).
+async fn timed<T>(
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<(T, std::time::Duration, Option<std::time::Duration>)> {
+    let cpu_before = keywarden_bench::process_cpu();
+    let started = Instant::now();
+    let out = work.await?;
+    let wall = started.elapsed();
+    let cpu = keywarden_bench::process_cpu()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    Ok((out, wall, cpu))
+}
+
 /// The usage writer alone, without wrk or workers competing for the cores: the CPU it
 /// takes to append events for random keys in batches the size it sees at ~60k verifies/s
 /// (5 ms of them). Steadier than the rounds, so a change to the writer can be judged here.
@@ -194,16 +208,14 @@ async fn bench_appends(
                 .collect()
         })
         .collect();
-    let cpu_before = keywarden_bench::process_cpu();
-    let started = Instant::now();
-    for batch in batches.drain(..) {
-        let (_, result) = store.record_usage(batch).await;
-        result?;
-    }
-    let wall = started.elapsed();
-    let cpu = keywarden_bench::process_cpu()
-        .zip(cpu_before)
-        .map(|(after, before)| after.saturating_sub(before));
+    let ((), wall, cpu) = timed(async {
+        for batch in batches.drain(..) {
+            let (_, result) = store.record_usage(batch).await;
+            result?;
+        }
+        Ok(())
+    })
+    .await?;
     let per_event = |d: std::time::Duration| d.as_secs_f64() * 1e6 / EVENTS as f64;
     Ok(format!(
         "usage writer alone ({} store): {EVENTS} events in batches of {BATCH}: {:.2} µs wall, {} CPU a event",
@@ -224,17 +236,15 @@ async fn bench_misses(
     if ids.is_empty() {
         return Ok(String::new());
     }
-    let cpu_before = keywarden_bench::process_cpu();
-    let started = Instant::now();
-    for _ in 0..READS {
-        let id = &ids[rand::Rng::gen_range(&mut rand::thread_rng(), 0..ids.len())];
-        let key = store.get_key(id).await?.context("a bench key is missing")?;
-        std::hint::black_box(keywarden_server::cache::CachedKey::new(key));
-    }
-    let wall = started.elapsed();
-    let cpu = keywarden_bench::process_cpu()
-        .zip(cpu_before)
-        .map(|(after, before)| after.saturating_sub(before));
+    let ((), wall, cpu) = timed(async {
+        for _ in 0..READS {
+            let id = &ids[rand::Rng::gen_range(&mut rand::thread_rng(), 0..ids.len())];
+            let key = store.get_key(id).await?.context("a bench key is missing")?;
+            std::hint::black_box(keywarden_server::cache::CachedKey::new(key));
+        }
+        Ok(())
+    })
+    .await?;
     let per_read = |d: std::time::Duration| d.as_secs_f64() * 1e6 / READS as f64;
     Ok(format!(
         "cache misses alone: {READS} key reads and cache entries: {:.1} µs wall, {} CPU a miss",
@@ -412,13 +422,7 @@ async fn main() -> Result<()> {
     // What a fold costs, the part of usage that the rounds above only see when one falls
     // into them: the stats of every key with events since the last fold, written back.
     let unfolded = state.store.unfolded_keys();
-    let cpu_before = keywarden_bench::process_cpu();
-    let fold_started = Instant::now();
-    state.store.fold_usage().await?;
-    let fold_wall = fold_started.elapsed();
-    let fold_cpu = keywarden_bench::process_cpu()
-        .zip(cpu_before)
-        .map(|(after, before)| after.saturating_sub(before));
+    let ((), fold_wall, fold_cpu) = timed(async { Ok(state.store.fold_usage().await?) }).await?;
     server.shutdown().await;
 
     println!(
