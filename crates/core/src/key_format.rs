@@ -289,5 +289,25 @@ mod tests {
             let changed = String::from_utf8(changed).unwrap();
             prop_assert!(parse(&changed, "kw").is_err());
         }
+
+        /// Ids are held as bytes but must behave as the strings they were: the same text
+        /// back, and the same order (folds and key listings sort by id).
+        #[test]
+        fn key_ids_read_and_sort_as_their_text(a in "[0-9A-Za-z]{16}", b in "[0-9A-Za-z]{16}") {
+            let (ia, ib) = (KeyId::parse(&a).unwrap(), KeyId::parse(&b).unwrap());
+            prop_assert_eq!(ia.as_str(), a.as_str());
+            prop_assert_eq!(ia.to_string(), a.clone());
+            prop_assert_eq!(String::from(ia.clone()), a.clone());
+            prop_assert_eq!(ia.cmp(&ib), a.cmp(&b));
+            prop_assert_eq!(ia == ib, a == b);
+        }
+
+        /// Near misses: wrong lengths, `_`, and `é`, which is two bytes, so 15
+        /// characters with one `é` have the right byte length.
+        #[test]
+        fn key_ids_of_another_shape_are_rejected(s in "[0-9A-Za-z_é]{14,18}") {
+            let ok = s.len() == ID_LEN && s.bytes().all(|b| b.is_ascii_alphanumeric());
+            prop_assert_eq!(KeyId::parse(&s).is_ok(), ok);
+        }
     }
 }
