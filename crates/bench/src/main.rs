@@ -4,10 +4,6 @@
 //!
 //! Needs `wrk` (Debian package `wrk`). This is a benchmark, not a test: it asserts nothing.
 
-/// The allocator the `keywarden` binary ships with, so both sides of the ratio run on it.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
