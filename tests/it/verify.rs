@@ -10,7 +10,8 @@ crate::on_both_backends!(
     codes,
     one_time_key_is_exact_under_concurrency,
     capped_key_counts_exactly,
-    source_from_peer_and_trusted_proxy
+    source_from_peer_and_trusted_proxy,
+    expired_cache_entries_follow_the_store
 );
 
 async fn codes(b: Backend) {
@@ -288,5 +289,88 @@ async fn verify_fails_closed_when_usage_cannot_be_written() {
         2 + answered,
         "every answered verify is stored, no refused one is"
     );
+    s.stop().await;
+}
+
+/// Past its lifetime, a cache entry is renewed when the stored key is unchanged, and
+/// loaded again when it changed behind this node's back (another process, a restore).
+async fn expired_cache_entries_follow_the_store(b: Backend) {
+    const TTL: std::time::Duration = std::time::Duration::from_millis(100);
+    // Lifetimes are jittered up to +20%.
+    const OUTLIVED: std::time::Duration = std::time::Duration::from_millis(150);
+    let s = TestServer::start_with(b, |c| c.verify_cache_ttl = TTL).await;
+    let (id, secret) = s.create_key(key_body("renewed")).await;
+    for _ in 0..3 {
+        assert_eq!(s.verify_code(&secret).await, "VALID");
+        tokio::time::sleep(OUTLIVED).await;
+    }
+    s.wait_for_usage(&id, 3).await;
+
+    let elsewhere = keywarden_store::Store::connect(&s.config.database_url())
+        .await
+        .unwrap();
+    let mut key = elsewhere
+        .get_key(&KeyId::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    key.state = keywarden_core::model::KeyState::Suspended;
+    let audit = keywarden_core::model::AuditEntry {
+        time: crate::harness::START,
+        actor: keywarden_core::model::Actor {
+            id: "system:test".into(),
+            name: "elsewhere".into(),
+            ..Default::default()
+        },
+        action: "key.suspended".into(),
+        target: format!("key:{id}"),
+        reason: None,
+        details: "{}".into(),
+    };
+    assert!(elsewhere.update_key_state(&key, &audit).await.unwrap());
+    tokio::time::sleep(OUTLIVED).await;
+    assert_eq!(s.verify_code(&secret).await, "SUSPENDED");
+    s.stop().await;
+}
+
+/// A renewed entry takes in the uses other nodes recorded: a key used through another
+/// node on day 29 is not idle on day 31 here, though this node last answered for it on
+/// day 0. PostgreSQL only: it is the backend several nodes share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_entry_counts_uses_through_other_nodes() {
+    let Some(b) = crate::harness::postgres_or_skip() else {
+        return;
+    };
+    let s = TestServer::start_with(b, |c| {
+        c.verify_cache_ttl = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let mut body = key_body("shared");
+    body["ttl"] = json!("90d");
+    let (id, secret) = s.create_key(body).await;
+    // This node hears of its own change through the cluster channel too, and evicts
+    // the key again; let that pass, so the entry cached next stays.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(s.verify_code(&secret).await, "VALID");
+    let other_node = keywarden_store::Store::connect(&s.config.database_url())
+        .await
+        .unwrap();
+    let day_29 = crate::harness::START + time::Duration::days(29);
+    let use_elsewhere = keywarden_core::model::UsageEvent {
+        key_id: Some(KeyId::parse(&id).unwrap()),
+        time: day_29,
+        code: keywarden_core::verify::VerifyCode::Valid,
+        source_ip: Some("192.0.2.77".parse().unwrap()),
+        scope: None,
+        environment: None,
+        subject: None,
+        user_agent: None,
+        counted: false,
+    };
+    let (_, written) = other_node.record_usage(vec![use_elsewhere]).await;
+    written.unwrap();
+    s.clock.advance(time::Duration::days(31));
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert_eq!(s.verify_code(&secret).await, "VALID");
     s.stop().await;
 }

@@ -10,6 +10,11 @@
 //! full an insert drops an arbitrary entry: a miss only costs a store read, so recency is
 //! not worth paying for on every hit.
 //!
+//! An entry past its lifetime is not dropped: [`RecordCache::lookup`] hands it back as
+//! stale, for the caller to [`RecordCache::renew`] once the store says it is current
+//! (verify compares the key's `version`). At 100k keys in use, entries expire about as
+//! often as keys are used, and a renewal costs a fraction of a load.
+//!
 //! Lifetimes are jittered (±20%): entries loaded together, say by the first requests
 //! after a start, would otherwise all expire together and send a burst of store reads.
 
@@ -91,6 +96,15 @@ impl std::ops::Deref for CachedKey {
 
 const SHARDS: usize = 64;
 
+/// What the cache holds for an id. The `u64`s are the generation read before the
+/// entry, for [`RecordCache::load`] and [`RecordCache::renew`].
+pub enum Lookup<T> {
+    Fresh(T),
+    /// Past its lifetime: to be checked against the store before it is used.
+    Stale(T, u64),
+    Missing(u64),
+}
+
 struct Slot<T> {
     value: T,
     expires: Instant,
@@ -130,10 +144,27 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
     }
 
     pub fn get(&self, id: &KeyId) -> Option<T> {
+        match self.lookup(id) {
+            Lookup::Fresh(v) => Some(v),
+            Lookup::Stale(..) | Lookup::Missing(_) => None,
+        }
+    }
+
+    /// The entry for `id`, and if it has outlived its time, what a caller needs to
+    /// [`Self::renew`] it.
+    pub fn lookup(&self, id: &KeyId) -> Lookup<T> {
+        // Read before the entry: a change evicted after this read moves it, so a renewal
+        // of what the change replaced is refused.
+        let generation = self.generation();
         // A poisoned shard only means a panic elsewhere mid-insert; treat it as a miss.
-        let shard = self.shard(id).read().ok()?;
-        let slot = shard.get(id)?;
-        (Instant::now() < slot.expires).then(|| slot.value.clone())
+        let Ok(shard) = self.shard(id).read() else {
+            return Lookup::Missing(generation);
+        };
+        match shard.get(id) {
+            None => Lookup::Missing(generation),
+            Some(slot) if Instant::now() < slot.expires => Lookup::Fresh(slot.value.clone()),
+            Some(slot) => Lookup::Stale(slot.value.clone(), generation),
+        }
     }
 
     /// The cached value, or `load`'s, cached unless a change raced the load.
@@ -141,18 +172,50 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
     where
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        if let Some(v) = self.get(id) {
-            return Ok(v);
-        }
-        let generation = self.generation();
+        let generation = match self.lookup(id) {
+            Lookup::Fresh(v) => return Ok(v),
+            Lookup::Stale(_, generation) | Lookup::Missing(generation) => generation,
+        };
+        self.load(id, generation, load).await
+    }
+
+    /// Loads `id` and caches it unless a change since `generation` raced the load.
+    pub async fn load<E, Fut>(
+        &self,
+        id: &KeyId,
+        generation: u64,
+        load: impl FnOnce() -> Fut,
+    ) -> Result<T, E>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
         let v = load().await?;
         self.insert(id.clone(), v.clone(), generation);
         Ok(v)
     }
 
+    /// Gives a stale entry a new lifetime, once the caller has checked with the store
+    /// that it is still current; refused if anything was evicted since `generation`.
+    pub fn renew(&self, id: &KeyId, generation: u64) {
+        let Ok(mut shard) = self.shard(id).write() else {
+            return;
+        };
+        if self.generation() != generation {
+            return;
+        }
+        if let Some(slot) = shard.get_mut(id) {
+            slot.expires = Instant::now() + self.lifetime();
+        }
+    }
+
     /// Read before loading from the store; see [`Self::insert`].
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
+    }
+
+    fn lifetime(&self) -> Duration {
+        self.ttl
+            .mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.8..1.2))
     }
 
     fn insert(&self, id: KeyId, value: T, read_at_generation: u64) {
@@ -169,14 +232,11 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
                 shard.remove(&victim);
             }
         }
-        let ttl = self
-            .ttl
-            .mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.8..1.2));
         shard.insert(
             id,
             Slot {
                 value,
-                expires: Instant::now() + ttl,
+                expires: Instant::now() + self.lifetime(),
             },
         );
     }
@@ -225,6 +285,31 @@ mod tests {
         // A load that started before the eviction is not cached.
         c.insert(id(1), 1, g);
         assert_eq!(c.get(&id(1)), None);
+    }
+
+    #[test]
+    fn stale_entries_are_renewed_unless_a_change_intervened() {
+        let c: RecordCache<u32> = RecordCache::new(100, Duration::from_millis(20));
+        c.insert(id(1), 1, c.generation());
+        assert!(matches!(c.lookup(&id(1)), Lookup::Fresh(1)));
+        std::thread::sleep(Duration::from_millis(30));
+        let Lookup::Stale(1, generation) = c.lookup(&id(1)) else {
+            panic!("expected a stale entry");
+        };
+        assert_eq!(c.get(&id(1)), None, "a stale entry is not served as is");
+        c.renew(&id(1), generation);
+        assert!(matches!(c.lookup(&id(1)), Lookup::Fresh(1)));
+
+        std::thread::sleep(Duration::from_millis(30));
+        let Lookup::Stale(1, generation) = c.lookup(&id(1)) else {
+            panic!("expected a stale entry");
+        };
+        // A change to any key between the check and the renewal: not renewed.
+        c.evict(&id(2));
+        c.renew(&id(1), generation);
+        assert!(matches!(c.lookup(&id(1)), Lookup::Stale(1, _)));
+        c.evict(&id(1));
+        assert!(matches!(c.lookup(&id(1)), Lookup::Missing(_)));
     }
 
     #[test]

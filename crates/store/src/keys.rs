@@ -6,7 +6,9 @@ use keywarden_core::KeyId;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::rows::{insert_audit, json, key_from_row, ms, opt_ms, Params, KEY_COLUMNS, KEY_FROM};
+use crate::rows::{
+    insert_audit, json, key_from_row, ms, opt_ms, Params, KEY_COLUMNS, KEY_FROM, STAMP_SQL,
+};
 use crate::{Result, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +28,13 @@ impl From<KeyState> for StateFilter {
             KeyState::Expired => Self::Expired,
         }
     }
+}
+
+/// A key's change counter and folded last use; see [`Store::key_stamp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyStamp {
+    pub version: i64,
+    pub last_used_at: Option<OffsetDateTime>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -67,6 +76,27 @@ impl Store {
             })?;
         }
         Ok(key)
+    }
+
+    /// What tells a cached copy of the key apart from the stored one, for the verify
+    /// cache to renew an entry with one small read instead of loading the key again.
+    pub async fn key_stamp(&self, id: &KeyId) -> Result<Option<KeyStamp>> {
+        if let Some(reads) = &self.key_reads {
+            if let Some(read) = reads.get_stamp(id.as_str()) {
+                return read;
+            }
+        }
+        let row = sqlx::query(STAMP_SQL)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(KeyStamp {
+                version: row.try_get(0)?,
+                last_used_at: row.try_get::<Option<i64>, _>(1)?.map(from_millis),
+            })
+        })
+        .transpose()
     }
 
     /// SQLite: the key read on this thread, without waiting for a fold step (verify's

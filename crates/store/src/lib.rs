@@ -30,7 +30,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use audit::{ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder, KeyEvent};
 pub use cluster::{ChangeListener, Changes, Leadership, CHANNEL};
-pub use keys::{KeyFilter, StateFilter};
+pub use keys::{KeyFilter, KeyStamp, StateFilter};
 pub use owners::Owner;
 pub use policies::StoredPolicy;
 pub use services::{

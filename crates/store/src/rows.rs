@@ -119,6 +119,11 @@ pub(crate) const KEY_COLUMNS: &str = "seq, id, hash, pepper_version, hint, name,
 /// Keys with their usage stats; column names do not overlap, so filters need no prefix.
 pub(crate) const KEY_FROM: &str = "keys LEFT JOIN key_usage ON key_usage.key_id = keys.id";
 
+/// What tells a cached key apart from the stored one: its `version` (bumped by every
+/// lifecycle change) and its folded `last_used_at` (uses through other nodes).
+pub(crate) const STAMP_SQL: &str = "SELECT version, last_used_at FROM keys \
+    LEFT JOIN key_usage ON key_usage.key_id = keys.id WHERE id = $1";
+
 pub(crate) fn key_from_row(row: &impl Columns) -> Result<KeyRecord> {
     let state = row.text("state")?;
     let scopes: Vec<String> = from_json("scopes", &row.text("scopes")?)?;

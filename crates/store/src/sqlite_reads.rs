@@ -17,11 +17,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, TryLockError};
 
+use keywarden_core::clock::from_millis;
 use keywarden_core::model::KeyRecord;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
-use crate::rows::{decode_error, key_from_row, KeyColumns, KEY_COLUMNS, KEY_FROM};
-use crate::Result;
+use crate::rows::{decode_error, key_from_row, KeyColumns, KEY_COLUMNS, KEY_FROM, STAMP_SQL};
+use crate::{KeyStamp, Result};
 
 /// A key as stored, and `key_usage.last_seq`: the last event its stats include.
 pub(crate) type KeyRow = (KeyRecord, Option<i64>);
@@ -67,6 +68,38 @@ impl SqlitePointReads {
     /// folded yet is the caller's to add); `None` when no connection is free or SQLite
     /// is busy: read through the pool then.
     pub fn get_key(&self, id: &str) -> Option<Result<Option<KeyRow>>> {
+        self.read(|conn| {
+            conn.prepare_cached(&self.sql).and_then(|mut stmt| {
+                stmt.query_row([id], |row| {
+                    let folded_upto = row.get::<_, Option<i64>>(KeyColumns::after())?;
+                    Ok(key_from_row(&KeyColumns(row)).map(|k| (k, folded_upto)))
+                })
+                .optional()
+            })
+        })
+        .map(|read| read.and_then(Option::transpose))
+    }
+
+    /// The key's `version` and `last_used_at` as folded; `None` as for [`Self::get_key`].
+    pub fn get_stamp(&self, id: &str) -> Option<Result<Option<KeyStamp>>> {
+        self.read(|conn| {
+            conn.prepare_cached(STAMP_SQL).and_then(|mut stmt| {
+                stmt.query_row([id], |row| {
+                    Ok(KeyStamp {
+                        version: row.get(0)?,
+                        last_used_at: row.get::<_, Option<i64>>(1)?.map(from_millis),
+                    })
+                })
+                .optional()
+            })
+        })
+    }
+
+    /// Runs `read` on the first free connection.
+    fn read<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Option<Result<T>> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.conns.len() {
             let conn = match self.conns[(start + i) % self.conns.len()].try_lock() {
@@ -74,15 +107,8 @@ impl SqlitePointReads {
                 // Poisoned: a panic mid-read elsewhere; leave that connection alone.
                 Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => continue,
             };
-            let read = conn.prepare_cached(&self.sql).and_then(|mut stmt| {
-                stmt.query_row([id], |row| {
-                    let folded_upto = row.get::<_, Option<i64>>(KeyColumns::after())?;
-                    Ok(key_from_row(&KeyColumns(row)).map(|k| (k, folded_upto)))
-                })
-                .optional()
-            });
-            return match read {
-                Ok(decoded) => Some(decoded.transpose()),
+            return match read(&conn) {
+                Ok(v) => Some(Ok(v)),
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if matches!(e.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
                 {

@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::auth::Principal;
-use crate::cache::{CachedKey, VALID_HEAD};
+use crate::cache::{CachedKey, Entry, Lookup, VALID_HEAD};
 use crate::error::{violation, ApiError};
 use crate::extract::JsonBody;
 use crate::state::{AppState, SharedState};
@@ -267,19 +267,13 @@ async fn check(
         // Admin tokens authenticate to keywarden; they are not keys for other systems.
         return Ok(Outcome::unknown(VerifyCode::NotFound, None));
     }
-    // The store's futures are boxed: they are large and rare here (cache misses, capped
-    // keys), and inline they made every verify future large enough that moving it
-    // showed up in the profile.
-    let record = app
-        .keys
-        .get_or_load(&parsed.id, || async {
-            Ok::<_, ApiError>(
-                Box::pin(app.store.get_key(&parsed.id))
-                    .await?
-                    .map(|k| Arc::new(CachedKey::new(k))),
-            )
-        })
-        .await?;
+    let record = match app.keys.lookup(&parsed.id) {
+        Lookup::Fresh(record) => record,
+        Lookup::Stale(record, generation) => {
+            Box::pin(renew_or_load(app, &parsed.id, record, generation)).await?
+        }
+        Lookup::Missing(generation) => Box::pin(load(app, &parsed.id, generation)).await?,
+    };
     let Some(record) = record else {
         return Ok(Outcome::unknown(VerifyCode::NotFound, Some(parsed.id)));
     };
@@ -323,6 +317,50 @@ async fn check(
         record.mark_seen(now);
     }
     Ok(outcome)
+}
+
+// The store's futures are boxed by the caller: they are large and rare here (misses,
+// renewals, capped keys), and inline they made every verify future large enough that
+// moving it showed up in the profile.
+
+async fn load(app: &AppState, id: &KeyId, generation: u64) -> Result<Entry, ApiError> {
+    app.keys
+        .load(id, generation, || async {
+            Ok::<_, ApiError>(
+                app.store
+                    .get_key(id)
+                    .await?
+                    .map(|k| Arc::new(CachedKey::new(k))),
+            )
+        })
+        .await
+}
+
+/// An entry past its lifetime is kept if the stored key has not changed since it was
+/// cached, which one small read tells; only a changed key is loaded and parsed again.
+/// With many keys in use, entries expire all the time, and a full load costs several
+/// times the read. `uses` is not compared: caps are spent in the store, never judged
+/// from a cached count alone.
+async fn renew_or_load(
+    app: &AppState,
+    id: &KeyId,
+    stale: Entry,
+    generation: u64,
+) -> Result<Entry, ApiError> {
+    let Some(cached) = stale else {
+        return load(app, id, generation).await;
+    };
+    match app.store.key_stamp(id).await? {
+        Some(stamp) if stamp.version == cached.version => {
+            // Uses answered by other nodes, folded since the entry was loaded.
+            if let Some(at) = stamp.last_used_at {
+                cached.mark_seen(at);
+            }
+            app.keys.renew(id, generation);
+            Ok(Some(cached))
+        }
+        _ => load(app, id, generation).await,
+    }
 }
 
 #[cfg(test)]
