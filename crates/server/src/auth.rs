@@ -10,6 +10,7 @@ use axum::http::HeaderMap;
 use keywarden_core::key_format::{self, ADMIN_ENV};
 use keywarden_core::model::{Actor, TokenRecord};
 use keywarden_core::role::Permission;
+use keywarden_core::KeyId;
 
 use crate::error::ApiError;
 use crate::state::SharedState;
@@ -103,18 +104,63 @@ pub async fn authenticate_token(
             "this is a key, not an admin token: keys are checked with POST /v1/verify",
         ));
     }
-    let token = app
-        .tokens
-        .get_or_load(&parsed.id, || async {
-            Ok::<_, ApiError>(app.store.get_token(&parsed.id).await?.map(Arc::new))
-        })
-        .await?;
+    let token = match memoized_token(app, &parsed.id) {
+        Some(token) => Some(token),
+        None => {
+            app.tokens
+                .get_or_load(&parsed.id, || async {
+                    Ok::<_, ApiError>(app.store.get_token(&parsed.id).await?.map(Arc::new))
+                })
+                .await?
+        }
+    };
     match token {
         Some(t) if app.hasher.matches(&parsed.plain, &t.hash) && t.is_usable(app.now()) => Ok(t),
         _ => Err(ApiError::Unauthenticated(
             "invalid, expired or revoked admin token",
         )),
     }
+}
+
+/// A thread's copy of the token record it last authenticated, while the token cache
+/// holds it unchanged. Every request presents the same few tokens, and the shared cache
+/// entry's lock word and reference count, written by every worker on every request,
+/// bounced between the cores (docs/benchmarks.md). The secret is still checked against
+/// the record's hash on every request; only the record is memoized.
+struct TokenMemo {
+    cache: u64,
+    id: KeyId,
+    generation: u64,
+    expires: std::time::Instant,
+    token: Arc<TokenRecord>,
+}
+
+thread_local! {
+    static TOKEN_MEMO: std::cell::RefCell<Option<TokenMemo>> = const { std::cell::RefCell::new(None) };
+}
+
+fn memoized_token(app: &SharedState, id: &KeyId) -> Option<Arc<TokenRecord>> {
+    TOKEN_MEMO.with(|memo| {
+        let mut memo = memo.try_borrow_mut().ok()?;
+        let good = memo.as_ref().is_some_and(|m| {
+            m.cache == app.tokens.instance()
+                && m.id == *id
+                && app.tokens.is_current(m.generation)
+                && std::time::Instant::now() < m.expires
+        });
+        if !good {
+            let (token, expires, generation) = app.tokens.get_for_memo(id)?;
+            *memo = Some(TokenMemo {
+                cache: app.tokens.instance(),
+                id: id.clone(),
+                generation,
+                expires,
+                // A copy of this thread's own: its reference count stays on this core.
+                token: Arc::new(TokenRecord::clone(token.as_ref()?)),
+            });
+        }
+        memo.as_ref().map(|m| m.token.clone())
+    })
 }
 
 /// The address of the client: the peer, unless the peer is a trusted proxy, in which case

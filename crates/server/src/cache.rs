@@ -118,7 +118,10 @@ pub struct RecordCache<T: Clone + Send + Sync + 'static> {
     per_shard: usize,
     ttl: Duration,
     generation: AtomicU64,
+    instance: u64,
 }
+
+static INSTANCES: AtomicU64 = AtomicU64::new(0);
 
 impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
     /// `ttl` bounds staleness should a change ever reach this node neither directly nor
@@ -134,6 +137,7 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
             per_shard,
             ttl,
             generation: AtomicU64::new(0),
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -165,6 +169,26 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
             Some(slot) if Instant::now() < slot.expires => Lookup::Fresh(slot.value.clone()),
             Some(slot) => Lookup::Stale(slot.value.clone(), generation),
         }
+    }
+
+    /// The fresh entry for `id`, when it expires, and the generation read before it: a
+    /// per-thread memo of the entry stays good while [`Self::is_current`] and the time
+    /// last (`auth` keeps one of the admin token, which every request presents).
+    pub fn get_for_memo(&self, id: &KeyId) -> Option<(T, Instant, u64)> {
+        let generation = self.generation();
+        let shard = self.shard(id).read().ok()?;
+        let slot = shard.get(id)?;
+        (Instant::now() < slot.expires).then(|| (slot.value.clone(), slot.expires, generation))
+    }
+
+    /// True while nothing has been evicted since `generation` was read.
+    pub fn is_current(&self, generation: u64) -> bool {
+        self.generation() == generation
+    }
+
+    /// Tells caches apart, for memos kept per thread across several servers.
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     /// The cached value, or `load`'s, cached unless a change raced the load.

@@ -32,11 +32,28 @@ pub struct AppState {
     closing: tokio::sync::watch::Sender<bool>,
     /// The policy in force, with its version (0: none applied, built-in defaults).
     policy: std::sync::RwLock<Arc<(i64, Policy)>>,
+    /// Moves after every change of `policy`, for the per-thread copies of verify.
+    policy_generation: std::sync::atomic::AtomicU64,
+    /// Tells servers in one process apart, for those per-thread copies.
+    instance: u64,
     /// The policy version whose rules the enforcer last judged every active key by.
     pub judged_policy: std::sync::atomic::AtomicI64,
 }
 
 pub type SharedState = Arc<AppState>;
+
+static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A thread's reference to the policy, as of `generation`.
+struct PolicyMemo {
+    instance: u64,
+    generation: u64,
+    policy: Arc<(i64, Policy)>,
+}
+
+thread_local! {
+    static POLICY_MEMO: std::cell::RefCell<Option<PolicyMemo>> = const { std::cell::RefCell::new(None) };
+}
 
 /// What the server's state talks to besides the store: its background tasks' queues
 /// and the outbound HTTP client.
@@ -74,6 +91,8 @@ impl AppState {
             closing: tokio::sync::watch::Sender::new(false),
             policy: std::sync::RwLock::new(Arc::new((0, Policy::default()))),
             judged_policy: std::sync::atomic::AtomicI64::new(-1),
+            policy_generation: std::sync::atomic::AtomicU64::new(0),
+            instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -105,6 +124,8 @@ impl AppState {
         let loaded = Arc::new(loaded);
         if let Ok(mut cached) = self.policy.write() {
             *cached = loaded.clone();
+            self.policy_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
         }
         Ok(loaded)
     }
@@ -117,6 +138,35 @@ impl AppState {
             Ok(p) => p.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Runs `read` on [`AppState::policy_cached`] without touching the shared lock or
+    /// reference count: each thread keeps its own reference until the policy moves.
+    /// Verify reads the policy on every request, and those shared writes bounced
+    /// between the cores.
+    pub fn with_cached_policy<R>(&self, read: impl FnOnce(&Policy) -> R) -> R {
+        let generation = self
+            .policy_generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        POLICY_MEMO.with(|memo| {
+            let Ok(mut memo) = memo.try_borrow_mut() else {
+                return read(&self.policy_cached().1);
+            };
+            let good = memo
+                .as_ref()
+                .is_some_and(|m| m.instance == self.instance && m.generation == generation);
+            if !good {
+                *memo = Some(PolicyMemo {
+                    instance: self.instance,
+                    generation,
+                    policy: self.policy_cached(),
+                });
+            }
+            match memo.as_ref() {
+                Some(m) => read(&m.policy.1),
+                None => read(&self.policy_cached().1),
+            }
+        })
     }
 
     /// Becomes true when the server starts shutting down.

@@ -96,10 +96,7 @@ impl SqlitePointReads {
     }
 
     /// Runs `read` on the first free connection.
-    fn read<T>(
-        &self,
-        read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> Option<Result<T>> {
+    fn read<T>(&self, read: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Option<Result<T>> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.conns.len() {
             let conn = match self.conns[(start + i) % self.conns.len()].try_lock() {

@@ -289,11 +289,7 @@ async fn check(
         counted: false,
     };
     let idle = Idle {
-        expiry: app
-            .policy_cached()
-            .1
-            .rules_for(&record.environment)
-            .idle_expiry,
+        expiry: app.with_cached_policy(|p| p.rules_for(&record.environment).idle_expiry),
         last_seen: record.last_seen(),
     };
     if let Err(code) = decide_with_idle(&record, ask, now, Some(&idle)) {
