@@ -124,6 +124,10 @@ pub(crate) const KEY_FROM: &str = "keys LEFT JOIN key_usage ON key_usage.key_id 
 pub(crate) const STAMP_SQL: &str = "SELECT version, last_used_at FROM keys \
     LEFT JOIN key_usage ON key_usage.key_id = keys.id WHERE id = $1";
 
+/// SQLite serves one node, which answered every use itself, so only the version is read,
+/// from the `keys_id_version` index alone.
+pub(crate) const STAMP_SQL_ONE_NODE: &str = "SELECT version, NULL FROM keys WHERE id = $1";
+
 pub(crate) fn key_from_row(row: &impl Columns) -> Result<KeyRecord> {
     let state = row.text("state")?;
     let scopes: Vec<String> = from_json("scopes", &row.text("scopes")?)?;

@@ -21,7 +21,9 @@ use keywarden_core::clock::from_millis;
 use keywarden_core::model::KeyRecord;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
-use crate::rows::{decode_error, key_from_row, KeyColumns, KEY_COLUMNS, KEY_FROM, STAMP_SQL};
+use crate::rows::{
+    decode_error, key_from_row, KeyColumns, KEY_COLUMNS, KEY_FROM, STAMP_SQL_ONE_NODE,
+};
 use crate::{KeyStamp, Result};
 
 /// A key as stored, and `key_usage.last_seq`: the last event its stats include.
@@ -80,18 +82,19 @@ impl SqlitePointReads {
         .map(|read| read.and_then(Option::transpose))
     }
 
-    /// The key's `version` and `last_used_at` as folded; `None` as for [`Self::get_key`].
+    /// The key's `version` (see [`STAMP_SQL_ONE_NODE`]); `None` as for [`Self::get_key`].
     pub fn get_stamp(&self, id: &str) -> Option<Result<Option<KeyStamp>>> {
         self.read(|conn| {
-            conn.prepare_cached(STAMP_SQL).and_then(|mut stmt| {
-                stmt.query_row([id], |row| {
-                    Ok(KeyStamp {
-                        version: row.get(0)?,
-                        last_used_at: row.get::<_, Option<i64>>(1)?.map(from_millis),
+            conn.prepare_cached(STAMP_SQL_ONE_NODE)
+                .and_then(|mut stmt| {
+                    stmt.query_row([id], |row| {
+                        Ok(KeyStamp {
+                            version: row.get(0)?,
+                            last_used_at: row.get::<_, Option<i64>>(1)?.map(from_millis),
+                        })
                     })
+                    .optional()
                 })
-                .optional()
-            })
         })
     }
 
