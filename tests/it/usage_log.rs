@@ -91,6 +91,24 @@ async fn events_and_stats_across_folds_and_pages(b: Backend) {
     check(a_events, 6, "a-");
     let (_, key_a) = s.get(&format!("/v1/keys/{a_id}")).await;
     assert_eq!(uses(&key_a), 5);
+
+    // A second fold adds to the stats the first one wrote.
+    store.fold_usage().await.unwrap();
+    assert_eq!(store.unfolded_keys(), 0);
+    let (_, folded) = s.get(&format!("/v1/keys/{a_id}")).await;
+    assert_eq!(uses(&folded), 5);
+    assert_eq!(folded["subjects"].as_array().unwrap().len(), 5);
+    assert_eq!(folded["last_used_at"], key_a["last_used_at"]);
+    assert_eq!(folded["last_used_from"], "192.0.2.1");
+    let reopened = keywarden_store::Store::connect(&s.config.database_url())
+        .await
+        .unwrap();
+    let stored = reopened
+        .get_key(&keywarden_core::KeyId::parse(&a_id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.uses, 5, "as stored, with nothing pending");
     s.stop().await;
 }
 

@@ -56,6 +56,16 @@ const FOLD_KEY: &str = "INSERT INTO key_usage (key_id, batched_uses, last_used_a
     ELSE key_usage.last_used_at END, \
     last_seq = MAX(COALESCE(key_usage.last_seq, 0), excluded.last_seq)";
 
+/// [`FOLD_KEY`] for a key whose stats row exists, which after its first fold every key's
+/// does: one descent into `key_usage` instead of the existence check in `keys`, the
+/// insert's conflict and then the update. Same parameters, same rules.
+const FOLD_KNOWN_KEY: &str = "UPDATE key_usage SET batched_uses = batched_uses + ?2, \
+    last_used_from = CASE WHEN ?3 IS NOT NULL AND (last_used_at IS NULL OR ?3 >= last_used_at) \
+    THEN ?4 ELSE last_used_from END, \
+    last_used_at = CASE WHEN ?3 IS NOT NULL AND (last_used_at IS NULL OR ?3 >= last_used_at) \
+    THEN ?3 ELSE last_used_at END, \
+    last_seq = MAX(COALESCE(last_seq, 0), ?5) WHERE key_id = ?1";
+
 impl SqliteUsageSink {
     /// Opens the database file the pool already created and migrated, and rebuilds the
     /// overlay of events logged but not folded before the last stop.
@@ -184,6 +194,7 @@ impl SqliteUsageSink {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(err)?;
             {
+                let mut fold_known_key = tx.prepare_cached(FOLD_KNOWN_KEY).map_err(err)?;
                 let mut fold_key = tx.prepare_cached(FOLD_KEY).map_err(err)?;
                 let mut fold_subject = tx
                     .prepare_cached(&format!(
@@ -193,9 +204,10 @@ impl SqliteUsageSink {
                     .map_err(err)?;
                 for (id, d) in &chunk {
                     let last_from = d.last_from.map(|ip| ip.to_string());
-                    fold_key
-                        .execute(params![id.as_str(), d.uses, d.last_at, last_from, d.head])
-                        .map_err(err)?;
+                    let stats = params![id.as_str(), d.uses, d.last_at, last_from, d.head];
+                    if fold_known_key.execute(stats).map_err(err)? == 0 {
+                        fold_key.execute(stats).map_err(err)?;
+                    }
                     // Subjects only come with valid uses, so the key exists.
                     for (subject, first, last) in &d.subjects {
                         fold_subject
