@@ -157,17 +157,10 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
     /// The entry for `id`, and if it has outlived its time, what a caller needs to
     /// [`Self::renew`] it.
     pub fn lookup(&self, id: &KeyId) -> Lookup<T> {
-        // Read before the entry: a change evicted after this read moves it, so a renewal
-        // of what the change replaced is refused.
-        let generation = self.generation();
-        // A poisoned shard only means a panic elsewhere mid-insert; treat it as a miss.
-        let Ok(shard) = self.shard(id).read() else {
-            return Lookup::Missing(generation);
-        };
-        match shard.get(id) {
-            None => Lookup::Missing(generation),
-            Some(slot) if Instant::now() < slot.expires => Lookup::Fresh(slot.value.clone()),
-            Some(slot) => Lookup::Stale(slot.value.clone(), generation),
+        match self.peek(id) {
+            (generation, None) => Lookup::Missing(generation),
+            (_, Some((value, expires))) if Instant::now() < expires => Lookup::Fresh(value),
+            (generation, Some((value, _))) => Lookup::Stale(value, generation),
         }
     }
 
@@ -175,10 +168,25 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
     /// per-thread memo of the entry stays good while [`Self::is_current`] and the time
     /// last (`auth` keeps one of the admin token, which every request presents).
     pub fn get_for_memo(&self, id: &KeyId) -> Option<(T, Instant, u64)> {
+        let (generation, (value, expires)) = match self.peek(id) {
+            (generation, Some(entry)) => (generation, entry),
+            (_, None) => return None,
+        };
+        (Instant::now() < expires).then_some((value, expires, generation))
+    }
+
+    /// The entry and when it expires, with the generation read before it: a change
+    /// evicted after that read moves it, so a renewal of what the change replaced is
+    /// refused.
+    fn peek(&self, id: &KeyId) -> (u64, Option<(T, Instant)>) {
         let generation = self.generation();
-        let shard = self.shard(id).read().ok()?;
-        let slot = shard.get(id)?;
-        (Instant::now() < slot.expires).then(|| (slot.value.clone(), slot.expires, generation))
+        // A poisoned shard only means a panic elsewhere mid-insert; treat it as a miss.
+        let entry = self
+            .shard(id)
+            .read()
+            .ok()
+            .and_then(|shard| shard.get(id).map(|slot| (slot.value.clone(), slot.expires)));
+        (generation, entry)
     }
 
     /// True while nothing has been evicted since `generation` was read.
@@ -224,7 +232,7 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
         let Ok(mut shard) = self.shard(id).write() else {
             return;
         };
-        if self.generation() != generation {
+        if !self.is_current(generation) {
             return;
         }
         if let Some(slot) = shard.get_mut(id) {

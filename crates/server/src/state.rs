@@ -34,17 +34,14 @@ pub struct AppState {
     policy: std::sync::RwLock<Arc<(i64, Policy)>>,
     /// Moves after every change of `policy`, for the per-thread copies of verify.
     policy_generation: std::sync::atomic::AtomicU64,
-    /// Tells servers in one process apart, for those per-thread copies.
-    instance: u64,
     /// The policy version whose rules the enforcer last judged every active key by.
     pub judged_policy: std::sync::atomic::AtomicI64,
 }
 
 pub type SharedState = Arc<AppState>;
 
-static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// A thread's reference to the policy, as of `generation`.
+/// A thread's reference to the policy, as of `generation`, of the server whose key cache
+/// is `instance` (one process may run several servers, in tests).
 struct PolicyMemo {
     instance: u64,
     generation: u64,
@@ -92,7 +89,6 @@ impl AppState {
             policy: std::sync::RwLock::new(Arc::new((0, Policy::default()))),
             judged_policy: std::sync::atomic::AtomicI64::new(-1),
             policy_generation: std::sync::atomic::AtomicU64::new(0),
-            instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -148,16 +144,17 @@ impl AppState {
         let generation = self
             .policy_generation
             .load(std::sync::atomic::Ordering::Acquire);
+        let instance = self.keys.instance();
         POLICY_MEMO.with(|memo| {
             let Ok(mut memo) = memo.try_borrow_mut() else {
                 return read(&self.policy_cached().1);
             };
             let good = memo
                 .as_ref()
-                .is_some_and(|m| m.instance == self.instance && m.generation == generation);
+                .is_some_and(|m| m.instance == instance && m.generation == generation);
             if !good {
                 *memo = Some(PolicyMemo {
-                    instance: self.instance,
+                    instance,
                     generation,
                     policy: self.policy_cached(),
                 });
