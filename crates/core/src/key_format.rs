@@ -176,8 +176,40 @@ pub fn assemble(prefix: &str, environment: &str, id: KeyId, secret: &str) -> Par
     }
 }
 
+/// A validated key's parts, borrowed from the text it was parsed from: the verify and
+/// auth paths parse a key on every request and need no owned copies of them.
+#[derive(Clone)]
+pub struct KeyParts<'a> {
+    pub prefix: &'a str,
+    pub environment: &'a str,
+    pub id: KeyId,
+    /// The whole key in clear, as presented.
+    pub plain: &'a str,
+}
+
+impl fmt::Debug for KeyParts<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyParts")
+            .field("prefix", &self.prefix)
+            .field("environment", &self.environment)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Parses and validates a key without any IO. `expected_prefix` is the deployment's prefix.
 pub fn parse(input: &str, expected_prefix: &str) -> Result<ParsedKey, FormatError> {
+    let parts = parse_parts(input, expected_prefix)?;
+    Ok(ParsedKey {
+        prefix: parts.prefix.to_owned(),
+        environment: parts.environment.to_owned(),
+        id: parts.id,
+        plain: PlainKey::new(input.to_owned()),
+    })
+}
+
+/// [`parse`], borrowing the parts instead of copying them.
+pub fn parse_parts<'a>(input: &'a str, expected_prefix: &str) -> Result<KeyParts<'a>, FormatError> {
     // Longest possible key: 10 + 1 + 8 + 1 + 16 + 1 + 32 + 6.
     if input.len() > 75 || !input.is_ascii() {
         return Err(FormatError::Shape);
@@ -204,11 +236,11 @@ pub fn parse(input: &str, expected_prefix: &str) -> Result<ParsedKey, FormatErro
     if prefix != expected_prefix {
         return Err(FormatError::Prefix);
     }
-    Ok(ParsedKey {
-        prefix: prefix.to_owned(),
-        environment: environment.to_owned(),
+    Ok(KeyParts {
+        prefix,
+        environment,
         id,
-        plain: PlainKey::new(input.to_owned()),
+        plain: input,
     })
 }
 
@@ -269,9 +301,14 @@ mod tests {
         fn round_trip(seed in any::<u64>(), env in "[a-z0-9]{1,8}") {
             let k = key(seed, &env);
             let parsed = parse(k.plain.expose(), "kw").unwrap();
-            prop_assert_eq!(parsed.id, k.id);
-            prop_assert_eq!(parsed.environment, env);
-            prop_assert_eq!(parsed.plain, k.plain);
+            prop_assert_eq!(&parsed.id, &k.id);
+            prop_assert_eq!(&parsed.environment, &env);
+            prop_assert_eq!(&parsed.plain, &k.plain);
+            let parts = parse_parts(k.plain.expose(), "kw").unwrap();
+            prop_assert_eq!(
+                (parts.prefix, parts.environment, &parts.id, parts.plain),
+                ("kw", env.as_str(), &k.id, k.plain.expose())
+            );
         }
 
         /// Any single-character change in the checksummed body or the checksum itself is
@@ -288,6 +325,7 @@ mod tests {
             changed[pos] = new as u8;
             let changed = String::from_utf8(changed).unwrap();
             prop_assert!(parse(&changed, "kw").is_err());
+            prop_assert!(parse_parts(&changed, "kw").is_err());
         }
 
         /// Ids are held as bytes but must behave as the strings they were: the same text

@@ -97,7 +97,7 @@ pub async fn authenticate_token(
     app: &SharedState,
     presented: &str,
 ) -> Result<Arc<TokenRecord>, ApiError> {
-    let parsed = key_format::parse(presented, &app.config.key_prefix)
+    let parsed = key_format::parse_parts(presented, &app.config.key_prefix)
         .map_err(|_| ApiError::Unauthenticated("malformed admin token"))?;
     if parsed.environment != ADMIN_ENV {
         return Err(ApiError::Unauthenticated(
@@ -115,7 +115,9 @@ pub async fn authenticate_token(
         }
     };
     match token {
-        Some(t) if app.hasher.matches(&parsed.plain, &t.hash) && t.is_usable(app.now()) => Ok(t),
+        Some(t) if app.hasher.matches_text(parsed.plain, &t.hash) && t.is_usable(app.now()) => {
+            Ok(t)
+        }
         _ => Err(ApiError::Unauthenticated(
             "invalid, expired or revoked admin token",
         )),

@@ -260,7 +260,7 @@ async fn check(
     ask: &VerifyRequest,
     now: OffsetDateTime,
 ) -> Result<Outcome, ApiError> {
-    let Ok(parsed) = key_format::parse(key, &app.config.key_prefix) else {
+    let Ok(parsed) = key_format::parse_parts(key, &app.config.key_prefix) else {
         return Ok(Outcome::unknown(VerifyCode::Malformed, None));
     };
     if parsed.environment == ADMIN_ENV {
@@ -277,7 +277,7 @@ async fn check(
     let Some(record) = record else {
         return Ok(Outcome::unknown(VerifyCode::NotFound, Some(parsed.id)));
     };
-    if !app.hasher.matches(&parsed.plain, &record.hash) {
+    if !app.hasher.matches_text(parsed.plain, &record.hash) {
         // Right id, wrong secret: recorded against the key id, answered as unknown.
         return Ok(Outcome::unknown(VerifyCode::NotFound, Some(parsed.id)));
     }
