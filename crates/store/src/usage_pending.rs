@@ -42,7 +42,7 @@ pub(crate) struct Pending {
     /// The chunk a fold step is writing right now, out of `keys`: its deltas are in the
     /// tables once the step commits, and here until the step ends. Only point reads
     /// (which do not wait for folds) ever see it non-empty.
-    pub in_flight: HashMap<KeyId, KeyDelta>,
+    pub in_flight: HashMap<KeyId, std::sync::Arc<KeyDelta>>,
     /// Fold steps that have ended; a point read that saw this move while it read the
     /// tables reads again.
     pub folds: u64,

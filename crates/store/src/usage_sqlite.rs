@@ -85,7 +85,7 @@ impl SqliteUsageSink {
     pub fn append(&self, events: &[UsageEvent]) -> Result<()> {
         let mut conn = lock(&self.conn)?;
         // Heads of the batch's keys: pending ones from the overlay, the rest from the table.
-        let mut heads: HashMap<&KeyId, Option<i64>> = HashMap::new();
+        let mut heads: HashMap<&KeyId, Option<i64>> = HashMap::with_capacity(events.len());
         {
             let pending = lock(&self.pending)?;
             for id in events.iter().filter_map(|e| e.key_id.as_ref()) {
@@ -183,7 +183,9 @@ impl SqliteUsageSink {
             let mut chunk = Vec::with_capacity(ids.len());
             for id in ids {
                 if let Some(d) = pending.keys.remove(&id) {
-                    pending.in_flight.insert(id.clone(), d.clone());
+                    // Shared, not copied: a delta holds its subjects' strings.
+                    let d = Arc::new(d);
+                    pending.in_flight.insert(id.clone(), Arc::clone(&d));
                     chunk.push((id, d));
                 }
             }
@@ -231,9 +233,9 @@ impl SqliteUsageSink {
         if let Err(e) = result {
             // Put the chunk back; the next step retries it. Appends wait for this step
             // (they need the connection), so no key of the chunk has come back meanwhile.
-            for (id, d) in chunk.iter().rev() {
+            for (id, d) in chunk.into_iter().rev() {
                 pending.fold_queue.push(id.clone());
-                pending.keys.insert(id.clone(), d.clone());
+                pending.keys.insert(id, Arc::unwrap_or_clone(d));
             }
             return Err(e);
         }
