@@ -32,14 +32,18 @@ pub type Entry = Option<Arc<CachedKey>>;
 /// A cached record and the latest valid use this node has answered for it. The record's
 /// `last_used_at` is as of its load; without the stamp, a key used just before its idle
 /// deadline would read as idle on its next use, until the entry is reloaded.
+///
+/// `repr(C)`: the fields verify reads sit next to the reference count and to the
+/// record's own verify fields, which come first in [`KeyRecord`].
 #[derive(Debug)]
+#[repr(C)]
 pub struct CachedKey {
-    record: KeyRecord,
     seen_ms: std::sync::atomic::AtomicI64,
     /// What a VALID answer says of the key (`"key_id":…,"expires_at":…`), serialized
     /// once here: building it per answer read the record's scattered strings, cold at
     /// 100k keys, and allocated each of them again (`routes::verify::Outcome::body`).
     valid_fields: Box<str>,
+    record: KeyRecord,
 }
 
 /// The head that every VALID answer starts with; [`CachedKey::valid_fields`] follows it.
