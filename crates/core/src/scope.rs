@@ -45,10 +45,7 @@ impl Scope {
 
     /// Does this granted scope cover the requested one?
     pub fn covers(&self, requested: &Scope) -> bool {
-        match self.0.strip_suffix('*') {
-            Some(base) => requested.0.starts_with(base) && requested.0.len() > base.len(),
-            None => self.0 == requested.0,
-        }
+        covers_text(&self.0, &requested.0)
     }
 }
 
@@ -127,6 +124,30 @@ pub fn any_covers(granted: &[Scope], requested: &Scope) -> bool {
     granted.iter().any(|g| g.covers(requested))
 }
 
+/// Granted scopes packed into one string, one per line (no scope contains a newline),
+/// for callers that keep them next to other data rather than in a `Vec` of strings.
+pub fn pack(granted: &[Scope]) -> String {
+    granted
+        .iter()
+        .map(Scope::as_str)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// [`any_covers`] over scopes [`pack`]ed into one string.
+pub fn packed_covers(packed: &str, requested: &Scope) -> bool {
+    packed
+        .split('\n')
+        .any(|g| !g.is_empty() && covers_text(g, &requested.0))
+}
+
+fn covers_text(granted: &str, requested: &str) -> bool {
+    match granted.strip_suffix('*') {
+        Some(base) => requested.starts_with(base) && requested.len() > base.len(),
+        None => granted == requested,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +157,40 @@ mod tests {
     }
     fn r(s: &str) -> Scope {
         Scope::requested(s).unwrap()
+    }
+
+    /// Packed scopes answer exactly as the scopes they were packed from.
+    #[test]
+    fn packed_scopes_cover_as_the_scopes_do() {
+        let sets: [&[&str]; 5] = [
+            &["deploy:write"],
+            &["db:*", "deploy:write"],
+            &["*"],
+            &["a:b:*", "a", "x.y-z_0:read"],
+            &[],
+        ];
+        let asks = [
+            "deploy:write",
+            "deploy:read",
+            "db",
+            "db:orders:read",
+            "a",
+            "a:b",
+            "a:b:c",
+            "x.y-z_0:read",
+            "dbx:read",
+        ];
+        for set in sets {
+            let granted: Vec<Scope> = set.iter().map(|s| g(s)).collect();
+            let packed = pack(&granted);
+            for ask in asks {
+                assert_eq!(
+                    packed_covers(&packed, &r(ask)),
+                    any_covers(&granted, &r(ask)),
+                    "{set:?} asked {ask}"
+                );
+            }
+        }
     }
 
     #[test]

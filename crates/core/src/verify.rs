@@ -117,6 +117,19 @@ pub fn decide_with_idle(
     now: OffsetDateTime,
     idle: Option<&Idle>,
 ) -> Result<(), VerifyCode> {
+    decide_with(key, req, now, idle, |scope| any_covers(&key.scopes, scope))
+}
+
+/// [`decide_with_idle`], with the key's granted scopes checked by `covers`: the verify
+/// cache keeps them packed next to its answer (`scope::pack`), where reading them costs
+/// no cache lines of their own.
+pub fn decide_with(
+    key: &KeyRecord,
+    req: &VerifyRequest,
+    now: OffsetDateTime,
+    idle: Option<&Idle>,
+    covers: impl Fn(&Scope) -> bool,
+) -> Result<(), VerifyCode> {
     let owner_gone = key.state_reason.as_deref() == Some(crate::lifecycle::OWNER_DISABLED);
     match key.effective_state(now) {
         KeyState::Revoked | KeyState::Suspended if owner_gone => {
@@ -148,7 +161,7 @@ pub fn decide_with_idle(
         }
     }
     if let Some(scope) = &req.scope {
-        if !any_covers(&key.scopes, scope) {
+        if !covers(scope) {
             return Err(VerifyCode::ScopeDenied);
         }
     }

@@ -39,10 +39,14 @@ pub type Entry = Option<Arc<CachedKey>>;
 #[repr(C)]
 pub struct CachedKey {
     seen_ms: std::sync::atomic::AtomicI64,
-    /// What a VALID answer says of the key (`"key_id":…,"expires_at":…`), serialized
-    /// once here: building it per answer read the record's scattered strings, cold at
-    /// 100k keys, and allocated each of them again (`routes::verify::Outcome::body`).
-    valid_fields: Box<str>,
+    /// The granted scopes, packed (`scope::pack`), then what a VALID answer says of the
+    /// key (`"key_id":…,"expires_at":…`), serialized once here: building it per answer
+    /// read the record's scattered strings, cold at 100k keys, and allocated each of them
+    /// again (`routes::verify::Outcome::body`). One allocation: a verify checks the scope
+    /// and then answers, and the scopes' own `Vec` and strings were two more cold lines.
+    text: Box<str>,
+    /// Where the answer's fields start in `text`.
+    scopes_end: usize,
     record: KeyRecord,
 }
 
@@ -64,20 +68,30 @@ impl CachedKey {
         .ok()
         .and_then(|json| {
             let fields = json.strip_prefix(VALID_HEAD)?.strip_suffix('}')?;
-            Some(fields.into())
+            Some(fields.to_owned())
         })
         .unwrap_or_default();
+        let mut text = keywarden_core::scope::pack(&record.scopes);
+        let scopes_end = text.len();
+        text.push_str(&valid_fields);
         Self {
             record,
             seen_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
-            valid_fields,
+            text: text.into_boxed_str(),
+            scopes_end,
         }
     }
 
     /// The fields of a VALID answer, JSON without braces; empty if they could not be
     /// serialized (the caller then builds the answer field by field).
     pub fn valid_fields(&self) -> &str {
-        &self.valid_fields
+        self.text.get(self.scopes_end..).unwrap_or_default()
+    }
+
+    /// Whether the key's granted scopes cover `requested`.
+    pub fn covers(&self, requested: &keywarden_core::scope::Scope) -> bool {
+        let packed = self.text.get(..self.scopes_end).unwrap_or_default();
+        keywarden_core::scope::packed_covers(packed, requested)
     }
 
     pub fn mark_seen(&self, at: time::OffsetDateTime) {

@@ -13,7 +13,7 @@ use keywarden_core::key_format::{self, ADMIN_ENV};
 use keywarden_core::model::UsageEvent;
 use keywarden_core::role::Permission;
 use keywarden_core::scope::Scope;
-use keywarden_core::verify::{decide_with_idle, Idle, VerifyCode, VerifyRequest};
+use keywarden_core::verify::{decide_with, Idle, VerifyCode, VerifyRequest};
 use keywarden_core::{validate, KeyId};
 use keywarden_proto::{codes, ErrorBody, VerifyRequest as WireRequest, VerifyResponse};
 use time::OffsetDateTime;
@@ -292,7 +292,7 @@ async fn check(
         expiry: app.with_cached_policy(|p| p.rules_for(&record.environment).idle_expiry),
         last_seen: record.last_seen(),
     };
-    if let Err(code) = decide_with_idle(&record, ask, now, Some(&idle)) {
+    if let Err(code) = decide_with(&record, ask, now, Some(&idle), |s| record.covers(s)) {
         outcome.code = code;
         return Ok(outcome);
     }
@@ -430,6 +430,11 @@ mod tests {
                 );
             }
         }
+        // The packed scopes sit before the answer's fields and answer like the record's.
+        let ask = |s: &str| Scope::requested(s).unwrap();
+        assert!(keys[0].covers(&ask("db:orders:read")) && keys[0].covers(&ask("deploy:write")));
+        assert!(!keys[0].covers(&ask("deploy:read")) && !keys[0].covers(&ask("db")));
+        assert!(keys[1].covers(&ask("anything:at:all")));
         let body = outcome(VerifyCode::Malformed, None, None).body();
         assert_eq!(body, br#"{"valid":false,"code":"MALFORMED"}"#);
     }
