@@ -98,7 +98,7 @@ pub struct VerifyRequest {
 /// Order: terminal states first (so a revoked key always says REVOKED), then time, then
 /// reversible state, then the request's fit (environment, source, scope).
 pub fn decide(key: &KeyRecord, req: &VerifyRequest, now: OffsetDateTime) -> Result<(), VerifyCode> {
-    decide_with_idle(key, req, now, None)
+    decide_with(key, req, now, None, |scope| any_covers(&key.scopes, scope))
 }
 
 /// The idle rule for a verify: how long an active key may go unused, and the latest use
@@ -110,19 +110,9 @@ pub struct Idle {
 }
 
 /// [`decide`], and an active key unused for `idle.expiry` answers IDLE_EXPIRED, whether
-/// or not the enforcer has recorded it yet.
-pub fn decide_with_idle(
-    key: &KeyRecord,
-    req: &VerifyRequest,
-    now: OffsetDateTime,
-    idle: Option<&Idle>,
-) -> Result<(), VerifyCode> {
-    decide_with(key, req, now, idle, |scope| any_covers(&key.scopes, scope))
-}
-
-/// [`decide_with_idle`], with the key's granted scopes checked by `covers`: the verify
-/// cache keeps them packed next to its answer (`scope::pack`), where reading them costs
-/// no cache lines of their own.
+/// or not the enforcer has recorded it yet. The key's granted scopes are checked by
+/// `covers`: the verify cache keeps them packed next to its answer (`scope::pack`),
+/// where reading them costs no cache lines of their own.
 pub fn decide_with(
     key: &KeyRecord,
     req: &VerifyRequest,
