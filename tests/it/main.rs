@@ -6,6 +6,8 @@ mod alerts;
 mod audit;
 mod auth;
 mod cluster;
+mod datadir;
+mod faults;
 mod gateway;
 mod harness;
 mod input;

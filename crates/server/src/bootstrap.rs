@@ -38,6 +38,21 @@ pub enum BootstrapError {
     },
     #[error("audit signing key {0}: expected 64 hex characters (an Ed25519 seed)")]
     SigningKeyInvalid(String),
+    #[error(
+        "data directory {path} is in use by another keywarden server ({holder}); stop it, \
+         or give this one its own --data-dir"
+    )]
+    DataDirInUse { path: String, holder: String },
+    #[error("lock file {path}: {source}")]
+    LockFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("database file {path}: {source}")]
+    DatabaseFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("admin token file {path}: {source}")]
     TokenFile {
         path: String,
@@ -53,6 +68,110 @@ pub fn ensure_data_dir(dir: &Path) -> Result<(), BootstrapError> {
     if !dir.exists() {
         fs::create_dir_all(dir).map_err(err)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// An exclusive lock on `<data-dir>/serve.lock`, held for the server's life. Two servers
+/// on one SQLite database would each trust their own cache and run their own enforcer
+/// and dispatcher, so the second must not start. The file names the holder (pid, and the
+/// listen address once bound) for the message the second one prints.
+#[derive(Debug)]
+pub struct DataDirLock {
+    file: fs::File,
+    path: std::path::PathBuf,
+}
+
+pub const LOCK_FILE: &str = "serve.lock";
+
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, BootstrapError> {
+    let path = dir.join(LOCK_FILE);
+    let io = |source| BootstrapError::LockFile {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            return Err(BootstrapError::DataDirInUse {
+                path: dir.display().to_string(),
+                holder: if holder.is_empty() {
+                    "holder unknown".to_owned()
+                } else {
+                    holder.to_owned()
+                },
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    let lock = DataDirLock {
+        file,
+        path: path.clone(),
+    };
+    lock.record(None).map_err(io)?;
+    Ok(lock)
+}
+
+impl DataDirLock {
+    /// Writes who holds the lock: `pid N` and, once known, `listening on ADDR`.
+    pub fn record(&self, listen: Option<std::net::SocketAddr>) -> std::io::Result<()> {
+        let mut text = format!("pid {}", std::process::id());
+        if let Some(addr) = listen {
+            text.push_str(&format!(", listening on {addr}"));
+        }
+        text.push('\n');
+        let mut f = &self.file;
+        f.set_len(0)?;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_data()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Creates the SQLite database file 0600 before SQLite does (it would follow the umask,
+/// usually 0644), and tightens an existing one and its `-wal`/`-shm` files: they hold
+/// key hashes, owners and webhook URLs that may carry tokens. SQLite gives the `-wal`
+/// and `-shm` files it creates the database file's mode.
+pub fn protect_database_file(db: &Path) -> Result<(), BootstrapError> {
+    let err = |source| BootstrapError::DatabaseFile {
+        path: db.display().to_string(),
+        source,
+    };
+    if !db.exists() {
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(db)
+            .map_err(err)?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let path = std::path::PathBuf::from(name);
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o700)).map_err(err)?;
+            tracing::warn!(path = %path.display(), was = format!("{:o}", mode & 0o777), "database file was readable by others; made it 0600");
+        }
     }
     Ok(())
 }

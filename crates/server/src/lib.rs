@@ -291,10 +291,23 @@ pub struct RunningServer {
     dispatcher: JoinHandle<()>,
     alerts: JoinHandle<()>,
     sync: JoinHandle<()>,
+    /// Released when the server has stopped (SQLite only).
+    data_lock: Option<bootstrap::DataDirLock>,
 }
 
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer, StartError> {
     bootstrap::ensure_data_dir(&config.data_dir)?;
+    // Several nodes share a PostgreSQL database by design; a SQLite database belongs to
+    // one server.
+    let sqlite_file = keywarden_store::sqlite_file(&config.database_url());
+    let data_lock = match &sqlite_file {
+        Some(db) => {
+            let lock = bootstrap::lock_data_dir(&config.data_dir)?;
+            bootstrap::protect_database_file(db)?;
+            Some(lock)
+        }
+        None => None,
+    };
     keywarden_core::key_format::validate_prefix(&config.key_prefix)
         .map_err(bootstrap::BootstrapError::from)?;
     let hasher = bootstrap::load_hasher(&config.data_dir, config.pepper.as_deref())?;
@@ -328,6 +341,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         addr: config.listen,
         source,
     })?;
+    if let Some(lock) = &data_lock {
+        lock.record(Some(addr))
+            .map_err(|source| bootstrap::BootstrapError::LockFile {
+                path: lock.path().display().to_string(),
+                source,
+            })?;
+    }
     let outbound = outbound::Outbound::new(config.outbound_allow.clone(), config.webhook_timeout)?;
     let (alerts_tx, alerts_rx) = alerts::channel();
     let links = state::Links {
@@ -378,6 +398,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         dispatcher,
         alerts,
         sync,
+        data_lock,
     })
 }
 
@@ -408,6 +429,7 @@ impl RunningServer {
             tracing::error!(error = %e, "usage writer task failed");
         }
         self.state.store.close().await;
+        drop(self.data_lock);
         tracing::info!("keywarden stopped");
     }
 }

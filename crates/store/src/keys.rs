@@ -321,15 +321,22 @@ impl Store {
     /// Counts one use against a key's cap, atomically in the database so that concurrent
     /// verifies (on any node) cannot overspend it. Returns the uses left after this one,
     /// or `None` when the cap was already reached.
+    ///
+    /// Spends one use of a capped key. `Some(remaining)` only once the spend is durably
+    /// committed: in autocommit, SQLite commits an `UPDATE … RETURNING` only when the
+    /// statement is reset after its row was read, and that commit's error (a full disk, a
+    /// read-only file) never reached the caller, so a cap could answer VALID without
+    /// being spent. An explicit transaction makes the commit's failure an error.
     pub async fn consume_use(&self, id: &KeyId) -> Result<Option<u64>> {
-        let _turn = self.write_turn().await;
+        let mut tx = self.begin_quiet_write().await?;
         let row = sqlx::query(
             "UPDATE keys SET uses = uses + 1 WHERE id = $1 AND max_uses IS NOT NULL \
              AND uses < max_uses RETURNING max_uses - uses AS remaining",
         )
         .bind(id.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut **tx)
         .await?;
+        tx.commit().await?;
         match row {
             Some(row) => {
                 let remaining: i64 = row.try_get("remaining")?;

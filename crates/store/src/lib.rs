@@ -26,7 +26,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, Connection, Executor};
 
 pub use audit::{ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder, KeyEvent};
 pub use cluster::{ChangeListener, Changes, Leadership, CHANNEL};
@@ -114,6 +114,11 @@ pub struct Store {
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// The database file of a SQLite URL; `None` for any other URL.
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    sqlite_path(url).ok()
+}
+
 /// The file behind `sqlite://PATH?…` or `sqlite:PATH`.
 fn sqlite_path(url: &str) -> Result<std::path::PathBuf> {
     let rest = url
@@ -149,6 +154,20 @@ impl Store {
                 Backend::Postgres => 16,
             })
             .acquire_timeout(Duration::from_secs(10))
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    // A transaction whose COMMIT or ROLLBACK failed (a full disk makes SQLite
+                    // roll back by itself, and then ROLLBACK fails too) leaves sqlx counting
+                    // an open transaction, and every later `begin` on that connection fails.
+                    // The ping waits for the rollback queued on drop; a connection still in
+                    // a transaction after it is closed, not reused.
+                    if !conn.is_in_transaction() {
+                        return Ok(true);
+                    }
+                    conn.ping().await?;
+                    Ok(!conn.is_in_transaction())
+                })
+            })
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
