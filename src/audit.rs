@@ -82,7 +82,31 @@ pub async fn run(cli: &Cli, cmd: &AuditCommand) -> Result<u8> {
             archives,
         } => verify(cli, &c, checkpoints, archives).await,
         AuditCommand::Archive { before, out } => archive(cli, &c, before, out).await,
+        AuditCommand::Quarantine => quarantine(cli, &c).await,
     }
+}
+
+async fn quarantine(cli: &Cli, c: &Client) -> Result<u8> {
+    let q = c.audit_quarantine().await?;
+    print(cli, &q, |q| {
+        if q.audit_seqs.is_empty() && q.event_seqs.is_empty() {
+            format!("nothing past the recorded head (seq {})", q.head_seq)
+        } else {
+            format!(
+                "moved to quarantine: {} audit entr{} ({}) and {} outbox event(s) past seq {}",
+                q.audit_seqs.len(),
+                if q.audit_seqs.len() == 1 { "y" } else { "ies" },
+                q.audit_seqs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                q.event_seqs.len(),
+                q.head_seq
+            )
+        }
+    })?;
+    Ok(0)
 }
 
 /// A command-line time: RFC 3339, a date (midnight UTC), or a duration ago (`24h`).
@@ -453,7 +477,10 @@ async fn verify(
             }
         }
     }
-    let report: WalkReport = walk.finish(Some((chain.head_seq, head_hash)));
+    let mut report: WalkReport = walk.finish(Some((chain.head_seq, head_hash)));
+    // The head read before the export bounds truncation; the one read after it bounds
+    // what the store itself can have written (entries past it were forged).
+    report.check_past_head(c.audit_chain().await?.head_seq);
     let outcome = VerifyOutcome {
         intact: report.broken.is_none(),
         checked: report.checked,

@@ -268,6 +268,11 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub outbound_allow: Vec<String>,
+    /// Send webhooks through this HTTP proxy (http://host:port). The proxy environment
+    /// variables (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY) are ignored; targets are still
+    /// judged against --outbound-allow.
+    #[arg(long = "outbound-proxy", env = "KEYWARDEN_OUTBOUND_PROXY")]
+    pub outbound_proxy: Option<String>,
     /// How long a failing webhook delivery is retried before it is abandoned (at least
     /// 1h), e.g. 72h.
     #[arg(long, env = "KEYWARDEN_WEBHOOK_RETRY_FOR", default_value = "72h")]
@@ -495,4 +500,8 @@ pub enum AuditCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Move rows found past the trail's recorded head (written around keywarden, which
+    /// `audit verify` reports as `appended`) into the quarantine table, so that audited
+    /// writes, refused while they are there, go on. The move is itself audited.
+    Quarantine,
 }

@@ -136,6 +136,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
                 .with_context(|| format!("--outbound-allow {c:?} is not a CIDR"))
         })
         .collect::<Result<_>>()?;
+    config.outbound_proxy = args.outbound_proxy.clone();
     if let Some(path) = &args.gateway_map {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the gateway map {}", path.display()))?;
@@ -445,6 +446,9 @@ async fn owner(cli: &Cli, cmd: &cli::OwnerCommand) -> Result<u8> {
         let mut s = output::owners_table(std::slice::from_ref(&ch.owner));
         if !ch.keys.is_empty() {
             s.push_str(&format!("\nkeys acted on: {}", ch.keys.join(", ")));
+        }
+        if !ch.tokens.is_empty() {
+            s.push_str(&format!("\nadmin tokens revoked: {}", ch.tokens.join(", ")));
         }
         s
     };

@@ -220,7 +220,11 @@ pub fn owners_table(owners: &[OwnerView]) -> String {
         t.add_row(vec![
             o.identity.clone(),
             o.display_name.clone(),
-            o.status.clone(),
+            if o.registered {
+                o.status.clone()
+            } else {
+                format!("{} (holds keys, not registered)", o.status)
+            },
             opt(&o.manager),
             ts(o.updated_at),
         ]);

@@ -25,6 +25,7 @@ on_both_backends!(
     entries_from_before_the_chain_are_sealed_on_open,
     expiry_is_a_recorded_state_change,
     concurrent_changes_keep_one_chain,
+    forged_entry_past_the_head_is_named_and_quarantined,
 );
 
 async fn cli(s: &TestServer, args: &[&str]) -> (i32, String, String) {
@@ -1006,5 +1007,89 @@ async fn concurrent_changes_keep_one_chain(b: Backend) {
     assert_eq!((rc, brk), (0, None), "{v}");
     assert_eq!(v["checked"], 81);
     let s = std::sync::Arc::into_inner(s).expect("tasks are done");
+    s.stop().await;
+}
+
+/// A forger appends a correctly chained entry past the stored head. Verify names it
+/// (`appended`), every audited write refuses with a message naming the repair, and
+/// `audit quarantine` moves it out (kept as evidence, itself audited) so writes go on.
+async fn forged_entry_past_the_head_is_named_and_quarantined(b: Backend) {
+    let (s, _dir) = trail_of_nine(b).await;
+    let (id, secret) = s.create_key(key_body("victim")).await;
+    let auditor = s.token("auditor", None).await;
+    let entries = stored(&s).await;
+    let last = entries.last().unwrap().clone();
+    let mut forged_entry = last.entry.clone();
+    forged_entry.action = "key.created".to_owned();
+    forged_entry.target = "key:forged0000000000".to_owned();
+    let forged = SealedEntry::seal(last.seq + 1, forged_entry, last.hash);
+    let mut sql = Vec::new();
+    let q = |v: &str| format!("'{}'", v.replace('\'', "''"));
+    let opt = |v: &Option<String>| v.as_deref().map_or("NULL".to_owned(), q);
+    sql.push(format!(
+        "INSERT INTO audit_events (seq, {DATA_COLUMNS}) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
+        forged.seq,
+        keywarden_core::clock::to_millis(forged.entry.time),
+        q(&forged.entry.actor.id),
+        q(&forged.entry.actor.name),
+        opt(&forged.entry.actor.source_ip),
+        opt(&forged.entry.actor.user_agent),
+        opt(&forged.entry.actor.request_id),
+        q(&forged.entry.action),
+        q(&forged.entry.target),
+        opt(&forged.entry.reason),
+        q(&forged.entry.details),
+        q(&to_hex(&forged.prev_hash)),
+        q(&to_hex(&forged.hash)),
+    ));
+    let refs: Vec<&str> = sql.iter().map(String::as_str).collect();
+    s.sql(&refs).await;
+
+    let (rc, brk, v) = verify(&s, &[]).await;
+    assert_eq!(
+        (rc, brk),
+        (1, Some(("appended".to_owned(), forged.seq))),
+        "{v}"
+    );
+
+    let (status, v) = s
+        .post(&format!("/v1/keys/{id}/revoke"), json!({"reason": "test"}))
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert_eq!(v["error"]["code"], "AUDIT_TRAIL_TAMPERED", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("keywarden audit quarantine"), "{message}");
+    assert_eq!(s.verify_code(&secret).await, "VALID", "nothing was changed");
+
+    // Only an admin may repair.
+    let (status, _) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/audit/quarantine",
+            Some(&auditor),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let (rc, out, err) = cli(&s, &["audit", "quarantine"]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains(&forged.seq.to_string()), "{out}");
+    let (status, v) = s
+        .post(&format!("/v1/keys/{id}/revoke"), json!({"reason": "test"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (rc, brk, v) = verify(&s, &[]).await;
+    assert_eq!((rc, brk), (0, None), "{v}");
+    let all = all_entries(&s).await;
+    let repair = all
+        .iter()
+        .find(|e| e["action"] == "audit.quarantined")
+        .expect("the repair is audited");
+    assert_eq!(
+        repair["details"]["audit_seqs"],
+        json!([forged.seq]),
+        "{repair}"
+    );
     s.stop().await;
 }

@@ -13,6 +13,7 @@ mod harness;
 mod input;
 mod lifecycle;
 mod openapi;
+mod outbound;
 mod owners;
 mod policy;
 pub mod process;

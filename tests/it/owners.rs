@@ -7,7 +7,13 @@ use serde_json::{json, Value};
 use crate::harness::{key_body, Backend, TestServer};
 use crate::on_both_backends;
 
-on_both_backends!(disabling_an_owner_acts_on_every_key_at_once);
+on_both_backends!(
+    disabling_an_owner_acts_on_every_key_at_once,
+    owner_spellings_are_one_person,
+    owners_never_registered_can_be_offboarded,
+    disabling_an_owner_revokes_their_admin_tokens,
+    policy_can_require_registered_owners,
+);
 
 fn body(name: &str, owner: &str, env: &str) -> Value {
     let mut b = key_body(name);
@@ -151,8 +157,20 @@ async fn disabling_an_owner_acts_on_every_key_at_once(b: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    // Offboarding someone never seen registers them, disabled: no key can be issued
+    // to them later.
     let (status, v) = s
         .post("/v1/owners/nobody@example.com/disable", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["owner"]["status"], "disabled", "{v}");
+    assert_eq!(v["keys"], json!([]), "{v}");
+    let (status, v) = s
+        .post("/v1/owners/nobody@example.com/enable", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, v) = s
+        .post("/v1/owners/never-seen@example.com/enable", json!({}))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(v["error"]["code"], "OWNER_NOT_FOUND");
@@ -161,5 +179,168 @@ async fn disabling_an_owner_acts_on_every_key_at_once(b: Backend) {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(v["error"]["violations"].as_array().unwrap().len(), 2, "{v}");
+    s.stop().await;
+}
+
+async fn disable(s: &TestServer, identity: &str) -> (StatusCode, Value) {
+    s.post(&format!("/v1/owners/{identity}/disable"), json!({}))
+        .await
+}
+
+/// `Dora@example.com`, `DORA@EXAMPLE.COM` and `dora@example.com` are one owner: disabling
+/// one spelling takes the keys of all, and no spelling gets a new key afterwards.
+async fn owner_spellings_are_one_person(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (status, v) = s
+        .post(
+            "/v1/owners",
+            json!({"identity": "dora@example.com", "display_name": "Dora"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (k1, k1_secret) = s.create_key(body("k1", "Dora@example.com", "prod")).await;
+    let (_, k2_secret) = s.create_key(body("k2", "DORA@EXAMPLE.COM", "prod")).await;
+    let (status, v) = s.get(&format!("/v1/keys/{k1}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["owner"], "dora@example.com", "stored in one spelling");
+
+    let (status, v) = disable(&s, "dora@example.com").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["keys"].as_array().unwrap().len(), 2, "{v}");
+    for secret in [&k1_secret, &k2_secret] {
+        assert_eq!(s.verify_code(secret).await, "OWNER_DISABLED");
+    }
+    let (status, v) = s
+        .post("/v1/keys", body("k3", "DORA@example.com", "prod"))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["code"], "OWNER_DISABLED", "{v}");
+    let (status, v) = s.get("/v1/owners/Dora@Example.COM").await;
+    assert_eq!(
+        (status, v["status"].clone()),
+        (StatusCode::OK, json!("disabled"))
+    );
+    // Listing by owner finds the keys whatever the spelling asked for.
+    let (_, v) = s.get("/v1/keys?owner=DORA@example.com").await;
+    assert_eq!(v["keys"].as_array().unwrap().len(), 2, "{v}");
+    s.stop().await;
+}
+
+/// An owner who holds keys but was never registered is known: shown, listed, and
+/// disabled (which registers them, disabled) with their keys.
+async fn owners_never_registered_can_be_offboarded(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (_, secret) = s.create_key(body("e1", "erin@example.com", "prod")).await;
+    let (status, v) = s.get("/v1/owners/erin@example.com").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["registered"].clone(), v["status"].clone()),
+        (json!(false), json!("active"))
+    );
+    let (_, v) = s.get("/v1/owners").await;
+    assert!(
+        v["owners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["identity"] == "erin@example.com"),
+        "{v}"
+    );
+
+    let (status, v) = disable(&s, "erin@example.com").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["owner"]["registered"], true, "{v}");
+    assert_eq!(v["owner"]["status"], "disabled", "{v}");
+    assert_eq!(s.verify_code(&secret).await, "OWNER_DISABLED");
+    let (status, v) = s
+        .post("/v1/keys", body("e2", "erin@example.com", "prod"))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    // Someone with no keys and no registration is still unknown.
+    let (status, _) = s.get("/v1/owners/nobody@example.com").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    s.stop().await;
+}
+
+/// Disabling an owner revokes their admin tokens in the same transaction: an issuer
+/// token of theirs can no longer issue keys, and the answer names the tokens.
+async fn disabling_an_owner_revokes_their_admin_tokens(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (status, v) = s
+        .post(
+            "/v1/tokens",
+            json!({"name": "frank-ci", "role": "issuer", "owner": "Frank@example.com"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let token = v["secret"].as_str().unwrap().to_owned();
+    let token_id = v["token"]["id"].as_str().unwrap().to_owned();
+    // Used once, so that a cached copy of the token exists.
+    let (status, v) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/keys",
+            Some(&token),
+            Some(body("f1", "frank@example.com", "prod")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+
+    let (status, v) = disable(&s, "frank@example.com").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["tokens"], json!([token_id]), "{v}");
+    let (status, v) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/keys",
+            Some(&token),
+            Some(body("f2", "grace@example.com", "prod")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    let (_, v) = s.get(&format!("/v1/audit?target=token:{token_id}")).await;
+    let actions: Vec<&str> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(actions.contains(&"token.revoked"), "{v}");
+    s.stop().await;
+}
+
+/// `require_registered_owner` refuses keys for owners not in the registry.
+async fn policy_can_require_registered_owners(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (status, v) = s
+        .call(
+            reqwest::Method::PUT,
+            "/v1/policy",
+            Some(&s.admin),
+            Some(json!({"policy": "[environments.prod]\nrequire_registered_owner = true\n"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, v) = s
+        .post("/v1/keys", body("h1", "heidi@example.com", "prod"))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["code"], "POLICY_OWNER_NOT_REGISTERED", "{v}");
+    // Other environments are not bound by it.
+    let (status, v) = s
+        .post("/v1/keys", body("h2", "heidi@example.com", "dev"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (status, _) = s
+        .post(
+            "/v1/owners",
+            json!({"identity": "Heidi@example.com", "display_name": "Heidi"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, v) = s
+        .post("/v1/keys", body("h3", "heidi@example.com", "prod"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
     s.stop().await;
 }

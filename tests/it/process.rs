@@ -30,6 +30,11 @@ fn serve(data_dir: &Path) -> Served {
 
 /// `keywarden serve` in a child process with more arguments (a database, intervals).
 pub fn serve_with(data_dir: &Path, extra: &[&str]) -> Served {
+    serve_with_env(data_dir, extra, &[])
+}
+
+/// `serve_with`, with more environment variables for the server.
+pub fn serve_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Served {
     let mut child = bin()
         .args([
             "serve",
@@ -42,6 +47,7 @@ pub fn serve_with(data_dir: &Path, extra: &[&str]) -> Served {
         .env("KEYWARDEN_DATA_DIR", data_dir)
         .env("KEYWARDEN_LOG", "trace")
         .env_remove("KEYWARDEN_TOKEN")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

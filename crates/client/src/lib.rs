@@ -6,8 +6,8 @@ use std::time::Duration;
 use keywarden_proto::{
     ArchiveRequest, ArchiveView, AuditChainView, AuditPage, CheckpointRequest, CheckpointView,
     CreateKeyRequest, CreateTokenRequest, CreatedKey, CreatedToken, ErrorBody, Health, KeyList,
-    KeyView, RotateRequest, RotatedKey, StateChangeRequest, TokenList, TokenView, UsageList,
-    VerifyRequest, VerifyResponse,
+    KeyView, QuarantineView, RotateRequest, RotatedKey, StateChangeRequest, TokenList, TokenView,
+    UsageList, VerifyRequest, VerifyResponse,
 };
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -388,6 +388,11 @@ impl Client {
 
     pub async fn audit_archive(&self, req: &ArchiveRequest) -> Result<ArchiveView> {
         self.post("/v1/audit/archives", req).await
+    }
+
+    pub async fn audit_quarantine(&self) -> Result<QuarantineView> {
+        self.post("/v1/audit/quarantine", &serde_json::json!({}))
+            .await
     }
 
     /// `GET /v1/audit/export`, streamed.

@@ -309,6 +309,8 @@ pub enum BreakKind {
     Reordered,
     Truncated,
     Replaced,
+    /// Entries past the last one the store recorded writing: added around it.
+    Appended,
 }
 
 impl BreakKind {
@@ -320,6 +322,7 @@ impl BreakKind {
             Self::Reordered => "reordered",
             Self::Truncated => "truncated",
             Self::Replaced => "replaced",
+            Self::Appended => "appended",
         }
     }
 }
@@ -356,6 +359,30 @@ pub struct WalkReport {
     /// The last intact entry.
     pub last: Option<(i64, ChainHash)>,
     pub broken: Option<Break>,
+}
+
+impl WalkReport {
+    /// Judges the end of an intact walk against the head the store recorded once the
+    /// walk's entries were read (read after them, so that entries written meanwhile by
+    /// the store itself are below it): entries past it were written around the store.
+    pub fn check_past_head(&mut self, head_seq: i64) {
+        if self.broken.is_some() {
+            return;
+        }
+        if let Some((last, _)) = self.last {
+            if last > head_seq {
+                self.broken = Some(Break {
+                    kind: BreakKind::Appended,
+                    seq: head_seq + 1,
+                    detail: format!(
+                        "entries {} to {last} lie past the last entry the store recorded \
+                         writing ({head_seq}): they were written around it",
+                        head_seq + 1
+                    ),
+                });
+            }
+        }
+    }
 }
 
 impl ChainWalk {

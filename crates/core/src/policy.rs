@@ -48,6 +48,9 @@ pub struct Rules {
     /// A key unused this long expires (`IDLE_EXPIRED`).
     pub idle_expiry: Duration,
     pub require_owner: bool,
+    /// Keys may only be issued to owners in the registry (`owner add`, SCIM), so that
+    /// every key holder is one the identity provider can offboard.
+    pub require_registered_owner: bool,
     pub require_systems: bool,
     /// Scopes a key may be granted: each granted scope must be covered by one of these.
     /// `None`: any scope.
@@ -73,6 +76,7 @@ impl Default for Rules {
             max_ttl: Duration::days(365),
             idle_expiry: Duration::days(30),
             require_owner: true,
+            require_registered_owner: false,
             require_systems: false,
             allowed_scopes: None,
             forbid_wildcards: false,
@@ -96,6 +100,7 @@ struct Section {
     max_ttl: Option<String>,
     idle_expiry: Option<String>,
     require_owner: Option<bool>,
+    require_registered_owner: Option<bool>,
     require_systems: Option<bool>,
     allowed_scopes: Option<Vec<String>>,
     forbid_wildcards: Option<bool>,
@@ -226,6 +231,9 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
         r.allowed_scopes = Some(scopes);
     }
     r.require_owner = s.require_owner.unwrap_or(r.require_owner);
+    r.require_registered_owner = s
+        .require_registered_owner
+        .unwrap_or(r.require_registered_owner);
     r.require_systems = s.require_systems.unwrap_or(r.require_systems);
     r.forbid_wildcards = s.forbid_wildcards.unwrap_or(r.forbid_wildcards);
     r.require_cidrs = s.require_cidrs.unwrap_or(r.require_cidrs);

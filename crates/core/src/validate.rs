@@ -69,6 +69,14 @@ pub fn display_name(field: &str, s: &str) -> Result<(), FieldError> {
     }
 }
 
+/// The one spelling of an owner identity that keywarden stores and compares: identities
+/// are ASCII (see [`owner`]) and compare case-insensitively, as e-mail addresses and SCIM
+/// userNames do in practice, so `Dora@Example.com` and `dora@example.com` are one person
+/// (offboarding one must take the keys of both spellings).
+pub fn canonical_owner(s: &str) -> String {
+    s.to_ascii_lowercase()
+}
+
 /// An owner identity: an e-mail address or a user name.
 pub fn owner(s: &str) -> Result<(), FieldError> {
     if is_label(s, 254, b"._-+@") && s.matches('@').count() <= 1 && !s.ends_with('@') {

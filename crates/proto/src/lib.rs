@@ -550,6 +550,18 @@ pub struct ArchiveView {
     pub archived_by: String,
 }
 
+/// Rows that were found past the audit trail's recorded head (written around keywarden)
+/// and moved into the quarantine table, where they are kept as evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct QuarantineView {
+    /// The recorded head: the chain's last real entry before the repair.
+    pub head_seq: i64,
+    /// The seqs moved out of the audit trail.
+    pub audit_seqs: Vec<i64>,
+    /// The seqs moved out of the key event outbox.
+    pub event_seqs: Vec<i64>,
+}
+
 /// Where the chain stands: its last entry, the archived ranges before the live table, and
 /// the public key that signs checkpoints.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -604,10 +616,16 @@ pub struct PolicyView {
 /// A person keys belong to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OwnerView {
+    /// Lower-case: identities compare case-insensitively (`Dora@Example.com` is
+    /// `dora@example.com`), as e-mail addresses and SCIM userNames do.
     pub identity: String,
     pub display_name: String,
     /// `active` or `disabled`.
     pub status: String,
+    /// False for an owner who holds keys but was never registered (`owner add`, SCIM);
+    /// such an owner can still be disabled, which registers them.
+    #[serde(default = "registered_default")]
+    pub registered: bool,
     pub manager: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -635,6 +653,13 @@ pub struct OwnerStatusChange {
     pub owner: OwnerView,
     /// Ids of the keys revoked or suspended by a disable.
     pub keys: Vec<String>,
+    /// Ids of the owner's admin tokens revoked by a disable (in the same transaction).
+    #[serde(default)]
+    pub tokens: Vec<String>,
+}
+
+fn registered_default() -> bool {
+    true
 }
 
 /// One thing the enforcer did, or would do, to a key, and why.
@@ -708,6 +733,11 @@ pub mod codes {
     pub const INTERNAL: &str = "INTERNAL";
     pub const AUDIT_ENTRY_NOT_FOUND: &str = "AUDIT_ENTRY_NOT_FOUND";
     pub const ARCHIVE_MISMATCH: &str = "ARCHIVE_MISMATCH";
+    /// Rows past the audit trail's recorded head: audited writes are refused until
+    /// `POST /v1/audit/quarantine` moves them out.
+    /// The environment's policy requires the owner to be registered first.
+    pub const POLICY_OWNER_NOT_REGISTERED: &str = "POLICY_OWNER_NOT_REGISTERED";
+    pub const AUDIT_TRAIL_TAMPERED: &str = "AUDIT_TRAIL_TAMPERED";
     pub const POLICY_INVALID: &str = "POLICY_INVALID";
     pub const OWNER_NOT_FOUND: &str = "OWNER_NOT_FOUND";
     pub const OWNER_DISABLED: &str = "OWNER_DISABLED";

@@ -42,6 +42,9 @@ pub struct Config {
     /// Networks outbound requests (webhooks) may reach besides the public internet.
     /// Loopback and private addresses are refused unless listed here.
     pub outbound_allow: Vec<IpNet>,
+    /// An HTTP proxy for every outbound request; the guard still judges the target.
+    /// Proxy environment variables are ignored.
+    pub outbound_proxy: Option<String>,
     /// How long one webhook request may take.
     pub webhook_timeout: Duration,
     /// How long a failing delivery is retried before it is abandoned.
@@ -84,6 +87,7 @@ impl Config {
             verify_cache_ttl: Duration::from_secs(60),
             enforcer_interval: Duration::from_secs(60),
             outbound_allow: Vec::new(),
+            outbound_proxy: None,
             webhook_timeout: Duration::from_secs(10),
             webhook_retry_for: Duration::from_secs(72 * 3600),
             webhook_backoff: Duration::from_secs(2),

@@ -113,6 +113,12 @@ impl IntoResponse for ApiError {
                 // The store never sees a secret (only keyed hashes), so its errors are safe to log.
                 tracing::error!(error = %e, "store operation failed");
                 match e {
+                    StoreError::AuditPastHead { .. } => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        codes::AUDIT_TRAIL_TAMPERED,
+                        e.to_string(),
+                        vec![],
+                    ),
                     StoreError::Database(_) => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         codes::STORE_UNAVAILABLE,

@@ -92,6 +92,7 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::audit::audit_chain))
         .routes(routes!(routes::audit::create_checkpoint))
         .routes(routes!(routes::audit::archive_audit))
+        .routes(routes!(routes::audit::quarantine_audit))
         .routes(routes!(
             routes::policy::get_policy,
             routes::policy::put_policy
@@ -348,7 +349,11 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
                 source,
             })?;
     }
-    let outbound = outbound::Outbound::new(config.outbound_allow.clone(), config.webhook_timeout)?;
+    let outbound = outbound::Outbound::new(
+        config.outbound_allow.clone(),
+        config.webhook_timeout,
+        config.outbound_proxy.as_deref(),
+    )?;
     let (alerts_tx, alerts_rx) = alerts::channel();
     let links = state::Links {
         usage: usage_tx,

@@ -165,6 +165,7 @@ async fn append_many(
         .fetch_one(&mut **tx)
         .await?;
     let end: i64 = head.try_get("seq")?;
+    check_nothing_past_head(tx, end - n).await?;
     let prev_text: String = head.try_get("hash")?;
     let mut prev = from_hex(&prev_text)
         .ok_or_else(|| StoreError::Corrupt("audit_head.hash is not a SHA-256 hex".into()))?;
@@ -183,6 +184,60 @@ async fn append_many(
         .execute(&mut **tx)
         .await?;
     Ok(end)
+}
+
+/// The newest seq in the trail and in the outbox, each 0 when empty.
+async fn newest_rows(tx: &mut sqlx::Transaction<'static, sqlx::Any>) -> Result<(i64, i64)> {
+    let row = sqlx::query(
+        "SELECT (SELECT COALESCE(MAX(seq), 0) FROM audit_events) AS audit, \
+         (SELECT COALESCE(MAX(seq), 0) FROM key_events) AS events",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok((row.try_get("audit")?, row.try_get("events")?))
+}
+
+/// Refuses to chain onto rows past the head: a forged entry (or outbox event) there
+/// would otherwise collide with the next real one, or sit in the trail unverified.
+/// Two primary-key lookups; the caller holds the head row, so no writer races it.
+async fn check_nothing_past_head(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    head: i64,
+) -> Result<()> {
+    let (audit, events) = newest_rows(tx).await?;
+    let found = audit.max(events);
+    if found > head {
+        return Err(StoreError::AuditPastHead { head, found });
+    }
+    Ok(())
+}
+
+async fn quarantine_row(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    batch: i64,
+    source: &str,
+    seq: i64,
+    row: &serde_json::Value,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_quarantine (id, source, seq, row_json, quarantined_at) \
+         VALUES ($1, $2, $3, $4, $1)",
+    )
+    .bind(batch)
+    .bind(source)
+    .bind(seq)
+    .bind(row.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// What `quarantine_past_head` moved out of the trail and the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub head: i64,
+    pub audit_rows: Vec<i64>,
+    pub event_rows: Vec<i64>,
 }
 
 /// A key's entry (`key.*` on `key:<id>`) is also an event for connected services,
@@ -487,6 +542,78 @@ impl Store {
             }
         };
         Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
+    /// Moves every row past the recorded head out of `audit_events` and `key_events`
+    /// into `audit_quarantine` (as JSON, kept as evidence), then appends `audit` (which
+    /// should name what was moved, see `describe`) to the chain, all in one transaction.
+    /// Returns what was moved; with nothing past the head, nothing is written.
+    pub async fn quarantine_past_head(
+        &self,
+        at: OffsetDateTime,
+        audit: impl FnOnce(&Quarantined) -> AuditEntry,
+    ) -> Result<Quarantined> {
+        let mut tx = self.begin_write().await?;
+        let head: i64 = sqlx::query("SELECT seq FROM audit_head WHERE id = 1")
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get("seq")?;
+        let text = |r: &AnyRow, c: &str| r.try_get::<Option<String>, _>(c).ok().flatten();
+        let num = |r: &AnyRow, c: &str| r.try_get::<Option<i64>, _>(c).ok().flatten();
+        let audit_rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq"
+        ))
+        .bind(head)
+        .fetch_all(&mut **tx)
+        .await?;
+        let event_rows = sqlx::query(
+            "SELECT seq, time, key_id, event, reason, actor, details FROM key_events \
+             WHERE seq > $1 ORDER BY seq",
+        )
+        .bind(head)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut moved = Quarantined {
+            head,
+            audit_rows: Vec::new(),
+            event_rows: Vec::new(),
+        };
+        let batch = ms(at);
+        for r in &audit_rows {
+            let seq: i64 = r.try_get("seq")?;
+            let json = serde_json::json!({
+                "seq": seq, "time": num(r, "time"), "actor": text(r, "actor"),
+                "actor_name": text(r, "actor_name"), "source_ip": text(r, "source_ip"),
+                "user_agent": text(r, "user_agent"), "request_id": text(r, "request_id"),
+                "action": text(r, "action"), "target": text(r, "target"),
+                "reason": text(r, "reason"), "details": text(r, "details"),
+                "prev_hash": text(r, "prev_hash"), "hash": text(r, "hash"),
+            });
+            quarantine_row(&mut tx, batch, "audit_events", seq, &json).await?;
+            moved.audit_rows.push(seq);
+        }
+        for r in &event_rows {
+            let seq: i64 = r.try_get("seq")?;
+            let json = serde_json::json!({
+                "seq": seq, "time": num(r, "time"), "key_id": text(r, "key_id"),
+                "event": text(r, "event"), "reason": text(r, "reason"),
+                "actor": text(r, "actor"), "details": text(r, "details"),
+            });
+            quarantine_row(&mut tx, batch, "key_events", seq, &json).await?;
+            moved.event_rows.push(seq);
+        }
+        if moved.audit_rows.is_empty() && moved.event_rows.is_empty() {
+            return Ok(moved);
+        }
+        for table in ["audit_events", "key_events"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE seq > $1"))
+                .bind(head)
+                .execute(&mut **tx)
+                .await?;
+        }
+        append(&mut tx, &audit(&moved)).await?;
+        tx.commit().await?;
+        Ok(moved)
     }
 
     /// The seq and hash of the last entry written (seq 0 and the genesis hash when none).

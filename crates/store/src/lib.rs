@@ -28,7 +28,9 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Connection, Executor};
 
-pub use audit::{ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder, KeyEvent};
+pub use audit::{
+    ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder, KeyEvent, Quarantined,
+};
 pub use cluster::{ChangeListener, Changes, Leadership, CHANNEL};
 pub use keys::{KeyFilter, KeyStamp, StateFilter};
 pub use owners::Owner;
@@ -47,6 +49,15 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// Rows sit in the audit trail (or the key event outbox) past the head the store
+    /// recorded: written around keywarden. Audited writes refuse to chain onto them.
+    #[error(
+        "the audit trail holds entries past its recorded head (seq {head}, found up to \
+         {found}): they were written around keywarden; nothing was changed. Run \
+         `keywarden audit verify` to see them and `keywarden audit quarantine` to move them \
+         out of the trail"
+    )]
+    AuditPastHead { head: i64, found: i64 },
     #[error("unsupported database url: expected sqlite://PATH (a file) or postgres://")]
     UnsupportedUrl,
 }

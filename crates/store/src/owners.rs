@@ -71,19 +71,64 @@ impl Store {
         rows.iter().map(owner_from_row).collect()
     }
 
-    /// Sets an owner's status. When it moves to `disabled`, `act` is asked about each of
-    /// the owner's live keys (active or suspended) and returns the changed key with its
-    /// audit entry, or `None` to leave it; all of it commits with the status or not at
-    /// all. Returns the changed keys, or `None` when the status was already that.
+    /// How many keys (in any state) name `identity` as their owner: an owner who holds
+    /// keys is known whether or not someone registered them.
+    pub async fn owner_key_count(&self, identity: &str) -> Result<i64> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) AS n FROM keys WHERE owner = $1")
+                .bind(identity)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?,
+        )
+    }
+
+    /// Owners that hold keys but were never registered, by identity.
+    pub async fn unregistered_key_owners(&self) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT owner FROM keys WHERE owner <> '' AND owner NOT IN \
+             (SELECT identity FROM owners) ORDER BY owner",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(r.try_get::<String, _>("owner")?))
+            .collect()
+    }
+
+    /// Sets an owner's status, registering `register` first when the owner is not in
+    /// the registry (offboarding someone who holds keys nobody registered them for). When
+    /// it moves to `disabled`, `act` is asked about each of the owner's live keys (active
+    /// or suspended) and returns the changed key with its audit entry, or `None` to leave
+    /// it, and every live admin token the owner holds is revoked with `token_audit`'s
+    /// entry; all of it commits with the status or not at all. Returns the changed keys
+    /// and revoked tokens, or `None` when the status was already that.
+    #[allow(clippy::too_many_arguments)]
     pub async fn set_owner_status(
         &self,
         identity: &str,
         status: &str,
         at: OffsetDateTime,
+        register: Option<&Owner>,
         audit: &AuditEntry,
         act: impl Fn(&KeyRecord) -> Option<(KeyRecord, AuditEntry)>,
-    ) -> Result<Option<Vec<KeyRecord>>> {
+        token_audit: impl Fn(&str) -> AuditEntry,
+    ) -> Result<Option<(Vec<KeyRecord>, Vec<String>)>> {
         let mut tx = self.begin_write().await?;
+        if let Some(o) = register {
+            sqlx::query(&format!(
+                "INSERT INTO owners ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (identity) DO NOTHING"
+            ))
+            .bind(&o.identity)
+            .bind(&o.display_name)
+            .bind(&o.status)
+            .bind(&o.manager)
+            .bind(ms(o.created_at))
+            .bind(ms(o.updated_at))
+            .execute(&mut **tx)
+            .await?;
+        }
         let done = sqlx::query(
             "UPDATE owners SET status = $1, updated_at = $2 WHERE identity = $3 AND status <> $1",
         )
@@ -92,11 +137,17 @@ impl Store {
         .bind(identity)
         .execute(&mut **tx)
         .await?;
-        if done.rows_affected() != 1 {
+        let moved = done.rows_affected() == 1;
+        if moved {
+            insert_audit(&mut tx, audit).await?;
+        } else if status == "active" {
             return Ok(None);
         }
-        insert_audit(&mut tx, audit).await?;
+        // Disabling a disabled owner sweeps again: keys issued under another spelling
+        // of the identity before identities were compared case-insensitively, or
+        // resumed by hand, are taken as the first disable would have.
         let mut changed = Vec::new();
+        let mut tokens = Vec::new();
         // Any status but active (disabled, or deleted through SCIM) takes the keys.
         if status != "active" {
             let rows = sqlx::query(&format!(
@@ -115,8 +166,29 @@ impl Store {
                     }
                 }
             }
+            let live = sqlx::query(
+                "SELECT id FROM admin_tokens WHERE owner = $1 AND revoked_at IS NULL ORDER BY id",
+            )
+            .bind(identity)
+            .fetch_all(&mut **tx)
+            .await?;
+            for row in &live {
+                let id: String = row.try_get("id")?;
+                sqlx::query(
+                    "UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                )
+                .bind(ms(at))
+                .bind(&id)
+                .execute(&mut **tx)
+                .await?;
+                insert_audit(&mut tx, &token_audit(&id)).await?;
+                tokens.push(id);
+            }
+        }
+        if !moved && changed.is_empty() && tokens.is_empty() {
+            return Ok(None);
         }
         tx.commit().await?;
-        Ok(Some(changed))
+        Ok(Some((changed, tokens)))
     }
 }

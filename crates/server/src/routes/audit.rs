@@ -11,7 +11,7 @@ use keywarden_core::audit_chain::{from_hex, to_hex, SealedEntry};
 use keywarden_core::role::Permission;
 use keywarden_proto::{
     codes, ArchiveRequest, ArchiveView, AuditChainView, AuditEntryView, AuditPage,
-    CheckpointRequest, CheckpointView, ErrorBody,
+    CheckpointRequest, CheckpointView, ErrorBody, QuarantineView,
 };
 use keywarden_store::{ArchiveOutcome, ArchiveRecord, AuditFilter, AuditOrder, Store};
 use serde::Deserialize;
@@ -476,4 +476,46 @@ pub async fn archive_audit(
             req.last_seq
         ))),
     }
+}
+
+/// Move rows that sit past the recorded head out of the audit trail and the key event
+/// outbox (role `admin`). Such rows were written around keywarden; while they are
+/// there every audited write is refused (AUDIT_TRAIL_TAMPERED). They are kept in the
+/// quarantine table as evidence, and the move is itself an audit entry.
+#[utoipa::path(post, path = "/v1/audit/quarantine", tag = "audit",
+    responses((status = 200, body = QuarantineView), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn quarantine_audit(
+    State(app): State<SharedState>,
+    principal: Principal,
+) -> Result<Json<QuarantineView>, ApiError> {
+    principal.require(Permission::AuditArchive)?;
+    let now = app.now();
+    let actor = principal.actor();
+    let moved = app
+        .store
+        .quarantine_past_head(now, |q| {
+            audit(
+                actor.clone(),
+                now,
+                "audit.quarantined",
+                "audit:quarantine".to_owned(),
+                Some("rows past the recorded head, written around keywarden".to_owned()),
+                json!({"head_seq": q.head, "audit_seqs": q.audit_rows, "event_seqs": q.event_rows}),
+            )
+        })
+        .await?;
+    if !moved.audit_rows.is_empty() || !moved.event_rows.is_empty() {
+        tracing::warn!(
+            head = moved.head,
+            audit_rows = moved.audit_rows.len(),
+            event_rows = moved.event_rows.len(),
+            "rows past the audit head moved to quarantine"
+        );
+    }
+    Ok(Json(QuarantineView {
+        head_seq: moved.head,
+        audit_seqs: moved.audit_rows,
+        event_seqs: moved.event_rows,
+    }))
 }

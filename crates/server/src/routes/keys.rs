@@ -43,9 +43,10 @@ const MAX_CIDRS: usize = 64;
 pub async fn create_key(
     State(app): State<SharedState>,
     principal: Principal,
-    JsonBody(req): JsonBody<CreateKeyRequest>,
+    JsonBody(mut req): JsonBody<CreateKeyRequest>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     principal.require(Permission::KeysWrite)?;
+    req.owner = validate::canonical_owner(&req.owner);
     let now = app.now();
     let policy = app.policy().await?;
     let spec = validate_create(&req, now, policy.1.rules_for(&req.environment))?;
@@ -55,17 +56,30 @@ pub async fn create_key(
             spec.environment
         )));
     }
-    if app
-        .store
-        .get_owner(&spec.owner)
-        .await?
-        .is_some_and(|o| o.status != "active")
-    {
-        return Err(ApiError::invalid(
-            codes::OWNER_DISABLED,
-            "owner",
-            "this owner is disabled; keys cannot be issued to them",
-        ));
+    match app.store.get_owner(&spec.owner).await? {
+        Some(o) if o.status != "active" => {
+            return Err(ApiError::invalid(
+                codes::OWNER_DISABLED,
+                "owner",
+                "this owner is disabled; keys cannot be issued to them",
+            ));
+        }
+        None if policy
+            .1
+            .rules_for(&spec.environment)
+            .require_registered_owner =>
+        {
+            return Err(ApiError::invalid(
+                codes::POLICY_OWNER_NOT_REGISTERED,
+                "owner",
+                format!(
+                    "the policy for `{}` requires a registered owner; register them first \
+                     (`keywarden owner add`, or through SCIM)",
+                    spec.environment
+                ),
+            ));
+        }
+        _ => {}
     }
     let parsed = key_format::generate(
         &mut rand::rngs::OsRng,
@@ -386,7 +400,7 @@ pub async fn list_keys(
         .transpose()?;
     let filter = KeyFilter {
         environment: q.environment,
-        owner: q.owner,
+        owner: q.owner.as_deref().map(validate::canonical_owner),
         system: q.system,
         state,
         environments: principal.token.environments.clone(),

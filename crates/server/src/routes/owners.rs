@@ -27,6 +27,7 @@ fn view(o: Owner) -> OwnerView {
         identity: o.identity,
         display_name: o.display_name,
         status: o.status,
+        registered: true,
         manager: o.manager,
         created_at: o.created_at,
         updated_at: o.updated_at,
@@ -51,9 +52,11 @@ pub(crate) fn not_found(identity: &str) -> ApiError {
 pub async fn put_owner(
     State(app): State<SharedState>,
     principal: Principal,
-    JsonBody(req): JsonBody<PutOwnerRequest>,
+    JsonBody(mut req): JsonBody<PutOwnerRequest>,
 ) -> Result<Json<OwnerView>, ApiError> {
     principal.require(Permission::OwnersWrite)?;
+    req.identity = validate::canonical_owner(&req.identity);
+    req.manager = req.manager.as_deref().map(validate::canonical_owner);
     let mut v = Vec::new();
     if let Err(e) = validate::owner(&req.identity) {
         v.push(violation(codes::FIELD_INVALID, "identity", e.message));
@@ -107,10 +110,33 @@ pub async fn list_owners(
     principal: Principal,
 ) -> Result<Json<OwnerList>, ApiError> {
     principal.require(Permission::OwnersRead)?;
-    let owners = app.store.list_owners().await?;
-    Ok(Json(OwnerList {
-        owners: owners.into_iter().map(view).collect(),
-    }))
+    let mut owners: Vec<OwnerView> = app
+        .store
+        .list_owners()
+        .await?
+        .into_iter()
+        .map(view)
+        .collect();
+    let now = app.now();
+    for identity in app.store.unregistered_key_owners().await? {
+        owners.push(unregistered(identity, now));
+    }
+    owners.sort_by(|a, b| a.identity.cmp(&b.identity));
+    Ok(Json(OwnerList { owners }))
+}
+
+/// An owner who holds keys nobody registered: active (nothing disabled them), named by
+/// their identity; the times are those of the answer.
+fn unregistered(identity: String, now: time::OffsetDateTime) -> OwnerView {
+    OwnerView {
+        display_name: identity.clone(),
+        identity,
+        status: "active".to_owned(),
+        registered: false,
+        manager: None,
+        created_at: now,
+        updated_at: now,
+    }
 }
 
 #[utoipa::path(get, path = "/v1/owners/{identity}", tag = "owners",
@@ -123,8 +149,12 @@ pub async fn get_owner(
     Path(identity): Path<String>,
 ) -> Result<Json<OwnerView>, ApiError> {
     principal.require(Permission::OwnersRead)?;
+    let identity = validate::canonical_owner(&identity);
     match app.store.get_owner(&identity).await? {
         Some(o) => Ok(Json(view(o))),
+        None if app.store.owner_key_count(&identity).await? > 0 => {
+            Ok(Json(unregistered(identity, app.now())))
+        }
         None => Err(not_found(&identity)),
     }
 }
@@ -139,33 +169,51 @@ async fn set_status(
     principal.require(Permission::OwnersWrite)?;
     let why = reason(why)?;
     let status = if disable { "disabled" } else { "active" };
-    let (owner, keys) = change_status(&app, principal.actor(), &identity, status, why).await?;
+    let identity = validate::canonical_owner(&identity);
+    let (owner, keys, tokens) =
+        change_status(&app, principal.actor(), &identity, status, why).await?;
     Ok(Json(OwnerStatusChange {
         owner: view(owner),
         keys: keys.iter().map(|k| k.id.to_string()).collect(),
+        tokens,
     }))
 }
 
 /// Moves an owner to `status` (`active`, `disabled`, or `deleted`, which SCIM uses and
 /// acts like `disabled`); leaving `active` revokes or suspends every live key of theirs
-/// as the policy says, in the same transaction. Returns the owner after the change and
-/// the keys acted on (none when the status was already that).
+/// as the policy says and revokes their admin tokens, in the same transaction. An owner
+/// who was never registered is registered by leaving `active` (offboarding must reach
+/// keys nobody registered an owner for, and keep new keys from being issued to them).
+/// Returns the owner after the change, the keys acted on and the tokens revoked (none
+/// when the status was already that). `identity` must be canonical.
 pub(crate) async fn change_status(
     app: &SharedState,
     actor: Actor,
     identity: &str,
     status: &str,
     why: Option<String>,
-) -> Result<(Owner, Vec<KeyRecord>), ApiError> {
-    let Some(before) = app.store.get_owner(identity).await? else {
-        return Err(not_found(identity));
+) -> Result<(Owner, Vec<KeyRecord>, Vec<String>), ApiError> {
+    let now = app.now();
+    let (before, register) = match app.store.get_owner(identity).await? {
+        Some(o) => (o, None),
+        None if status == "active" => return Err(not_found(identity)),
+        None => {
+            let o = Owner {
+                identity: identity.to_owned(),
+                display_name: identity.to_owned(),
+                status: "active".to_owned(),
+                manager: None,
+                created_at: now,
+                updated_at: now,
+            };
+            (o.clone(), Some(o))
+        }
     };
     let action = match status {
         "active" => "owner.enabled",
         "deleted" => "owner.deleted",
         _ => "owner.disabled",
     };
-    let now = app.now();
     let policy = app.policy().await?;
     let entry = audit(
         actor.clone(),
@@ -173,39 +221,65 @@ pub(crate) async fn change_status(
         action,
         format!("owner:{identity}"),
         why,
-        json!({"status": {"before": before.status, "after": status}}),
+        json!({"status": {"before": before.status, "after": status},
+               "registered": register.is_some()}),
     );
+    let token_entry = |id: &str| {
+        audit(
+            actor.clone(),
+            now,
+            "token.revoked",
+            format!("token:{id}"),
+            Some(OWNER_DISABLED.to_owned()),
+            json!({"owner": identity}),
+        )
+    };
     let changed = app
         .store
-        .set_owner_status(identity, status, now, &entry, |key| {
-            let next_state = match policy.1.rules_for(&key.environment).on_owner_disabled {
-                OnOwnerDisabled::Revoke => KeyState::Revoked,
-                OnOwnerDisabled::Suspend if key.state == KeyState::Active => KeyState::Suspended,
-                OnOwnerDisabled::Suspend => return None,
-            };
-            let mut next = key.clone();
-            next.state = next_state;
-            next.state_reason = Some(OWNER_DISABLED.to_owned());
-            next.state_changed_at = Some(now);
-            let entry = audit(
-                actor.clone(),
-                now,
-                if next_state == KeyState::Revoked {
-                    "key.revoked"
-                } else {
-                    "key.suspended"
-                },
-                format!("key:{}", key.id),
-                Some(OWNER_DISABLED.to_owned()),
-                json!({"state": {"before": key.state.as_str(), "after": next_state.as_str()},
+        .set_owner_status(
+            identity,
+            status,
+            now,
+            register.as_ref(),
+            &entry,
+            |key| {
+                let next_state = match policy.1.rules_for(&key.environment).on_owner_disabled {
+                    OnOwnerDisabled::Revoke => KeyState::Revoked,
+                    OnOwnerDisabled::Suspend if key.state == KeyState::Active => {
+                        KeyState::Suspended
+                    }
+                    OnOwnerDisabled::Suspend => return None,
+                };
+                let mut next = key.clone();
+                next.state = next_state;
+                next.state_reason = Some(OWNER_DISABLED.to_owned());
+                next.state_changed_at = Some(now);
+                let entry = audit(
+                    actor.clone(),
+                    now,
+                    if next_state == KeyState::Revoked {
+                        "key.revoked"
+                    } else {
+                        "key.suspended"
+                    },
+                    format!("key:{}", key.id),
+                    Some(OWNER_DISABLED.to_owned()),
+                    json!({"state": {"before": key.state.as_str(), "after": next_state.as_str()},
                        "owner": identity}),
-            );
-            Some((next, entry))
-        })
+                );
+                Some((next, entry))
+            },
+            token_entry,
+        )
         .await?;
-    let keys = changed.unwrap_or_default();
+    let (keys, tokens) = changed.unwrap_or_default();
     for k in &keys {
         app.keys.evict(&k.id);
+    }
+    for t in &tokens {
+        if let Ok(id) = keywarden_core::key_format::KeyId::parse(t) {
+            app.tokens.evict(&id);
+        }
     }
     if !keys.is_empty() {
         tracing::info!(keys = keys.len(), "owner disabled: keys acted on");
@@ -215,7 +289,7 @@ pub(crate) async fn change_status(
         .get_owner(identity)
         .await?
         .ok_or_else(|| not_found(identity))?;
-    Ok((after, keys))
+    Ok((after, keys, tokens))
 }
 
 /// Disable an owner (role `admin`): every live key of theirs is revoked, or suspended,

@@ -136,7 +136,12 @@ async fn require(principal: &Principal) -> Result<(), Scim> {
 }
 
 async fn live_owner(app: &SharedState, id: &str) -> Result<Owner, Scim> {
-    match app.store.get_owner(id).await.map_err(ApiError::from)? {
+    match app
+        .store
+        .get_owner(&validate::canonical_owner(id))
+        .await
+        .map_err(ApiError::from)?
+    {
         Some(o) if o.status != "deleted" => Ok(o),
         _ => Err(error(
             StatusCode::NOT_FOUND,
@@ -204,13 +209,17 @@ pub async fn create_user(
 ) -> Result<Scim, Scim> {
     require(&principal).await?;
     let body = parse_body(&body)?;
-    let Some(user_name) = body["userName"].as_str().map(str::trim) else {
+    let Some(user_name) = body["userName"]
+        .as_str()
+        .map(|u| validate::canonical_owner(u.trim()))
+    else {
         return Err(error(
             StatusCode::BAD_REQUEST,
             Some("invalidValue"),
             "userName is required",
         ));
     };
+    let user_name = user_name.as_str();
     if let Err(e) = validate::owner(user_name) {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -241,7 +250,7 @@ pub async fn create_user(
             ["value"]
             .as_str()
             .filter(|m| validate::owner(m).is_ok())
-            .map(str::to_owned),
+            .map(validate::canonical_owner),
         created_at: now,
         updated_at: now,
     };
@@ -314,7 +323,7 @@ fn user_name_filter(f: &str) -> Option<String> {
         return None;
     }
     let inner = value.strip_prefix('"')?.strip_suffix('"')?;
-    Some(inner.replace("\\\"", "\""))
+    Some(validate::canonical_owner(&inner.replace("\\\"", "\"")))
 }
 
 pub async fn list_users(
@@ -373,7 +382,7 @@ pub async fn replace_user(
     let owner = live_owner(&app, &id).await?;
     if body["userName"]
         .as_str()
-        .is_some_and(|u| u.trim() != owner.identity)
+        .is_some_and(|u| validate::canonical_owner(u.trim()) != owner.identity)
     {
         return Err(error(
             StatusCode::BAD_REQUEST,

@@ -26,9 +26,10 @@ use crate::views::token_view;
 pub async fn create_token(
     State(app): State<SharedState>,
     principal: Principal,
-    JsonBody(req): JsonBody<CreateTokenRequest>,
+    JsonBody(mut req): JsonBody<CreateTokenRequest>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     principal.require(Permission::TokensWrite)?;
+    req.owner = req.owner.as_deref().map(validate::canonical_owner);
     let now = app.now();
     let mut v = Vec::new();
     if let Err(e) = validate::name("name", &req.name) {
