@@ -69,6 +69,7 @@ pub fn key_details(k: &KeyView) -> String {
         ("scopes", k.scopes.join(" ")),
         ("state", k.state.clone()),
         ("state reason", opt(&k.state_reason)),
+        ("state cause", opt(&k.state_cause)),
         (
             "created",
             format!("{} by {}", ts(k.created_at), k.created_by),

@@ -13,6 +13,7 @@ on_both_backends!(
     owners_never_registered_can_be_offboarded,
     disabling_an_owner_revokes_their_admin_tokens,
     policy_can_require_registered_owners,
+    a_reason_text_is_not_a_machine_cause,
 );
 
 fn body(name: &str, owner: &str, env: &str) -> Value {
@@ -342,5 +343,44 @@ async fn policy_can_require_registered_owners(b: Backend) {
         .post("/v1/keys", body("h3", "heidi@example.com", "prod"))
         .await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
+    s.stop().await;
+}
+
+/// The verify code follows the typed cause keywarden sets, never the free-text reason a
+/// person types.
+async fn a_reason_text_is_not_a_machine_cause(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (revoked, revoked_secret) = s.create_key(body("r1", "ivan@example.com", "prod")).await;
+    let (suspended, suspended_secret) = s.create_key(body("r2", "ivan@example.com", "prod")).await;
+    let (status, v) = s
+        .post(
+            &format!("/v1/keys/{revoked}/revoke"),
+            json!({"reason": "OWNER_DISABLED"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["state_reason"], "OWNER_DISABLED",
+        "the text is kept, as text"
+    );
+    assert_eq!(v["state_cause"], Value::Null, "{v}");
+    let (status, _) = s
+        .post(
+            &format!("/v1/keys/{suspended}/suspend"),
+            json!({"reason": "IDLE_EXPIRED"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s.verify_code(&revoked_secret).await, "REVOKED");
+    assert_eq!(s.verify_code(&suspended_secret).await, "SUSPENDED");
+    // The real cause still answers its code.
+    let (status, v) = disable(&s, "ivan@example.com").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(s.verify_code(&suspended_secret).await, "OWNER_DISABLED");
+    assert_eq!(
+        s.verify_code(&revoked_secret).await,
+        "REVOKED",
+        "revoked before"
+    );
     s.stop().await;
 }

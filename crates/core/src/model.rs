@@ -11,6 +11,48 @@ use crate::hashing::KeyHash;
 use crate::key_format::KeyId;
 use crate::scope::Scope;
 
+/// Why keywarden itself (not a person) moved a key to its state. Kept apart from the
+/// free-text `state_reason`, so no reason a person types (`--reason OWNER_DISABLED`) can
+/// change what verify answers. Stored as the code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateCause {
+    /// Its owner was disabled (verify: OWNER_DISABLED).
+    OwnerDisabled,
+    /// It went unused for the policy's idle expiry (verify: IDLE_EXPIRED).
+    IdleExpired,
+    TtlExpired,
+    RotationGraceEnded,
+    RotationOverdue,
+    PolicyViolation,
+}
+
+impl StateCause {
+    pub const ALL: [StateCause; 6] = [
+        Self::OwnerDisabled,
+        Self::IdleExpired,
+        Self::TtlExpired,
+        Self::RotationGraceEnded,
+        Self::RotationOverdue,
+        Self::PolicyViolation,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OwnerDisabled => "OWNER_DISABLED",
+            Self::IdleExpired => "IDLE_EXPIRED",
+            Self::TtlExpired => "TTL_EXPIRED",
+            Self::RotationGraceEnded => "ROTATION_GRACE_ENDED",
+            Self::RotationOverdue => "ROTATION_OVERDUE",
+            Self::PolicyViolation => "POLICY_VIOLATION",
+        }
+    }
+
+    /// The cause whose code is `code`, if any.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+}
+
 /// The stored state. `Expired` is also *derived*: an `Active` or `Suspended` key whose
 /// `expires_at` has passed is effectively expired (see [`KeyRecord::effective_state`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,7 +113,10 @@ pub struct KeyRecord {
     pub expires_at: OffsetDateTime,
     pub created_at: OffsetDateTime,
     pub last_used_at: Option<OffsetDateTime>,
+    /// The reason a person gave, or the machine cause's code; shown, never decided on.
     pub state_reason: Option<String>,
+    /// Why the system itself moved the key to its state; what verify decides on.
+    pub state_cause: Option<StateCause>,
     pub allowed_cidrs: Vec<IpNet>,
     pub scopes: Vec<Scope>,
     pub environment: String,

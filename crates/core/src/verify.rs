@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use time::OffsetDateTime;
 
-use crate::model::{KeyRecord, KeyState};
+use crate::model::{KeyRecord, KeyState, StateCause};
 use crate::scope::{any_covers, Scope};
 
 /// DESIGN.md's closed set. Some codes belong to later features (rate limits, idle expiry,
@@ -120,10 +120,16 @@ pub fn decide_with(
     idle: Option<&Idle>,
     covers: impl Fn(&Scope) -> bool,
 ) -> Result<(), VerifyCode> {
-    let owner_gone = key.state_reason.as_deref() == Some(crate::lifecycle::OWNER_DISABLED);
+    let owner_gone = key.state_cause == Some(StateCause::OwnerDisabled);
     match key.effective_state(now) {
         KeyState::Revoked | KeyState::Suspended if owner_gone => {
             return Err(VerifyCode::OwnerDisabled)
+        }
+        KeyState::Expired
+            if key.state == KeyState::Expired
+                && key.state_cause == Some(StateCause::IdleExpired) =>
+        {
+            return Err(VerifyCode::IdleExpired)
         }
         KeyState::Revoked => return Err(VerifyCode::Revoked),
         KeyState::Expired => return Err(VerifyCode::Expired),
@@ -195,6 +201,7 @@ mod tests {
             expires_at: datetime!(2026-02-01 0:00 UTC),
             state: KeyState::Active,
             state_reason: None,
+            state_cause: None,
             state_changed_at: None,
             allowed_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
             max_uses: None,

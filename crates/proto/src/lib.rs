@@ -96,6 +96,11 @@ pub struct KeyView {
     /// `active`, `suspended`, `revoked` or `expired` (derived from `expires_at` too).
     pub state: String,
     pub state_reason: Option<String>,
+    /// Set when keywarden itself changed the state (`OWNER_DISABLED`, `IDLE_EXPIRED`,
+    /// `TTL_EXPIRED`, `ROTATION_GRACE_ENDED`, `ROTATION_OVERDUE`, `POLICY_VIOLATION`);
+    /// `state_reason` is free text and never decides what verify answers.
+    #[serde(default)]
+    pub state_cause: Option<String>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub state_changed_at: Option<OffsetDateTime>,
     pub allowed_cidrs: Vec<String>,

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use keywarden_core::lifecycle::{expiry_due, idle_due, last_activity, ExpiryReason};
-use keywarden_core::model::{Actor, KeyRecord, KeyState};
+use keywarden_core::model::{Actor, KeyRecord, KeyState, StateCause};
 use keywarden_core::policy::{check_existing, OnRotationOverdue, Policy};
 use keywarden_store::{KeyFilter, StateFilter};
 use serde_json::json;
@@ -239,6 +239,7 @@ pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
             let mut held = key.clone();
             held.state = KeyState::Suspended;
             held.state_reason = Some(action.reason.to_owned());
+            held.state_cause = StateCause::from_code(action.reason);
             held.state_changed_at = Some(now);
             let entry = audit_entry(
                 actor(),
@@ -260,6 +261,7 @@ pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
         let mut ended = key.clone();
         ended.state = KeyState::Expired;
         ended.state_reason = Some(action.reason.to_owned());
+        ended.state_cause = StateCause::from_code(action.reason);
         ended.state_changed_at = Some(action.due_at);
         let entry = audit_entry(
             actor(),

@@ -19,6 +19,7 @@ pub fn key_view(k: &KeyRecord, now: OffsetDateTime, subjects: Option<Vec<Subject
         expires_at: k.expires_at,
         state: k.effective_state(now).as_str().to_owned(),
         state_reason: k.state_reason.clone(),
+        state_cause: k.state_cause.map(|c| c.as_str().to_owned()),
         state_changed_at: k.state_changed_at,
         allowed_cidrs: k.allowed_cidrs.iter().map(ToString::to_string).collect(),
         max_uses: k.max_uses,

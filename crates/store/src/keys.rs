@@ -1,7 +1,7 @@
 //! Keys: insert, read, list, change state (optimistically), rotate, count capped uses.
 
 use keywarden_core::clock::from_millis;
-use keywarden_core::model::{AuditEntry, KeyRecord, KeyState, Subject};
+use keywarden_core::model::{AuditEntry, KeyRecord, KeyState, StateCause, Subject};
 use keywarden_core::KeyId;
 use sqlx::Row;
 use time::OffsetDateTime;
@@ -382,8 +382,8 @@ async fn insert_key_row(
         "INSERT INTO keys (id, hash, pepper_version, hint, name, description, owner, systems, \
          environment, scopes, created_at, created_by, expires_at, state, state_reason, \
          state_changed_at, allowed_cidrs, max_uses, uses, rotated_from, rotated_to, metadata, \
-         version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-         $17, $18, $19, $20, $21, $22, $23)",
+         version, state_cause) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)",
     )
     .bind(key.id.as_str())
     .bind(key.hash.to_hex())
@@ -408,6 +408,7 @@ async fn insert_key_row(
     .bind(key.rotated_to.as_ref().map(|k| k.as_str().to_owned()))
     .bind(json(&key.metadata)?)
     .bind(key.version)
+    .bind(key.state_cause.map(StateCause::as_str))
     .execute(&mut **tx)
     .await?;
     for system in &key.systems {
@@ -426,7 +427,7 @@ pub(crate) async fn update_lifecycle(
 ) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE keys SET state = $1, state_reason = $2, state_changed_at = $3, expires_at = $4, \
-         rotated_to = $5, version = version + 1 WHERE id = $6 AND version = $7",
+         rotated_to = $5, state_cause = $8, version = version + 1 WHERE id = $6 AND version = $7",
     )
     .bind(key.state.as_str())
     .bind(&key.state_reason)
@@ -435,6 +436,7 @@ pub(crate) async fn update_lifecycle(
     .bind(key.rotated_to.as_ref().map(|k| k.as_str().to_owned()))
     .bind(key.id.as_str())
     .bind(key.version)
+    .bind(key.state_cause.map(StateCause::as_str))
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use keywarden_core::clock::{from_millis, to_millis};
 use keywarden_core::hashing::KeyHash;
-use keywarden_core::model::{KeyRecord, KeyState, TokenRecord};
+use keywarden_core::model::{KeyRecord, KeyState, StateCause, TokenRecord};
 use keywarden_core::scope::Scope;
 use keywarden_core::KeyId;
 use sqlx::any::AnyRow;
@@ -114,7 +114,7 @@ fn u64_of(what: &str, v: i64) -> Result<u64> {
 pub(crate) const KEY_COLUMNS: &str = "seq, id, hash, pepper_version, hint, name, description, \
     owner, systems, environment, scopes, created_at, created_by, expires_at, state, state_reason, \
     state_changed_at, allowed_cidrs, max_uses, uses, batched_uses, last_used_at, last_used_from, \
-    rotated_from, rotated_to, metadata, version";
+    rotated_from, rotated_to, metadata, version, state_cause";
 
 /// Keys with their usage stats; column names do not overlap, so filters need no prefix.
 pub(crate) const KEY_FROM: &str = "keys LEFT JOIN key_usage ON key_usage.key_id = keys.id";
@@ -152,6 +152,13 @@ pub(crate) fn key_from_row(row: &impl Columns) -> Result<KeyRecord> {
             .parse::<KeyState>()
             .map_err(|e| decode_error("state", e))?,
         state_reason: row.opt_text("state_reason")?,
+        state_cause: row
+            .opt_text("state_cause")?
+            .map(|c| {
+                StateCause::from_code(&c)
+                    .ok_or_else(|| decode_error("state_cause", "unknown cause"))
+            })
+            .transpose()?,
         state_changed_at: row.opt_int("state_changed_at")?.map(from_millis),
         allowed_cidrs: cidrs
             .iter()

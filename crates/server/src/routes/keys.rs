@@ -146,6 +146,7 @@ impl KeySpec {
             expires_at: self.expires_at,
             state: KeyState::Active,
             state_reason: None,
+            state_cause: None,
             state_changed_at: None,
             allowed_cidrs: self.allowed_cidrs,
             max_uses: self.max_uses,
@@ -471,6 +472,8 @@ async fn change_state(
         let mut updated = key.clone();
         updated.state = after;
         updated.state_reason = why.clone();
+        // A person's action: no machine cause, whatever the reason's text says.
+        updated.state_cause = None;
         updated.state_changed_at = Some(now);
         let entry = audit(
             principal.actor(),
@@ -593,6 +596,7 @@ pub async fn rotate_key(
             expires_at: now + ttl,
             state: KeyState::Active,
             state_reason: None,
+            state_cause: None,
             state_changed_at: None,
             uses: 0,
             last_used_at: None,

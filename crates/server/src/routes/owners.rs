@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use keywarden_core::lifecycle::OWNER_DISABLED;
-use keywarden_core::model::{Actor, KeyRecord, KeyState};
+use keywarden_core::model::{Actor, KeyRecord, KeyState, StateCause};
 use keywarden_core::policy::OnOwnerDisabled;
 use keywarden_core::role::Permission;
 use keywarden_core::validate;
@@ -253,6 +253,7 @@ pub(crate) async fn change_status(
                 let mut next = key.clone();
                 next.state = next_state;
                 next.state_reason = Some(OWNER_DISABLED.to_owned());
+                next.state_cause = Some(StateCause::OwnerDisabled);
                 next.state_changed_at = Some(now);
                 let entry = audit(
                     actor.clone(),
