@@ -204,4 +204,52 @@ async fn services_through_the_cli_and_revoke_wait(b: Backend) {
 on_both_backends!(
     dead_keys_presented_raise_alerts,
     services_through_the_cli_and_revoke_wait,
+    alerts_deduplicate_on_the_source_network,
 );
+
+/// A client that changes its user agent, subject and address within one network on
+/// every request raises one alert, whose repeats count the rest; another network is
+/// another alert.
+async fn alerts_deduplicate_on_the_source_network(b: Backend) {
+    let s = start(b).await;
+    let (id, key) = s.create_key(key_body("dead")).await;
+    let (st, _) = s
+        .post(
+            &format!("/v1/keys/{id}/revoke"),
+            json!({ "reason": "leaked" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    for i in 0..60 {
+        let resp = s
+            .http
+            .post(s.url("/v1/verify"))
+            .bearer_auth(&s.admin)
+            .header("user-agent", format!("scanner/{i}"))
+            .json(
+                &json!({ "key": key, "source_ip": format!("203.0.113.{}", i + 1),
+                           "subject": format!("host-{i}") }),
+            )
+            .send()
+            .await
+            .unwrap();
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["code"], "REVOKED");
+    }
+    for ip in ["2001:db8::1", "2001:db8::2:3"] {
+        assert_eq!(
+            s.verify(json!({ "key": key, "source_ip": ip })).await["code"],
+            "REVOKED"
+        );
+    }
+    let alerts = wait_for_alerts(&s, &format!("key={id}"), |a| {
+        a.len() == 2 && a.iter().any(|x| x["repeats"] == 59) && a.iter().any(|x| x["repeats"] == 1)
+    })
+    .await;
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    let (_, v) = s
+        .get(&format!("/v1/audit?key={id}&action=key.still_in_use"))
+        .await;
+    assert_eq!(v["entries"].as_array().unwrap().len(), 2, "{v}");
+    s.stop().await;
+}

@@ -1,7 +1,7 @@
 //! KEY_STILL_IN_USE: a revoked, expired or suspended key presented to verify means the
 //! key is still in circulation somewhere. Verify hands each sighting to this task, off
-//! the hot path; the first sighting of a key from a place (address, user agent, subject)
-//! raises an alert (stored, audited, and delivered to services subscribed to `alert`);
+//! the hot path; the first sighting of a key from a source network (/24, /64) raises an
+//! alert (stored, audited, and delivered to services subscribed to `alert`);
 //! repeats within the alert window only count up, so a client retrying a dead key in a
 //! loop cannot flood the trail or the services.
 
@@ -64,7 +64,23 @@ pub fn channel() -> (mpsc::Sender<Sighting>, mpsc::Receiver<Sighting>) {
     mpsc::channel(QUEUE)
 }
 
-type Place = (String, Option<String>, Option<String>, Option<String>);
+/// Where a dead key is presented from: the key and the source network (a /24 of IPv4,
+/// a /64 of IPv6). The user agent and subject are left out on purpose: a client can
+/// change them per request, and each change would otherwise be a new alert and a new
+/// audit entry.
+type Place = (String, Option<ipnet::IpNet>);
+
+/// The network an address belongs to for alert deduplication; `None` when the
+/// sighting has no (parseable) address.
+fn source_network(ip: Option<&str>) -> Option<ipnet::IpNet> {
+    let ip: std::net::IpAddr = ip?.parse().ok()?;
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let prefix = if ip.is_ipv4() { 24 } else { 64 };
+    ipnet::IpNet::new(ip, prefix).ok().map(|n| n.trunc())
+}
 
 struct Raised {
     seq: i64,
@@ -99,12 +115,7 @@ pub async fn run(
 }
 
 async fn sighting(app: &SharedState, places: &mut HashMap<Place, Raised>, s: Sighting) {
-    let place = (
-        s.key_id.clone(),
-        s.source_ip.clone(),
-        s.user_agent.clone(),
-        s.subject.clone(),
-    );
+    let place = (s.key_id.clone(), source_network(s.source_ip.as_deref()));
     if let Some(r) = places.get_mut(&place) {
         if s.time - r.at < app.config.alert_window {
             r.unrecorded_repeats += 1;
