@@ -205,7 +205,88 @@ on_both_backends!(
     dead_keys_presented_raise_alerts,
     services_through_the_cli_and_revoke_wait,
     alerts_deduplicate_on_the_source_network,
+    environment_limits_apply_to_alerts_and_the_plan,
 );
+
+/// An issuer token limited to `dev` reads neither prod alerts (addresses, user agents,
+/// subjects) nor the prod part of the enforcement plan.
+async fn environment_limits_apply_to_alerts_and_the_plan(b: Backend) {
+    let s = start(b).await;
+    let mut ids = Vec::new();
+    for env in ["prod", "dev"] {
+        let mut body = key_body(&format!("{env}-key"));
+        body["environment"] = json!(env);
+        let (id, key) = s.create_key(body).await;
+        let (st, _) = s
+            .post(&format!("/v1/keys/{id}/revoke"), json!({ "reason": "x" }))
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(
+            s.verify(json!({ "key": key, "source_ip": "198.51.100.9" }))
+                .await["code"],
+            "REVOKED"
+        );
+        ids.push(id);
+    }
+    let mut body = key_body("prod-live");
+    body["environment"] = json!("prod");
+    s.create_key(body).await;
+    let mut body = key_body("dev-live");
+    body["environment"] = json!("dev");
+    let (dev_live, _) = s.create_key(body).await;
+    wait_for_alerts(&s, "", |a| a.len() == 2).await;
+
+    let dev = s.token("issuer", Some(vec!["dev"])).await;
+    let (st, v) = s
+        .call(reqwest::Method::GET, "/v1/alerts", Some(&dev), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let seen: Vec<&str> = v["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["key_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(seen, vec![ids[1].as_str()], "only the dev key's alert: {v}");
+    let (st, v) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/alerts?key={}", ids[0]),
+            Some(&dev),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, v["alerts"].clone()),
+        (StatusCode::OK, json!([])),
+        "{v}"
+    );
+
+    // Far in the future every live key has ended: the plan shows only dev's.
+    let (st, v) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/enforce/plan?at=2030-01-01T00:00:00Z",
+            Some(&dev),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let planned: Vec<&str> = v["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["key_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(planned, vec![dev_live.as_str()], "{v}");
+    let (_, all) = s.get("/v1/enforce/plan?at=2030-01-01T00:00:00Z").await;
+    assert_eq!(
+        all["actions"].as_array().unwrap().len(),
+        2,
+        "the admin sees both: {all}"
+    );
+    s.stop().await;
+}
 
 /// A client that changes its user agent, subject and address within one network on
 /// every request raises one alert, whose repeats count the rest; another network is

@@ -115,6 +115,8 @@ pub struct AlertFilter {
     /// Alerts with a seq below this (paging, newest first).
     pub before: Option<i64>,
     pub limit: u32,
+    /// Only alerts about keys of these environments (a token limited to them).
+    pub environments: Option<Vec<String>>,
 }
 
 const SERVICE_COLUMNS: &str = "id, name, webhook_url, events, secret_salt, pepper_version, \
@@ -553,17 +555,31 @@ impl Store {
 
     /// Alerts, newest first.
     pub async fn alerts(&self, f: &AlertFilter) -> Result<Vec<AlertRecord>> {
-        let rows = sqlx::query(&format!(
+        let in_environments = match &f.environments {
+            None => String::new(),
+            Some(envs) if envs.is_empty() => " AND 1 = 0".to_owned(),
+            Some(envs) => format!(
+                " AND key_id IN (SELECT id FROM keys WHERE environment IN ({}))",
+                (5..5 + envs.len())
+                    .map(|n| format!("${n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let sql = format!(
             "SELECT {ALERT_COLUMNS} FROM alerts WHERE ($1 IS NULL OR key_id = $1) \
-             AND ($2 IS NULL OR time >= $2) AND ($3 IS NULL OR seq < $3) \
+             AND ($2 IS NULL OR time >= $2) AND ($3 IS NULL OR seq < $3){in_environments} \
              ORDER BY seq DESC LIMIT $4"
-        ))
-        .bind(&f.key_id)
-        .bind(opt_ms(f.since))
-        .bind(f.before)
-        .bind(i64::from(f.limit))
-        .fetch_all(&self.pool)
-        .await?;
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(&f.key_id)
+            .bind(opt_ms(f.since))
+            .bind(f.before)
+            .bind(i64::from(f.limit));
+        for env in f.environments.iter().flatten() {
+            query = query.bind(env);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(alert_from_row).collect()
     }
 

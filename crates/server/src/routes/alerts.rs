@@ -78,6 +78,7 @@ pub async fn list_alerts(
             since,
             before,
             limit,
+            environments: principal.token.environments.clone(),
         })
         .await?;
     let next_cursor = (alerts.len() == limit as usize)

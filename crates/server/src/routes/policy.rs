@@ -148,7 +148,9 @@ pub async fn enforce_plan(
             )
         })?,
     };
-    let actions = enforcer::plan(&app, at).await?;
+    let mut actions = enforcer::plan(&app, at).await?;
+    // A token limited to environments sees only its environments' part of the plan.
+    actions.retain(|a| principal.may_act_in(&a.key.environment));
     Ok(Json(report(at, true, actions)))
 }
 
