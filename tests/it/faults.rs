@@ -183,6 +183,68 @@ async fn full_disk_never_spends_a_cap_it_cannot_commit() {
     s.stop().await;
 }
 
+/// `chattr +i` on the database and its WAL files (an immutable file refuses writes even
+/// through descriptors already open): the same promise as the full disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immutable_database_files_never_spend_a_cap() {
+    let s = TestServer::start(Backend::Sqlite).await;
+    let (one_id, one) = capped_key(&s, "one-time", 1).await;
+    let (other_id, _) = s.create_key(key_body("revoke-me")).await;
+    let data = s.config.data_dir.clone();
+    let files: Vec<String> = ["keywarden.db", "keywarden.db-wal", "keywarden.db-shm"]
+        .iter()
+        .map(|f| data.join(f).display().to_string())
+        .filter(|f| Path::new(f).exists())
+        .collect();
+    let chattr = |flag: &str| {
+        let out = std::process::Command::new("chattr")
+            .arg(flag)
+            .args(&files)
+            .output()
+            .expect("run chattr");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, why) = chattr("+i");
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to chattr +i (root, a file system with attributes): {why}"
+        );
+        eprintln!("SKIPPED: chattr +i failed here ({why})");
+        s.stop().await;
+        return;
+    }
+    let mut valid = 0;
+    let mut refused = 0;
+    for _ in 0..5 {
+        match verify_or_unavailable(&s, &one).await.as_str() {
+            "VALID" => valid += 1,
+            "503" => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let (ok, why) = chattr("-i");
+    assert!(ok, "{why}");
+    assert!(
+        refused > 0,
+        "immutable files must refuse the spend (VALID {valid} times)"
+    );
+    assert!(valid <= 1, "one-time key answered VALID {valid} times");
+    let (status, v) = revoke_when_writable(&s, &other_id).await;
+    assert_eq!(status, StatusCode::OK, "writes recover: {v}");
+    for _ in 0..3 {
+        if verify_or_unavailable(&s, &one).await == "VALID" {
+            valid += 1;
+        }
+    }
+    assert_eq!(valid, 1, "a one-time key is valid exactly once");
+    assert_eq!(stored_uses(&s, &one_id).await, 1);
+    s.stop().await;
+}
+
 /// PostgreSQL: a spend whose COMMIT fails (a deferred constraint trigger raises at
 /// commit) answers 503, and is not counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
