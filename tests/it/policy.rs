@@ -14,6 +14,7 @@ on_both_backends!(
     idle_keys_expire_and_a_key_used_on_day_29_survives_day_31,
     rotation_deadlines_and_expiry_notices,
     a_tightened_policy_flags_existing_keys,
+    what_the_plan_says_is_what_a_pass_does,
 );
 
 const POLICY: &str = r#"
@@ -545,5 +546,57 @@ async fn a_tightened_policy_flags_existing_keys(b: Backend) {
     assert_eq!(s.verify_code(&wide_secret).await, "SUSPENDED");
     let (_, k) = s.get(&format!("/v1/keys/{wide}")).await;
     assert_eq!(k["state_reason"], "POLICY_VIOLATION");
+    s.stop().await;
+}
+
+/// A key due an expiry notice in the same pass that first judges a policy which suspends
+/// it: the plan lists both, and the pass does both. Resumed by hand while it still
+/// breaks the policy, the next plan and pass suspend it again.
+async fn what_the_plan_says_is_what_a_pass_does(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut body = crate::harness::key_body("node-enroll");
+    body["scopes"] = json!(["enroll:*"]);
+    let (id, secret) = s.create_key(body).await;
+    let (status, v) = put(
+        &s,
+        "[environments.prod]\nexpiry_notice = \"60d\"\nforbid_wildcards = true\non_violation = \"suspend\"\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let actions = |out: &str| -> Vec<(String, String)> {
+        let v: Value = serde_json::from_str(out).unwrap();
+        let mut got: Vec<(String, String)> = v["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["action"].as_str().unwrap().to_owned(),
+                    a["reason"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        got.sort();
+        got
+    };
+    let both = vec![
+        ("notify".to_owned(), "EXPIRES_SOON".to_owned()),
+        ("suspend".to_owned(), "POLICY_VIOLATION".to_owned()),
+    ];
+    let (_, plan, _) = cli(&s, &["--json", "enforce", "--plan"]).await;
+    assert_eq!(actions(&plan), both, "{plan}");
+    let (rc, done, err) = cli(&s, &["--json", "enforce", "--now"]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(actions(&done), both, "{done}");
+    assert_eq!(s.verify_code(&secret).await, "SUSPENDED");
+
+    let (status, _) = s.post(&format!("/v1/keys/{id}/resume"), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let suspend = vec![("suspend".to_owned(), "POLICY_VIOLATION".to_owned())];
+    let (_, plan, _) = cli(&s, &["--json", "enforce", "--plan"]).await;
+    assert_eq!(actions(&plan), suspend, "{plan}");
+    let (_, done, _) = cli(&s, &["--json", "enforce", "--now"]).await;
+    assert_eq!(actions(&done), suspend, "{done}");
+    assert_eq!(s.verify_code(&secret).await, "SUSPENDED");
     s.stop().await;
 }

@@ -64,7 +64,6 @@ async fn due(
     policy: &(i64, Policy),
     at: OffsetDateTime,
     limit: u32,
-    judge_all: bool,
 ) -> Result<Vec<Action>, ApiError> {
     let mut actions: Vec<Action> = app
         .store
@@ -127,11 +126,16 @@ async fn due(
             }
         }
     }
-    // Existing keys that break the policy in force (say, after it tightened): all active
-    // keys are judged, once per policy version on a node, and always for a plan.
-    if judge_all {
-        let taken: std::collections::HashSet<String> =
-            actions.iter().map(|a| a.key.id.to_string()).collect();
+    // Existing keys that break the policy in force (say, after it tightened, or resumed by
+    // hand): every active key is judged on every pass, as the plan judges them, so what
+    // a plan shows is what the next pass does. A notice does not shadow a violation;
+    // only an action that ends or holds the key does.
+    {
+        let taken: std::collections::HashSet<String> = actions
+            .iter()
+            .filter(|a| a.action != "notify")
+            .map(|a| a.key.id.to_string())
+            .collect();
         let note = format!("policy version {}", policy.0);
         let filter = KeyFilter {
             state: Some(StateFilter::Active),
@@ -201,7 +205,7 @@ const EXPIRY_NOTICE: &str = "key.expiry_notice";
 /// What a pass at `at` would do, key by key, without acting.
 pub async fn plan(app: &SharedState, at: OffsetDateTime) -> Result<Vec<Action>, ApiError> {
     let policy = app.policy().await?;
-    due(app, &policy, at, PLAN_LIMIT, true).await
+    due(app, &policy, at, PLAN_LIMIT).await
 }
 
 /// One pass now; returns what it did. A key changed concurrently (another node's
@@ -211,8 +215,7 @@ pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
     let mut done = Vec::new();
     let policy = app.policy().await?;
     let version = policy.0;
-    let judge_all = app.judged_policy.load(std::sync::atomic::Ordering::Relaxed) != version;
-    for action in due(app, &policy, now, BATCH, judge_all).await? {
+    for action in due(app, &policy, now, BATCH).await? {
         let key = &action.key;
         if action.action == "notify" {
             let (kind, why) = match action.reason {
@@ -280,10 +283,6 @@ pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
             tracing::info!(key_id = %key.id, reason = action.reason, "key expired");
             done.push(action);
         }
-    }
-    if judge_all {
-        app.judged_policy
-            .store(version, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(done)
 }

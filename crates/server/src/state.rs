@@ -34,8 +34,6 @@ pub struct AppState {
     policy: std::sync::RwLock<Arc<(i64, Policy)>>,
     /// Moves after every change of `policy`, for the per-thread copies of verify.
     policy_generation: std::sync::atomic::AtomicU64,
-    /// The policy version whose rules the enforcer last judged every active key by.
-    pub judged_policy: std::sync::atomic::AtomicI64,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -87,7 +85,6 @@ impl AppState {
             alerts,
             closing: tokio::sync::watch::Sender::new(false),
             policy: std::sync::RwLock::new(Arc::new((0, Policy::default()))),
-            judged_policy: std::sync::atomic::AtomicI64::new(-1),
             policy_generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
