@@ -205,6 +205,9 @@ pub fn client_ip(
 
 pub fn header_text(headers: &HeaderMap, name: &str, max: usize) -> Option<String> {
     let s = headers.get(name).and_then(|v| v.to_str().ok())?;
+    // These values are kept (audit entries, usage events): a key pasted into one is not.
+    let s = key_format::redact_keys(s);
+    let s = s.as_ref();
     // `to_str` admits visible ASCII, spaces and tabs; without a tab, a short value is kept whole.
     if s.len() <= max && !s.bytes().any(|b| b.is_ascii_control()) {
         return Some(s.to_owned());
@@ -229,6 +232,16 @@ mod tests {
         assert_eq!(header_text(&h, "x-tabbed", 256).as_deref(), Some("ab"));
         assert_eq!(header_text(&h, "x-long", 4).as_deref(), Some("abcd"));
         assert_eq!(header_text(&h, "x-missing", 4), None);
+        let key = key_format::generate(&mut rand::rngs::OsRng, "kw", "prod").unwrap();
+        h.insert(
+            "x-keyed",
+            format!("curl {}", key.plain.expose()).parse().unwrap(),
+        );
+        assert_eq!(
+            header_text(&h, "x-keyed", 256).as_deref(),
+            Some("curl <redacted>")
+        );
+        assert_eq!(header_text(&h, "x-keyed", 8).as_deref(), Some("curl <re"));
     }
 
     #[test]
