@@ -4,22 +4,27 @@
 //!   authenticated, so a caller without it gets 403 however malformed the rest is;
 //! - no key of ours in a path segment or query parameter ([`check_uri`]), and path
 //!   parameters that decode to UTF-8;
-//! - every error answer a JSON body with a code, whoever made it ([`json_errors`]: axum's
-//!   own rejections, the body limit, a URI too long), in SCIM's shape under `/scim/`;
+//! - every error answer a JSON body with a code, whoever made it (axum's
+//!   own rejections, the body limit, a URI too long), in SCIM's shape under `/scim/`
+//!   ([`JsonErrorsLayer`]);
 //! - URIs in log lines with any key in them redacted ([`redact_uri`]).
 
 use std::borrow::Cow;
+use std::convert::Infallible;
+use std::task::{Context, Poll};
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, Uri};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use keywarden_core::key_format::find_key;
 use keywarden_core::model::TokenRecord;
 use keywarden_core::role::Permission;
 use keywarden_proto::codes;
+
+use futures_util::future::{ready, BoxFuture, Either, Ready, Then};
+use futures_util::FutureExt;
 
 use crate::error::{error_response, ApiError};
 use crate::extract::{redact_quoted, secret_in_field};
@@ -175,28 +180,73 @@ pub fn redact_uri(uri: &Uri) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Middleware over every route and fallback: refuses a URI longer than [`MAX_URI`], and
-/// turns any error answer that is not our JSON (axum's plain-text rejections: a path
-/// that is not UTF-8, a body over the limit, a query SCIM cannot read) into one.
-pub async fn json_errors(req: Request, next: Next) -> Response {
-    let scim = req.uri().path().starts_with("/scim/");
-    let too_long = req
-        .uri()
-        .path_and_query()
-        .is_some_and(|p| p.as_str().len() > MAX_URI);
-    let resp = if too_long {
-        error_response(
-            StatusCode::URI_TOO_LONG,
-            codes::URI_TOO_LONG,
-            format!("the path and query are longer than {MAX_URI} bytes"),
-            vec![],
-        )
-    } else {
-        next.run(req).await
+/// Layer over every route and fallback: refuses a URI longer than [`MAX_URI`], and turns
+/// any error answer that is not our JSON (axum's plain-text rejections: a path that is
+/// not UTF-8, a body over the limit, a query SCIM cannot read) into one. A plain tower
+/// service rather than `middleware::from_fn`, which boxes every request's service and
+/// future: a successful answer passes through with no allocation.
+#[derive(Clone, Copy, Debug)]
+pub struct JsonErrorsLayer;
+
+impl<S> tower::Layer<S> for JsonErrorsLayer {
+    type Service = JsonErrors<S>;
+
+    fn layer(&self, inner: S) -> JsonErrors<S> {
+        JsonErrors { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct JsonErrors<S> {
+    inner: S,
+}
+
+type Answer = Result<Response, Infallible>;
+type Finished = Either<Ready<Answer>, BoxFuture<'static, Answer>>;
+
+impl<S> tower::Service<Request> for JsonErrors<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Answer>, Then<S::Future, Finished, fn(Answer) -> Finished>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let too_long = req
+            .uri()
+            .path_and_query()
+            .is_some_and(|p| p.as_str().len() > MAX_URI);
+        if too_long {
+            return Either::Left(ready(Ok(error_response(
+                StatusCode::URI_TOO_LONG,
+                codes::URI_TOO_LONG,
+                format!("the path and query are longer than {MAX_URI} bytes"),
+                vec![],
+            ))));
+        }
+        let finish: fn(Answer) -> Finished = if req.uri().path().starts_with("/scim/") {
+            |answer| finish(answer, true)
+        } else {
+            |answer| finish(answer, false)
+        };
+        Either::Right(self.inner.call(req).then(finish))
+    }
+}
+
+fn finish(answer: Answer, scim: bool) -> Finished {
+    let resp = match answer {
+        Ok(resp) => resp,
+        Err(never) => match never {},
     };
     let status = resp.status();
     if !(status.is_client_error() || status.is_server_error()) {
-        return resp;
+        return Either::Left(ready(Ok(resp)));
     }
     let content_type = resp
         .headers()
@@ -206,8 +256,15 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         .to_ascii_lowercase();
     let ours = content_type.starts_with("application/json");
     if (!scim && ours) || content_type.starts_with("application/scim+json") {
-        return resp;
+        return Either::Left(ready(Ok(resp)));
     }
+    Either::Right(Box::pin(async move { Ok(rewrite(resp, scim, ours).await) }))
+}
+
+/// An error answer in our JSON shape (or SCIM's), keeping its status, what its text said
+/// (quoted values left out) and its other headers.
+async fn rewrite(resp: Response, scim: bool, ours: bool) -> Response {
+    let status = resp.status();
     let (parts, body) = resp.into_parts();
     let text = match axum::body::to_bytes(body, 16 * 1024).await {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),

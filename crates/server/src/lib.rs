@@ -234,7 +234,7 @@ pub fn router(state: SharedState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn(guard::json_errors));
+        .layer(guard::JsonErrorsLayer);
     // Per-request lines at DEBUG: the verify path should not pay for a log line. Headers
     // are never recorded (they carry bearer tokens). Without DEBUG for this target when
     // the router is built, the layer is left out: it would time every request for a line
