@@ -20,6 +20,17 @@ pub struct Served {
     stderr: std::thread::JoinHandle<String>,
 }
 
+impl Served {
+    /// Stops the server with SIGTERM and returns everything it logged.
+    pub fn terminate(mut self) -> String {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        self.stderr.join().unwrap_or_default()
+    }
+}
+
 fn bin() -> Command {
     Command::new(assert_cmd::cargo::cargo_bin("keywarden"))
 }

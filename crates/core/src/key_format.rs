@@ -244,6 +244,84 @@ pub fn parse_parts<'a>(input: &'a str, expected_prefix: &str) -> Result<KeyParts
     })
 }
 
+/// The byte range of the first key in `text` whose shape and checksum are valid, of any
+/// prefix: a key pasted where it does not belong (a description, a metadata value, a
+/// path segment). The prefix is not compared, so keys of another deployment (or issued
+/// under an earlier prefix) are found too; a checksum makes a false match about one in
+/// 57 billion per candidate. A key glued to other letters is still found.
+pub fn find_key(text: &[u8]) -> Option<std::ops::Range<usize>> {
+    const TAIL: usize = SECRET_LEN + CHECKSUM_LEN;
+    let alnum = |r: std::ops::Range<usize>| {
+        text.get(r)
+            .is_some_and(|s| s.iter().all(u8::is_ascii_alphanumeric))
+    };
+    let lower = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    // `u` is the `_` before the secret; the shortest key has 20 bytes before it.
+    for u in 20..text.len() {
+        if text[u] != b'_'
+            || u + 1 + TAIL > text.len()
+            || text[u - ID_LEN - 1] != b'_'
+            || !alnum(u - ID_LEN..u)
+            || !alnum(u + 1..u + 1 + TAIL)
+        {
+            continue;
+        }
+        let end = u + 1 + TAIL;
+        let env_end = u - ID_LEN - 1;
+        let Some(env_start) = (1..=9)
+            .take_while(|n| *n <= env_end)
+            .map(|n| env_end - n)
+            .find(|i| !lower(text[*i]))
+            .filter(|i| text[*i] == b'_' && (1..=8).contains(&(env_end - *i - 1)))
+        else {
+            continue;
+        };
+        // The prefix: 1-10 of [a-z0-9] ending at `env_start`, starting with a letter.
+        for len in 1..=10.min(env_start) {
+            let start = env_start - len;
+            if !lower(text[start]) {
+                break;
+            }
+            let Some(candidate) = text
+                .get(start..end)
+                .and_then(|c| std::str::from_utf8(c).ok())
+            else {
+                continue;
+            };
+            if text[start].is_ascii_lowercase()
+                && matches!(parse_parts(candidate, ""), Ok(_) | Err(FormatError::Prefix))
+            {
+                return Some(start..end);
+            }
+        }
+    }
+    None
+}
+
+/// Whether `text` holds a key of any prefix (see [`find_key`]).
+pub fn holds_key(text: &str) -> bool {
+    find_key(text.as_bytes()).is_some()
+}
+
+/// `text` with every key in it (see [`find_key`]) replaced by `<redacted>`.
+pub fn redact_keys(text: &str) -> std::borrow::Cow<'_, str> {
+    let Some(first) = find_key(text.as_bytes()) else {
+        return std::borrow::Cow::Borrowed(text);
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut found = Some(first);
+    while let Some(r) = found {
+        // Key bytes are ASCII, so both ends are character boundaries.
+        out.push_str(rest.get(..r.start).unwrap_or_default());
+        out.push_str("<redacted>");
+        rest = rest.get(r.end..).unwrap_or_default();
+        found = find_key(rest.as_bytes());
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +372,45 @@ mod tests {
         ] {
             assert!(parse(bad, "kw").is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn keys_are_found_inside_text_whatever_their_prefix() {
+        let k = key(7, "prod");
+        let plain = k.plain.expose();
+        let other = generate(&mut rand::rngs::StdRng::seed_from_u64(8), "acme9", "dev").unwrap();
+        for (text, at) in [
+            (plain.to_owned(), 0),
+            (format!("my key is {plain}, keep it"), 10),
+            (format!("x{plain}y"), 1),
+            (format!("Z_{plain}"), 2),
+            (format!("é{plain}"), 2),
+        ] {
+            assert_eq!(
+                find_key(text.as_bytes()),
+                Some(at..at + plain.len()),
+                "{text}"
+            );
+        }
+        assert!(holds_key(other.plain.expose()));
+        assert!(holds_key(&format!("{}.{}", plain, other.plain.expose())));
+        // A near miss (one character changed) and key-like text are not keys.
+        let mut typo = plain.to_owned().into_bytes();
+        typo[30] = if typo[30] == b'a' { b'b' } else { b'a' };
+        let typo = String::from_utf8(typo).unwrap();
+        for text in [
+            typo.as_str(),
+            "kw_prod_AAAAAAAAAAAAAAAA_",
+            "",
+            "_",
+            &plain[..plain.len() - 1],
+            &plain[1..3],
+        ] {
+            assert!(!holds_key(text), "{text}");
+        }
+        let text = format!("a {plain} b {} c", other.plain.expose());
+        assert_eq!(redact_keys(&text), "a <redacted> b <redacted> c");
+        assert_eq!(redact_keys("nothing here"), "nothing here");
     }
 
     proptest! {

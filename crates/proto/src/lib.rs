@@ -722,6 +722,21 @@ pub mod codes {
     pub const INVALID_BODY: &str = "INVALID_BODY";
     pub const UNKNOWN_FIELD: &str = "UNKNOWN_FIELD";
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "UNSUPPORTED_MEDIA_TYPE";
+    /// A field, path segment or query parameter holds one of our keys (or admin tokens).
+    /// The answer names the field, never the value.
+    pub const SECRET_IN_FIELD: &str = "SECRET_IN_FIELD";
+    /// A path segment is not valid percent-encoded UTF-8.
+    pub const INVALID_PATH: &str = "INVALID_PATH";
+    /// The request line's URI is longer than the server reads (8 KiB).
+    pub const URI_TOO_LONG: &str = "URI_TOO_LONG";
+    /// A request the server could not read, refused before any route saw it.
+    pub const INVALID_REQUEST: &str = "INVALID_REQUEST";
+    /// The request took too long to arrive.
+    pub const REQUEST_TIMEOUT: &str = "REQUEST_TIMEOUT";
+    /// The request's headers are larger than the server reads.
+    pub const HEADERS_TOO_LARGE: &str = "HEADERS_TOO_LARGE";
+    /// The server cannot take the request now (overloaded or shutting down).
+    pub const UNAVAILABLE: &str = "UNAVAILABLE";
     pub const BODY_TOO_LARGE: &str = "BODY_TOO_LARGE";
     pub const INVALID_QUERY: &str = "INVALID_QUERY";
     pub const INVALID_CURSOR: &str = "INVALID_CURSOR";

@@ -61,6 +61,9 @@ impl FromRequestParts<SharedState> for Principal {
 
     async fn from_request_parts(parts: &mut Parts, app: &SharedState) -> Result<Self, ApiError> {
         let token = authenticate(app, &parts.headers).await?;
+        // Before any extractor reads the path, query or body: the route's permission,
+        // then no key in the URI.
+        crate::guard::before_handler(parts, &token)?;
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
@@ -86,10 +89,17 @@ async fn authenticate(
     let presented = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer_credentials)
         .ok_or(ApiError::Unauthenticated(HOW))?;
     authenticate_token(app, presented).await
+}
+
+/// The credentials of an `Authorization: Bearer …` value. The scheme is
+/// case-insensitive (RFC 9110 §11.1; RFC 6750 §2.1).
+pub fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    let credentials = credentials.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !credentials.is_empty()).then_some(credentials)
 }
 
 /// Checks a presented admin token.
@@ -195,6 +205,9 @@ pub fn client_ip(
 
 pub fn header_text(headers: &HeaderMap, name: &str, max: usize) -> Option<String> {
     let s = headers.get(name).and_then(|v| v.to_str().ok())?;
+    // These values are kept (audit entries, usage events): a key pasted into one is not.
+    let s = key_format::redact_keys(s);
+    let s = s.as_ref();
     // `to_str` admits visible ASCII, spaces and tabs; without a tab, a short value is kept whole.
     if s.len() <= max && !s.bytes().any(|b| b.is_ascii_control()) {
         return Some(s.to_owned());
@@ -219,6 +232,26 @@ mod tests {
         assert_eq!(header_text(&h, "x-tabbed", 256).as_deref(), Some("ab"));
         assert_eq!(header_text(&h, "x-long", 4).as_deref(), Some("abcd"));
         assert_eq!(header_text(&h, "x-missing", 4), None);
+        let key = key_format::generate(&mut rand::rngs::OsRng, "kw", "prod").unwrap();
+        h.insert(
+            "x-keyed",
+            format!("curl {}", key.plain.expose()).parse().unwrap(),
+        );
+        assert_eq!(
+            header_text(&h, "x-keyed", 256).as_deref(),
+            Some("curl <redacted>")
+        );
+        assert_eq!(header_text(&h, "x-keyed", 8).as_deref(), Some("curl <re"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer abc", "bearer abc", "BEARER  abc ", " bEaReR abc"] {
+            assert_eq!(bearer_credentials(v), Some("abc"), "{v}");
+        }
+        for v in ["Basic abc", "Bearerabc", "Bearer ", "Bearer", "abc", ""] {
+            assert_eq!(bearer_credentials(v), None, "{v}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod enforcer;
 pub mod error;
 pub mod extract;
+pub mod guard;
 pub mod outbound;
 pub mod routes;
 pub mod state;
@@ -35,7 +36,7 @@ use tokio::task::JoinHandle;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
@@ -233,7 +234,8 @@ pub fn router(state: SharedState) -> Router {
                 vec![],
             )
         })
-        .layer(DefaultBodyLimit::max(BODY_LIMIT));
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(guard::JsonErrorsLayer);
     // Per-request lines at DEBUG: the verify path should not pay for a log line. Headers
     // are never recorded (they carry bearer tokens). Without DEBUG for this target when
     // the router is built, the layer is left out: it would time every request for a line
@@ -241,7 +243,7 @@ pub fn router(state: SharedState) -> Router {
     let router = if tracing::enabled!(target: "tower_http::trace", Level::DEBUG) {
         router.layer(
             TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::DEBUG))
+                .make_span_with(guard::RedactedSpan)
                 .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
         )
     } else {

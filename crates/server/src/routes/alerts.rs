@@ -15,6 +15,7 @@ use crate::extract::QueryParams;
 use crate::state::SharedState;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AlertQuery {
     /// Only alerts about this key.

@@ -78,6 +78,7 @@ fn parse_time(field: &str, v: Option<&str>) -> Result<Option<OffsetDateTime>, Ap
 
 /// Filters shared by the list and the export.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Entries about this key id.
@@ -218,8 +219,9 @@ fn write_page(format: Format, entries: &[SealedEntry], header: bool) -> Result<B
             for s in entries {
                 let v = entry_view(s);
                 let time = v.time.format(&Rfc3339).unwrap_or_default();
-                w.write_record([
-                    v.seq.to_string().as_str(),
+                let seq = v.seq.to_string();
+                let cells = [
+                    seq.as_str(),
                     &time,
                     &v.actor,
                     &v.actor_name,
@@ -232,8 +234,10 @@ fn write_page(format: Format, entries: &[SealedEntry], header: bool) -> Result<B
                     &s.entry.details,
                     &v.prev_hash,
                     &v.hash,
-                ])
-                .map_err(csv_err)?;
+                ]
+                .map(defuse_formula);
+                w.write_record(cells.iter().map(|c| c.as_bytes()))
+                    .map_err(csv_err)?;
             }
             w.flush().map_err(|e| {
                 ApiError::Store(keywarden_store::StoreError::Corrupt(e.to_string()))
@@ -242,6 +246,18 @@ fn write_page(format: Format, entries: &[SealedEntry], header: bool) -> Result<B
         }
     }
     Ok(Bytes::from(out))
+}
+
+/// A CSV cell a spreadsheet will not run as a formula (OWASP, "CSV Injection"): a cell
+/// that starts with `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading `'`.
+/// The CSV export is for reading; the chain is verified from the JSON lines export,
+/// which keeps every value as it is.
+fn defuse_formula(cell: &str) -> std::borrow::Cow<'_, str> {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        std::borrow::Cow::Owned(format!("'{cell}"))
+    } else {
+        std::borrow::Cow::Borrowed(cell)
+    }
 }
 
 struct ExportCursor {
@@ -518,4 +534,24 @@ pub async fn quarantine_audit(
         audit_seqs: moved.audit_rows,
         event_seqs: moved.event_rows,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formula_cells_are_defused() {
+        for (cell, out) in [
+            ("=1+2", "'=1+2"),
+            ("+1", "'+1"),
+            ("-1", "'-1"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("\rx", "'\rx"),
+            ("key.revoked", "key.revoked"),
+            ("1+1", "1+1"),
+            ("", ""),
+        ] {
+            assert_eq!(super::defuse_formula(cell), out);
+        }
+    }
 }

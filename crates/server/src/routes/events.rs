@@ -29,6 +29,7 @@ use crate::state::{AppState, SharedState};
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Events after this seq (default 0: everything still in the outbox). SSE clients

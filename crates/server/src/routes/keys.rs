@@ -368,6 +368,7 @@ fn audit_fields(k: &KeyRecord, now: OffsetDateTime) -> serde_json::Value {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     pub environment: Option<String>,
@@ -651,6 +652,7 @@ pub async fn rotate_key(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
     /// 1-1000, default 100

@@ -123,6 +123,7 @@ fn report(at: OffsetDateTime, planned: bool, actions: Vec<enforcer::Action>) -> 
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PlanQuery {
     /// RFC 3339; default now.

@@ -85,6 +85,16 @@ fn user(o: &Owner) -> Value {
 }
 
 fn parse_body(bytes: &Bytes) -> Result<Value, Scim> {
+    if let Some(field) = crate::extract::key_field(bytes, &[]) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            Some("invalidValue"),
+            format!(
+                "{field}: holds a keywarden key or admin token, which no SCIM attribute may \
+                 hold; nothing was stored (the value is not shown)"
+            ),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|_| {
         error(
             StatusCode::BAD_REQUEST,
