@@ -15,6 +15,7 @@ on_both_backends!(
     rotation_deadlines_and_expiry_notices,
     a_tightened_policy_flags_existing_keys,
     what_the_plan_says_is_what_a_pass_does,
+    a_key_held_for_overdue_rotation_can_be_rotated,
 );
 
 const POLICY: &str = r#"
@@ -598,5 +599,53 @@ async fn what_the_plan_says_is_what_a_pass_does(b: Backend) {
     let (_, done, _) = cli(&s, &["--json", "enforce", "--now"]).await;
     assert_eq!(actions(&done), suspend, "{done}");
     assert_eq!(s.verify_code(&secret).await, "SUSPENDED");
+    s.stop().await;
+}
+
+/// A key suspended because its rotation is overdue is rotated (not resumed, which the
+/// next pass would undo): the successor is active and stays so; the old key stays held.
+async fn a_key_held_for_overdue_rotation_can_be_rotated(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (status, v) = put(
+        &s,
+        "[environments.prod]\nrotation_period = \"2d\"\non_rotation_overdue = \"suspend\"\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (id, secret) = s.create_key(crate::harness::key_body("deploy")).await;
+    s.clock.advance(time::Duration::days(3));
+    let (rc, _, err) = cli(&s, &["enforce", "--now"]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(s.verify_code(&secret).await, "SUSPENDED");
+
+    let (status, v) = s
+        .post(&format!("/v1/keys/{id}/rotate"), json!({"grace": "1h"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let successor = v["secret"].as_str().unwrap().to_owned();
+    assert_eq!(v["key"]["state"], "active", "{v}");
+    assert_eq!(s.verify_code(&successor).await, "VALID");
+    assert_eq!(
+        s.verify_code(&secret).await,
+        "SUSPENDED",
+        "the old key stays held"
+    );
+    let (rc, _, err) = cli(&s, &["enforce", "--now"]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(s.verify_code(&successor).await, "VALID", "not held again");
+    // Rotated once is rotated.
+    let (status, _) = s.post(&format!("/v1/keys/{id}/rotate"), json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // A key suspended by a person still must be resumed first.
+    let (other, _) = s.create_key(crate::harness::key_body("investigated")).await;
+    let (status, _) = s
+        .post(
+            &format!("/v1/keys/{other}/suspend"),
+            json!({"reason": "looking"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, v) = s.post(&format!("/v1/keys/{other}/rotate"), json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
     s.stop().await;
 }

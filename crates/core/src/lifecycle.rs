@@ -4,7 +4,7 @@
 use thiserror::Error;
 use time::{Duration, OffsetDateTime};
 
-use crate::model::{KeyRecord, KeyState};
+use crate::model::{KeyRecord, KeyState, StateCause};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -51,11 +51,19 @@ pub fn transition(
         (Action::Revoke, KeyState::Active | KeyState::Suspended | KeyState::Expired) => {
             Ok(KeyState::Revoked)
         }
-        (Action::Rotate, KeyState::Active) if key.rotated_to.is_some() => {
+        (Action::Rotate, KeyState::Active | KeyState::Suspended) if key.rotated_to.is_some() => {
             Err(refuse(" and was already rotated"))
         }
-        // A suspended key is under investigation: resume it before handing out a successor.
         (Action::Rotate, KeyState::Active) => Ok(state),
+        // Held because its rotation is overdue: rotating is the way out (resuming would
+        // only be held again). The old key stays suspended; the successor is active.
+        (Action::Rotate, KeyState::Suspended)
+            if key.state_cause == Some(StateCause::RotationOverdue) =>
+        {
+            Ok(state)
+        }
+        // Any other suspended key is under investigation: resume it before handing out a
+        // successor.
         _ => Err(refuse("")),
     }
 }
