@@ -98,6 +98,18 @@ pub async fn change_state(cli: &Cli, c: &Client, a: &StateArgs, action: &str) ->
                 .with_context(|| format!("--wait {w:?}: expected a duration such as 10s"))
         })
         .transpose()?;
+    if action == "revoke" && wait.is_none() && !cli.json {
+        let key = c.get_key(&a.id).await?;
+        if key.state == "revoked" {
+            println!(
+                "{} already revoked since {}",
+                key.id,
+                key.state_changed_at
+                    .map_or_else(|| "?".to_owned(), output::ts)
+            );
+            return Ok(0);
+        }
+    }
     let changed = c.change_state(&a.id, action, a.reason.clone()).await?;
     let Some(wait) = wait else {
         print(cli, &changed, output::key_details)?;

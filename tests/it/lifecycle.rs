@@ -117,11 +117,31 @@ async fn invalid_transitions_conflict(b: Backend) {
     s.post(&format!("/v1/keys/{id}/suspend"), json!({})).await;
     let (st, _) = s.post(&format!("/v1/keys/{id}/rotate"), json!({})).await;
     assert_eq!(st, StatusCode::CONFLICT, "a suspended key is not rotated");
-    s.post(&format!("/v1/keys/{id}/revoke"), json!({})).await;
-    for action in ["suspend", "resume", "revoke", "rotate"] {
+    let (st, first) = s
+        .post(
+            &format!("/v1/keys/{id}/revoke"),
+            json!({"reason": "leaked"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    for action in ["suspend", "resume", "rotate"] {
         let (st, _) = s.post(&format!("/v1/keys/{id}/{action}"), json!({})).await;
         assert_eq!(st, StatusCode::CONFLICT, "{action} on a revoked key");
     }
+    // Revoke is idempotent: 200, the key as it was, nothing written.
+    let (st, again) = s
+        .post(&format!("/v1/keys/{id}/revoke"), json!({"reason": "again"}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{again}");
+    assert_eq!(again["state_changed_at"], first["state_changed_at"]);
+    assert_eq!(again["state_reason"], "leaked");
+    let (_, v) = s
+        .get(&format!("/v1/audit?key={id}&action=key.revoked"))
+        .await;
+    assert_eq!(v["entries"].as_array().unwrap().len(), 1, "{v}");
+    let (rc, out, err) = s.cli(&["key", "revoke", &id]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("already revoked since"), "{out}");
     s.stop().await;
 }
 

@@ -467,6 +467,11 @@ async fn change_state(
     for _ in 0..5 {
         let key = load_in_reach(&app, &principal, &id).await?;
         let now = app.now();
+        // Revoking is idempotent: a revoked key answers as it is, with nothing written,
+        // so scripts need not tell "revoked now" from "revoked before".
+        if action == Action::Revoke && key.state == KeyState::Revoked {
+            return Ok(Json(key_view(&key, now, None)));
+        }
         let before = key.effective_state(now);
         let after = lifecycle::transition(&key, action, now)
             .map_err(|e| ApiError::InvalidState(e.to_string()))?;
@@ -533,7 +538,9 @@ pub async fn resume_key(
     change_state(app, principal, id, Action::Resume, body).await
 }
 
-/// Revoke a key (terminal). The very next verify answers REVOKED.
+/// Revoke a key (terminal). The very next verify answers REVOKED. Revoking a revoked key
+/// changes nothing and answers 200 with the key as it is (`state_changed_at` says since
+/// when).
 #[utoipa::path(post, path = "/v1/keys/{id}/revoke", tag = "keys", request_body = Option<StateChangeRequest>,
     params(("id" = String, Path, description = "key id")),
     responses((status = 200, body = KeyView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
