@@ -73,7 +73,7 @@ pub async fn run(cli: &Cli, cmd: &AuditCommand) -> Result<u8> {
                         path.display()
                     );
                 }
-                None => println!("{text}"),
+                None => crate::out_line(text)?,
             }
             Ok(0)
         }
@@ -523,9 +523,9 @@ async fn verify(
 /// A checkpoint or archive that cannot be trusted is itself a negative answer.
 fn report_unusable(cli: &Cli, message: &str) -> Result<u8> {
     if cli.json {
-        println!("{}", serde_json::json!({"intact": false, "error": message}));
+        crate::out_line(serde_json::json!({"intact": false, "error": message}))?;
     } else {
-        println!("audit trail NOT VERIFIED: {message}");
+        crate::out_line(format!("audit trail NOT VERIFIED: {message}"))?;
     }
     Ok(NEGATIVE)
 }

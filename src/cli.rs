@@ -15,14 +15,10 @@ pub struct Cli {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Server URL for client commands.
-    #[arg(
-        long,
-        global = true,
-        env = "KEYWARDEN_SERVER",
-        default_value = "http://127.0.0.1:8470"
-    )]
-    pub server: String,
+    /// Server URL for client commands [default: the address `serve` recorded in the data
+    /// directory (`listen`), else http://127.0.0.1:8470]
+    #[arg(long, global = true, env = "KEYWARDEN_SERVER", value_name = "URL")]
+    pub server: Option<String>,
     /// Admin token for client commands; default: the file `admin-token` in the data directory.
     #[arg(long, global = true, env = "KEYWARDEN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,

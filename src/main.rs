@@ -42,8 +42,22 @@ fn main() -> ExitCode {
             return ExitCode::from(FAILURE);
         }
     };
+    let json = cli.json;
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if json => {
+            // Scripts that asked for JSON get the error as JSON too, on standard output
+            // where they read the answers (with the API's code when the server gave one).
+            let code = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<keywarden_client::ClientError>())
+                .and_then(|c| c.code())
+                .unwrap_or("CLI_ERROR");
+            let body = serde_json::json!({"error": {"code": code, "message": format!("{e:#}")}});
+            let _ = out_line(body);
+            ExitCode::from(FAILURE)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(FAILURE)
@@ -208,14 +222,44 @@ fn client(cli: &Cli) -> Result<Client> {
                 .to_owned()
         }
     };
-    Ok(Client::new(&cli.server, Some(token))?)
+    Ok(Client::new(&server_url(cli), Some(token))?)
+}
+
+/// `--server`, else the address the last `serve` on this data directory recorded, else
+/// the default listen address.
+fn server_url(cli: &Cli) -> String {
+    if let Some(s) = &cli.server {
+        return s.clone();
+    }
+    std::fs::read_to_string(cli.data_dir.join(keywarden_server::bootstrap::LISTEN_FILE))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| s.starts_with("http://") || s.starts_with("https://"))
+        .unwrap_or_else(|| "http://127.0.0.1:8470".to_owned())
+}
+
+/// Writes a line to standard output. A closed pipe (`keywarden key list | head -1`) comes
+/// back as an error, which `main` turns into a quiet exit 0, as ripgrep does.
+fn out_line(text: impl std::fmt::Display) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
+}
+
+/// Whether an error is standard output's reader having gone away.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn print<T: Serialize>(cli: &Cli, value: &T, human: impl FnOnce(&T) -> String) -> Result<()> {
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        out_line(serde_json::to_string_pretty(value)?)?;
     } else {
-        println!("{}", human(value));
+        out_line(human(value))?;
     }
     Ok(())
 }
@@ -392,20 +436,21 @@ async fn policy(cli: &Cli, cmd: &cli::PolicyCommand) -> Result<u8> {
             let current = c.get_policy().await?;
             let diff = similar::TextDiff::from_lines(&current.text, &new);
             if current.text == new {
-                println!(
+                out_line(format!(
                     "{} is the policy in force (version {})",
                     file.display(),
                     current.version
-                );
+                ))?;
                 return Ok(0);
             }
-            print!(
-                "{}",
-                diff.unified_diff().header(
+            let text = diff
+                .unified_diff()
+                .header(
                     &format!("policy version {}", current.version),
-                    &file.display().to_string()
+                    &file.display().to_string(),
                 )
-            );
+                .to_string();
+            out_line(text.trim_end())?;
             return Ok(NEGATIVE);
         }
     }

@@ -154,7 +154,7 @@ pub async fn run(cli: &Cli, a: &ScanArgs) -> Result<u8> {
     match &a.out {
         Some(path) => std::fs::write(path, rendered + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?,
-        None => println!("{rendered}"),
+        None => crate::out_line(rendered)?,
     }
     let p = &progress;
     eprintln!(

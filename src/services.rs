@@ -101,12 +101,12 @@ pub async fn change_state(cli: &Cli, c: &Client, a: &StateArgs, action: &str) ->
     if action == "revoke" && wait.is_none() && !cli.json {
         let key = c.get_key(&a.id).await?;
         if key.state == "revoked" {
-            println!(
+            crate::out_line(format!(
                 "{} already revoked since {}",
                 key.id,
                 key.state_changed_at
                     .map_or_else(|| "?".to_owned(), output::ts)
-            );
+            ))?;
             return Ok(0);
         }
     }

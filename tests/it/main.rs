@@ -5,6 +5,7 @@
 mod alerts;
 mod audit;
 mod auth;
+mod cli;
 mod cluster;
 mod datadir;
 mod faults;

@@ -15,7 +15,12 @@ use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach keywarden at {server}: {source}")]
+    /// The cause is printed after it (it is the error's source), not in it.
+    #[error(
+        "cannot reach keywarden at {server}; is `keywarden serve` running there? Point the \
+         CLI at it with --server URL or KEYWARDEN_SERVER (by default it reads the address \
+         `serve` recorded in its data directory, else uses http://127.0.0.1:8470)"
+    )]
     Connect {
         server: String,
         source: reqwest::Error,

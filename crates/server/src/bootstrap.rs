@@ -84,6 +84,30 @@ pub struct DataDirLock {
 
 pub const LOCK_FILE: &str = "serve.lock";
 
+/// Where `serve` records the URL it listens on, for CLI commands run with the same data
+/// directory and no `--server`.
+pub const LISTEN_FILE: &str = "listen";
+
+/// Records `http://ADDR` in `<data-dir>/listen`; an unspecified address (0.0.0.0, ::) is
+/// recorded as loopback with the same port, which is where a local CLI reaches it.
+pub fn record_listen(dir: &Path, addr: std::net::SocketAddr) -> Result<(), BootstrapError> {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let path = dir.join(LISTEN_FILE);
+    write_private(&path, format!("http://{addr}\n").as_bytes()).map_err(|source| {
+        BootstrapError::LockFile {
+            path: path.display().to_string(),
+            source,
+        }
+    })
+}
+
 pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, BootstrapError> {
     let path = dir.join(LOCK_FILE);
     let io = |source| BootstrapError::LockFile {

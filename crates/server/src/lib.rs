@@ -344,6 +344,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         addr: config.listen,
         source,
     })?;
+    bootstrap::record_listen(&config.data_dir, addr)?;
     if let Some(lock) = &data_lock {
         lock.record(Some(addr))
             .map_err(|source| bootstrap::BootstrapError::LockFile {

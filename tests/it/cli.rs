@@ -1,0 +1,126 @@
+//! The CLI as a newcomer meets it: it finds a server on another port through the data
+//! directory, says how to point it elsewhere when it cannot reach one, exits quietly
+//! when its reader goes away, and keeps `--json` for errors too.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::harness::{key_body, Backend, TestServer};
+
+fn bin() -> Command {
+    Command::new(assert_cmd::cargo::cargo_bin("keywarden"))
+}
+
+/// `serve --listen` on another port: CLI commands from the same data directory find it
+/// with no `--server`; once it is gone, the error names the fix.
+#[test]
+fn the_cli_finds_a_server_on_another_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = crate::process::serve_with(dir.path(), &[]);
+    assert!(!served.base.ends_with(":8470"), "{}", served.base);
+    let out = bin()
+        .args(["key", "list"])
+        .env("KEYWARDEN_DATA_DIR", dir.path())
+        .env_remove("KEYWARDEN_SERVER")
+        .env_remove("KEYWARDEN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = served.child.kill();
+    let _ = served.child.wait();
+    let out = bin()
+        .args(["key", "list"])
+        .env("KEYWARDEN_DATA_DIR", dir.path())
+        .env_remove("KEYWARDEN_SERVER")
+        .env_remove("KEYWARDEN_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--server"), "the error names the fix: {err}");
+    assert_eq!(
+        err.matches("error sending request").count(),
+        1,
+        "the cause once, not twice: {err}"
+    );
+}
+
+/// Reads one line of a command's output, closes the pipe as `head -1` does, and returns
+/// the exit code and standard error.
+fn first_line_then_close(s: &TestServer, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = bin()
+        .args(args)
+        .env("KEYWARDEN_SERVER", &s.base)
+        .env("KEYWARDEN_TOKEN", &s.admin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        let stdout = child.stdout.take().unwrap();
+        BufReader::new(stdout).read_line(&mut first).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        first,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piped_into_head_the_cli_exits_quietly() {
+    let s = TestServer::start(Backend::Sqlite).await;
+    // More output than a pipe holds (64 KiB), so the writer meets the closed pipe.
+    for i in 0..300 {
+        s.create_key(key_body(&format!("k{i}"))).await;
+    }
+    for args in [
+        vec!["--json", "key", "list", "--limit", "1000"],
+        vec!["audit", "export", "--format", "csv"],
+    ] {
+        let s = &s;
+        let (code, first, err) = tokio::task::block_in_place(|| first_line_then_close(s, &args));
+        assert!(!first.is_empty(), "{args:?}");
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+    s.stop().await;
+}
+
+/// With `--json`, an error is a JSON object on standard output, with the API's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_covers_errors() {
+    let s = TestServer::start(Backend::Sqlite).await;
+    let (rc, out, _) = s.cli(&["--json", "key", "show", "AAAAAAAAAAAAAAAA"]).await;
+    assert_eq!(rc, 2);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["error"]["code"], "KEY_NOT_FOUND", "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("AAAAAAAAAAAAAAAA"));
+    // An error before any request (a bad flag value) is JSON too.
+    let (rc, out, _) = s
+        .cli(&[
+            "--json",
+            "key",
+            "revoke",
+            "AAAAAAAAAAAAAAAA",
+            "--wait",
+            "soon",
+        ])
+        .await;
+    assert_eq!(rc, 2);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["error"]["code"], "CLI_ERROR", "{v}");
+    s.stop().await;
+}
