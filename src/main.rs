@@ -433,6 +433,14 @@ async fn policy(cli: &Cli, cmd: &cli::PolicyCommand) -> Result<u8> {
         })?,
         cli::PolicyCommand::Diff { file } => {
             let new = read(file)?;
+            // A diff against a file that could not be applied would mislead: say why.
+            if let Err(e) = keywarden_core::policy::Policy::from_toml(&new) {
+                bail!(
+                    "{} is not a valid policy:\n  - {}",
+                    file.display(),
+                    e.0.join("\n  - ")
+                );
+            }
             let current = c.get_policy().await?;
             let diff = similar::TextDiff::from_lines(&current.text, &new);
             if current.text == new {

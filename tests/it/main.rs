@@ -8,6 +8,7 @@ mod auth;
 mod cli;
 mod cluster;
 mod datadir;
+mod docs;
 mod faults;
 mod gateway;
 mod harness;

@@ -199,6 +199,12 @@ async fn policy_cli_applies_shows_and_diffs(b: Backend) {
     let (rc, _, err) = cli(&s, &["policy", "apply", bad.to_str().unwrap()]).await;
     assert_eq!(rc, 2);
     assert!(err.contains("max_tll"), "{err}");
+    let (rc, out, err) = cli(&s, &["policy", "diff", bad.to_str().unwrap()]).await;
+    assert_eq!(rc, 2, "an invalid file is refused, not diffed: {out}");
+    assert!(
+        err.contains("not a valid policy") && err.contains("max_tll"),
+        "{err}"
+    );
     let (rc, out, _) = cli(&s, &["policy", "diff", good.to_str().unwrap()]).await;
     assert_eq!(rc, 1, "differs from the defaults");
     assert!(out.contains("+forbid_wildcards = true"), "{out}");

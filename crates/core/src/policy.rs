@@ -247,6 +247,13 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
     r.on_rotation_overdue = s.on_rotation_overdue.unwrap_or(r.on_rotation_overdue);
     r.on_owner_disabled = s.on_owner_disabled.unwrap_or(r.on_owner_disabled);
     r.on_violation = s.on_violation.unwrap_or(r.on_violation);
+    // A section that lowers max_ttl below the default TTL it inherits (and sets none of
+    // its own) issues keys of its max_ttl by default: `max_ttl = "30d"` alone must not
+    // make the policy invalid. A default_ttl written in the same section is kept, and
+    // checked below.
+    if s.default_ttl.is_none() && r.default_ttl > r.max_ttl {
+        r.default_ttl = r.max_ttl;
+    }
     if r.default_ttl > r.max_ttl {
         problems.push(format!(
             "{at}: default_ttl ({}) is longer than max_ttl ({})",
@@ -415,6 +422,18 @@ mod tests {
             Policy::default().rules_for("x").idle_expiry,
             Duration::days(30)
         );
+    }
+
+    #[test]
+    fn a_lower_max_ttl_alone_lowers_the_default_ttl() {
+        let p = Policy::from_toml("[environments.prod]\nmax_ttl = \"30d\"\n").unwrap();
+        assert_eq!(p.rules_for("prod").default_ttl, Duration::days(30));
+        assert_eq!(p.rules_for("dev").default_ttl, Duration::days(90));
+        // Written in the same section, a default longer than the maximum is a mistake.
+        assert!(Policy::from_toml(
+            "[environments.prod]\nmax_ttl = \"30d\"\ndefault_ttl = \"60d\"\n"
+        )
+        .is_err());
     }
 
     #[test]
