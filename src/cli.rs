@@ -57,7 +57,8 @@ pub enum Command {
     /// The people keys belong to; disabling one acts on all their keys at once.
     #[command(subcommand)]
     Owner(OwnerCommand),
-    /// Connected services: told of every revocation (webhook or pull) and confirming it.
+    /// Connected services: the gateways and apps told of every revocation (webhook or
+    /// pull) and confirming it. Not a key's systems, which are what the key reaches.
     #[command(subcommand)]
     Service(ServiceCommand),
     /// KEY_STILL_IN_USE alerts: dead keys that were presented again.
@@ -140,6 +141,7 @@ pub struct ScanArgs {
 pub enum ServiceCommand {
     /// Register a service; its webhook signing secret is printed once.
     Add {
+        /// A name for people, e.g. edge-gateway.
         name: String,
         /// Where events are POSTed; without it the service pulls /v1/events and acks.
         #[arg(long)]
@@ -149,17 +151,21 @@ pub enum ServiceCommand {
         #[arg(long, value_delimiter = ',')]
         events: Vec<String>,
     },
+    /// Connected services and their delivery health.
     List,
     /// One service (id or name) with its latest deliveries.
     Show {
+        /// The service's id or name.
         id: String,
     },
     /// Remove a service; its open deliveries are dropped.
     Remove {
+        /// The service's id or name.
         id: String,
     },
     /// Send a signed test message now; exit 1 unless the service answers 2xx.
     Test {
+        /// The service's id or name.
         id: String,
     },
 }
@@ -174,8 +180,10 @@ pub enum AlertCommand {
         /// Raised at or after this time (RFC 3339).
         #[arg(long)]
         since: Option<String>,
+        /// How many to show (1-1000, default 100).
         #[arg(long)]
         limit: Option<u32>,
+        /// Where the previous page ended (its `next_cursor`).
         #[arg(long)]
         cursor: Option<String>,
     },
@@ -185,25 +193,35 @@ pub enum AlertCommand {
 pub enum OwnerCommand {
     /// Register an owner, or update one's name and manager.
     Add {
+        /// The owner's identity, e.g. an e-mail address (compared case-insensitively).
         identity: String,
+        /// Their name, for people.
         #[arg(long)]
         name: String,
+        /// Their manager's identity.
         #[arg(long)]
         manager: Option<String>,
     },
+    /// Owners, registered or holding keys, by identity.
     List,
+    /// One owner.
     Show {
+        /// The owner's identity.
         identity: String,
     },
     /// Disable an owner: their keys are revoked (or suspended, as the policy says).
     Disable {
+        /// The owner's identity.
         identity: String,
+        /// Why, in words; kept in the audit trail.
         #[arg(long)]
         reason: Option<String>,
     },
     /// Enable an owner again; their keys stay as they are.
     Enable {
+        /// The owner's identity.
         identity: String,
+        /// Why, in words; kept in the audit trail.
         #[arg(long)]
         reason: Option<String>,
     },
@@ -226,11 +244,17 @@ pub struct EnforceArgs {
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Apply a policy file (TOML) as the next version; every problem in it is listed.
-    Apply { file: PathBuf },
+    Apply {
+        /// The policy file (rules: docs/policy.md).
+        file: PathBuf,
+    },
     /// Print the policy in force.
     Show,
     /// Show how a policy file differs from the policy in force; exit 1 when it does.
-    Diff { file: PathBuf },
+    Diff {
+        /// The policy file to compare (validated first).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -289,8 +313,11 @@ pub enum KeyCommand {
     Create(CreateKeyArgs),
     /// List keys, newest first.
     List(ListKeysArgs),
-    /// Show one key.
-    Show { id: String },
+    /// Show one key: metadata, uses, enrolled subjects, propagation.
+    Show {
+        /// The key's id (16 characters, e.g. 7Hq2Lx9aKf3Tzp1M).
+        id: String,
+    },
     /// Suspend a key (reversible).
     Suspend(StateArgs),
     /// Resume a suspended key.
@@ -305,14 +332,17 @@ pub enum KeyCommand {
 
 #[derive(Debug, Args)]
 pub struct CreateKeyArgs {
+    /// A name for people, e.g. ci-deploy (1-128 characters).
     #[arg(long)]
     pub name: String,
     /// The person accountable for the key (e.g. an e-mail address).
     #[arg(long)]
     pub owner: String,
+    /// The environment the key works in, e.g. prod (part of the key's text).
     #[arg(long)]
     pub environment: String,
-    /// A system the key touches (repeatable).
+    /// A system the key touches (repeatable), e.g. github: what it reaches, for the
+    /// inventory. Not a connected service (`keywarden service`), which hears of changes.
     #[arg(long = "system")]
     pub systems: Vec<String>,
     /// A scope granted to the key (repeatable), e.g. deploy:write or db:*.
@@ -330,6 +360,7 @@ pub struct CreateKeyArgs {
     /// Usage cap; 1 makes a one-time key.
     #[arg(long)]
     pub max_uses: Option<u64>,
+    /// What the key is for, in a sentence.
     #[arg(long)]
     pub description: Option<String>,
     /// Metadata entry KEY=VALUE (repeatable).
@@ -339,24 +370,31 @@ pub struct CreateKeyArgs {
 
 #[derive(Debug, Args)]
 pub struct ListKeysArgs {
+    /// Only keys of this environment.
     #[arg(long)]
     pub environment: Option<String>,
+    /// Only keys of this owner (any spelling of the identity).
     #[arg(long)]
     pub owner: Option<String>,
+    /// Only keys that touch this system.
     #[arg(long)]
     pub system: Option<String>,
     /// active, suspended, revoked or expired.
     #[arg(long)]
     pub state: Option<String>,
+    /// How many to show (1-1000, default 100).
     #[arg(long)]
     pub limit: Option<u32>,
+    /// Where the previous page ended (its `next_cursor`).
     #[arg(long)]
     pub cursor: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct StateArgs {
+    /// The key's id.
     pub id: String,
+    /// Why, in words; kept in the audit trail and shown with the key.
     #[arg(long)]
     pub reason: Option<String>,
     /// Wait up to this long (e.g. 10s) until every connected service confirmed the
@@ -367,19 +405,24 @@ pub struct StateArgs {
 
 #[derive(Debug, Args)]
 pub struct RotateArgs {
+    /// The key's id.
     pub id: String,
     /// How long the old key keeps working, e.g. 24h (default) or 0s.
     #[arg(long)]
     pub grace: Option<String>,
+    /// Why, in words; kept in the audit trail.
     #[arg(long)]
     pub reason: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct UsageArgs {
+    /// The key's id.
     pub id: String,
+    /// How many to show (1-1000, default 100).
     #[arg(long)]
     pub limit: Option<u32>,
+    /// Where the previous page ended (its `next_cursor`).
     #[arg(long)]
     pub cursor: Option<String>,
 }
@@ -388,12 +431,16 @@ pub struct UsageArgs {
 pub struct VerifyArgs {
     /// The key, or `-` to read it from standard input (keeps it out of shell history).
     pub key: String,
+    /// The scope the request needs, e.g. deploy:write.
     #[arg(long)]
     pub scope: Option<String>,
+    /// The environment the request is in; another environment's key is refused.
     #[arg(long)]
     pub environment: Option<String>,
+    /// The client's address (checked against the key's CIDR allowlist).
     #[arg(long)]
     pub source_ip: Option<String>,
+    /// The host or thing being provisioned, recorded as an enrolled subject.
     #[arg(long)]
     pub subject: Option<String>,
 }
@@ -402,6 +449,7 @@ pub struct VerifyArgs {
 pub enum TokenCommand {
     /// Create an admin token; its secret is printed once.
     Create {
+        /// A name for people, e.g. gateway or ci.
         #[arg(long)]
         name: String,
         /// The person accountable for it (audit entries name them as the actor).
@@ -420,7 +468,10 @@ pub enum TokenCommand {
     /// List admin tokens.
     List,
     /// Revoke an admin token.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (see `token list`).
+        id: String,
+    },
 }
 
 /// Times on the command line: RFC 3339, a date (midnight UTC), or a duration ago (`24h`).
@@ -449,10 +500,13 @@ pub enum AuditCommand {
     List {
         #[command(flatten)]
         filter: AuditFilterArgs,
+        /// Newest entries first.
         #[arg(long)]
         newest_first: bool,
+        /// How many to show (1-1000, default 100).
         #[arg(long)]
         limit: Option<u32>,
+        /// Where the previous page ended (its `next_cursor`).
         #[arg(long)]
         cursor: Option<String>,
     },
@@ -500,4 +554,35 @@ pub enum AuditCommand {
     /// `audit verify` reports as `appended`) into the quarantine table, so that audited
     /// writes, refused while they are there, go on. The move is itself audited.
     Quarantine,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command and every flag or argument a user can type has a help line.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} <{id}>"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(sub_path.clone());
+                }
+                walk(sub, &sub_path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "keywarden", &mut missing);
+        assert!(missing.is_empty(), "no help text:\n{}", missing.join("\n"));
+    }
 }

@@ -33,8 +33,10 @@ pub fn keys_table(keys: &[KeyView]) -> String {
         "NAME",
         "ENV",
         "OWNER",
+        "SYSTEMS",
         "STATE",
         "SCOPES",
+        "CREATED",
         "EXPIRES",
         "LAST USED",
     ]);
@@ -44,13 +46,50 @@ pub fn keys_table(keys: &[KeyView]) -> String {
             k.name.clone(),
             k.environment.clone(),
             k.owner.clone(),
+            if k.systems.is_empty() {
+                "-".to_owned()
+            } else {
+                k.systems.join(" ")
+            },
             k.state.clone(),
             k.scopes.join(" "),
-            ts(k.expires_at),
-            opt_ts(k.last_used_at),
+            day(k.created_at),
+            day(k.expires_at),
+            k.last_used_at.map_or_else(|| "never".to_owned(), ts),
         ]);
     }
     t.to_string()
+}
+
+/// A date for a table column where the time of day is noise.
+fn day(t: OffsetDateTime) -> String {
+    ts(t).split('T').next().unwrap_or_default().to_owned()
+}
+
+/// How many subjects a key enrolled, and the latest few: a key used by hundreds of hosts
+/// must not print a line thousands of characters wide.
+const SUBJECTS_SHOWN: usize = 5;
+
+fn subjects_summary(subjects: &[keywarden_proto::SubjectView]) -> String {
+    if subjects.is_empty() {
+        return "none".to_owned();
+    }
+    let mut latest: Vec<&keywarden_proto::SubjectView> = subjects.iter().collect();
+    latest.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    let names: Vec<&str> = latest
+        .iter()
+        .take(SUBJECTS_SHOWN)
+        .map(|s| s.subject.as_str())
+        .collect();
+    if subjects.len() <= SUBJECTS_SHOWN {
+        names.join(", ")
+    } else {
+        format!(
+            "{} (latest: {}, …; all with --json)",
+            subjects.len(),
+            names.join(", ")
+        )
+    }
 }
 
 pub fn key_details(k: &KeyView) -> String {
@@ -110,10 +149,14 @@ pub fn key_details(k: &KeyView) -> String {
                         .filter(|d| d.state != "confirmed")
                         .map(|d| format!("{} {}", d.service, d.state))
                         .collect();
-                    let mut s = format!(
-                        "{} #{}: {} of {} services confirmed",
-                        p.event, p.seq, p.confirmed, p.total
-                    );
+                    let mut s = if p.total == 0 {
+                        format!("{} #{}: no connected services", p.event, p.seq)
+                    } else {
+                        format!(
+                            "{} #{}: {} of {} services confirmed",
+                            p.event, p.seq, p.confirmed, p.total
+                        )
+                    };
                     if !open.is_empty() {
                         s.push_str(&format!(" ({})", open.join(", ")));
                     }
@@ -124,13 +167,8 @@ pub fn key_details(k: &KeyView) -> String {
         (
             "subjects",
             k.subjects
-                .as_ref()
-                .map(|s| {
-                    s.iter()
-                        .map(|s| s.subject.clone())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
+                .as_deref()
+                .map(subjects_summary)
                 .unwrap_or_default(),
         ),
     ];

@@ -124,3 +124,37 @@ async fn json_covers_errors() {
     assert_eq!(v["error"]["code"], "CLI_ERROR", "{v}");
     s.stop().await;
 }
+
+/// `key list` shows the inventory's columns; `key show` counts subjects and names the
+/// latest few instead of printing hundreds in one cell, and says when no service is
+/// connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_list_and_show_read_as_an_inventory() {
+    let s = TestServer::start(Backend::Sqlite).await;
+    let (id, secret) = s.create_key(key_body("inventory")).await;
+    for i in 0..8 {
+        s.clock.advance(time::Duration::seconds(1));
+        let v = s
+            .verify(serde_json::json!({ "key": secret, "subject": format!("host-{i:02}") }))
+            .await;
+        assert_eq!(v["code"], "VALID");
+    }
+    s.wait_for_usage(&id, 8).await;
+    let (rc, out, err) = s.cli(&["key", "list"]).await;
+    assert_eq!(rc, 0, "{err}");
+    for column in ["SYSTEMS", "CREATED", "LAST USED", "github"] {
+        assert!(out.contains(column), "{column}: {out}");
+    }
+    let (rc, out, err) = s.cli(&["key", "show", &id]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("8 (latest: "), "{out}");
+    assert!(!out.contains("host-00"), "only the latest few: {out}");
+    let (st, _) = s
+        .post(&format!("/v1/keys/{id}/revoke"), serde_json::json!({}))
+        .await;
+    assert_eq!(st, reqwest::StatusCode::OK);
+    let (_, out, _) = s.cli(&["key", "show", &id]).await;
+    assert!(out.contains("no connected services"), "{out}");
+    assert!(!out.contains("0 of 0"), "{out}");
+    s.stop().await;
+}
