@@ -165,11 +165,21 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
     }
     let server = keywarden_server::start(config, Arc::new(SystemClock)).await?;
     if let Some(token) = &server.bootstrap_token {
-        println!(
-            "Created the bootstrap admin token. It is shown once and saved to {} (mode 0600):\n\n    {}\n",
-            cli.data_dir.join("admin-token").display(),
-            token.expose()
-        );
+        let path = cli.data_dir.join("admin-token");
+        // Only a person at a terminal sees it: standard output is often a service's log,
+        // where a live admin token must not end up.
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            println!(
+                "Created the bootstrap admin token. It is shown once and saved to {} (mode 0600):\n\n    {}\n",
+                path.display(),
+                token.expose()
+            );
+        } else {
+            println!(
+                "Created the bootstrap admin token in {} (mode 0600); it is not printed, as standard output is not a terminal.",
+                path.display()
+            );
+        }
     }
     println!("keywarden listening on http://{}", server.addr);
     wait_for_signal().await;

@@ -202,6 +202,7 @@ pub fn tokens_table(tokens: &[TokenView]) -> String {
         "ENVIRONMENTS",
         "CREATED",
         "EXPIRES",
+        "LAST USED",
         "REVOKED",
     ]);
     for k in tokens {
@@ -214,7 +215,8 @@ pub fn tokens_table(tokens: &[TokenView]) -> String {
                 .as_ref()
                 .map_or_else(|| "all".to_owned(), |e| e.join(", ")),
             ts(k.created_at),
-            opt_ts(k.expires_at),
+            k.expires_at.map_or_else(|| "never".to_owned(), ts),
+            k.last_used_at.map_or_else(|| "never".to_owned(), ts),
             opt_ts(k.revoked_at),
         ]);
     }

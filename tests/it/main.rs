@@ -23,5 +23,6 @@ mod receiver;
 mod scan;
 mod scim;
 mod services;
+mod tokens;
 mod usage_log;
 mod verify;

@@ -78,17 +78,32 @@ pub fn serve_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> 
             }
         }
     });
-    let mut bootstrap = String::new();
+    let mut printed = Vec::new();
     let base = loop {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("server prints its address");
-        if line.trim().starts_with("kw_admin_") {
-            bootstrap = line.trim().to_owned();
-        }
         if let Some(addr) = line.strip_prefix("keywarden listening on ") {
             break addr.trim().to_owned();
         }
+        printed.push(line);
+    };
+    // Standard output is a pipe here, not a terminal: the bootstrap token must not be in
+    // it; it is in the data directory's token file.
+    assert!(
+        !printed.iter().any(|l| l.contains("kw_admin_")),
+        "the bootstrap token reached a non-terminal standard output: {printed:?}"
+    );
+    let created = printed
+        .iter()
+        .any(|l| l.starts_with("Created the bootstrap admin token in"));
+    let bootstrap = if created {
+        std::fs::read_to_string(data_dir.join("admin-token"))
+            .expect("the bootstrap token file")
+            .trim()
+            .to_owned()
+    } else {
+        String::new()
     };
     Served {
         child,

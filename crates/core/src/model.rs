@@ -166,6 +166,9 @@ pub struct TokenRecord {
     pub created_by: String,
     pub expires_at: Option<OffsetDateTime>,
     pub revoked_at: Option<OffsetDateTime>,
+    /// When it was last presented, to within the token cache's lifetime (a use is
+    /// recorded when a worker loads or refreshes its copy, not on every request).
+    pub last_used_at: Option<OffsetDateTime>,
 }
 
 impl TokenRecord {

@@ -48,6 +48,9 @@ pub struct Rules {
     /// A key unused this long expires (`IDLE_EXPIRED`).
     pub idle_expiry: Duration,
     pub require_owner: bool,
+    /// The longest lifetime of a new admin token; one asked for without a TTL gets this
+    /// one. Read from `[default]` only: admin tokens belong to no environment.
+    pub max_token_ttl: Option<Duration>,
     /// Keys may only be issued to owners in the registry (`owner add`, SCIM), so that
     /// every key holder is one the identity provider can offboard.
     pub require_registered_owner: bool,
@@ -77,6 +80,7 @@ impl Default for Rules {
             idle_expiry: Duration::days(30),
             require_owner: true,
             require_registered_owner: false,
+            max_token_ttl: None,
             require_systems: false,
             allowed_scopes: None,
             forbid_wildcards: false,
@@ -101,6 +105,7 @@ struct Section {
     idle_expiry: Option<String>,
     require_owner: Option<bool>,
     require_registered_owner: Option<bool>,
+    max_token_ttl: Option<String>,
     require_systems: Option<bool>,
     allowed_scopes: Option<Vec<String>>,
     forbid_wildcards: Option<bool>,
@@ -184,6 +189,11 @@ impl Policy {
     }
 
     /// The rules in force in `environment`.
+    /// The longest lifetime of a new admin token (`[default] max_token_ttl`).
+    pub fn max_token_ttl(&self) -> Option<Duration> {
+        self.default.max_token_ttl
+    }
+
     pub fn rules_for(&self, environment: &str) -> &Rules {
         self.environments.get(environment).unwrap_or(&self.default)
     }
@@ -214,6 +224,7 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
     if let Some(d) = duration("idle_expiry", &s.idle_expiry, false) {
         r.idle_expiry = d;
     }
+    let token_ttl = duration("max_token_ttl", &s.max_token_ttl, false);
     if let Some(d) = duration("rotation_period", &s.rotation_period, false) {
         r.rotation_period = Some(d);
     }
@@ -229,6 +240,15 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
             }
         }
         r.allowed_scopes = Some(scopes);
+    }
+    if let Some(d) = token_ttl {
+        if at == "default" {
+            r.max_token_ttl = Some(d);
+        } else {
+            problems.push(format!(
+                "{at}.max_token_ttl: admin tokens belong to no environment; set it in [default]"
+            ));
+        }
     }
     r.require_owner = s.require_owner.unwrap_or(r.require_owner);
     r.require_registered_owner = s

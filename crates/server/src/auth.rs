@@ -114,18 +114,22 @@ pub async fn authenticate_token(
             "this is a key, not an admin token: keys are checked with POST /v1/verify",
         ));
     }
-    let token = match memoized_token(app, &parsed.id) {
-        Some(token) => Some(token),
-        None => {
+    let (token, fresh) = match memoized_token(app, &parsed.id) {
+        Some(memo) => (Some(memo.token), memo.fresh),
+        None => (
             app.tokens
                 .get_or_load(&parsed.id, || async {
                     Ok::<_, ApiError>(app.store.get_token(&parsed.id).await?.map(Arc::new))
                 })
-                .await?
-        }
+                .await?,
+            true,
+        ),
     };
     match token {
         Some(t) if app.hasher.matches_text(parsed.plain, &t.hash) && t.is_usable(app.now()) => {
+            if fresh {
+                mark_used(app, &t);
+            }
             Ok(t)
         }
         _ => Err(ApiError::Unauthenticated(
@@ -151,7 +155,27 @@ thread_local! {
     static TOKEN_MEMO: std::cell::RefCell<Option<TokenMemo>> = const { std::cell::RefCell::new(None) };
 }
 
-fn memoized_token(app: &SharedState, id: &KeyId) -> Option<Arc<TokenRecord>> {
+/// Records a token's use off the request path. Called only when a worker loads or
+/// refreshes its copy of the record (about once per cache lifetime per worker), so
+/// `last_used_at` is exact to within that lifetime at no cost to each request.
+fn mark_used(app: &SharedState, t: &TokenRecord) {
+    let store = app.store.clone();
+    let id = t.id.clone();
+    let now = app.now();
+    tokio::spawn(async move {
+        if let Err(e) = store.mark_token_used(&id, now).await {
+            tracing::warn!(error = %e, token_id = %id, "could not record a token's use");
+        }
+    });
+}
+
+/// A memoized token record, and whether the memo was (re)built for this request.
+struct Memoized {
+    token: Arc<TokenRecord>,
+    fresh: bool,
+}
+
+fn memoized_token(app: &SharedState, id: &KeyId) -> Option<Memoized> {
     TOKEN_MEMO.with(|memo| {
         let mut memo = memo.try_borrow_mut().ok()?;
         let good = memo.as_ref().is_some_and(|m| {
@@ -160,6 +184,7 @@ fn memoized_token(app: &SharedState, id: &KeyId) -> Option<Arc<TokenRecord>> {
                 && app.tokens.is_current(m.generation)
                 && std::time::Instant::now() < m.expires
         });
+        let fresh = !good;
         if !good {
             let (token, expires, generation) = app.tokens.get_for_memo(id)?;
             *memo = Some(TokenMemo {
@@ -171,7 +196,10 @@ fn memoized_token(app: &SharedState, id: &KeyId) -> Option<Arc<TokenRecord>> {
                 token: Arc::new(TokenRecord::clone(token.as_ref()?)),
             });
         }
-        memo.as_ref().map(|m| m.token.clone())
+        memo.as_ref().map(|m| Memoized {
+            token: m.token.clone(),
+            fresh,
+        })
     })
 }
 

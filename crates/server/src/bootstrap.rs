@@ -313,6 +313,7 @@ pub fn new_token(
         created_by: created_by.to_owned(),
         expires_at,
         revoked_at: None,
+        last_used_at: None,
     };
     Ok((record, parsed.plain))
 }

@@ -46,6 +46,7 @@ pub fn key_view(k: &KeyRecord, now: OffsetDateTime, subjects: Option<Vec<Subject
 
 pub fn token_view(t: &TokenRecord) -> TokenView {
     TokenView {
+        last_used_at: t.last_used_at,
         id: t.id.to_string(),
         name: t.name.clone(),
         owner: t.owner.clone(),

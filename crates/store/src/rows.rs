@@ -206,6 +206,9 @@ pub(crate) fn token_from_row(row: &AnyRow) -> Result<TokenRecord> {
         revoked_at: row
             .try_get::<Option<i64>, _>("revoked_at")?
             .map(from_millis),
+        last_used_at: row
+            .try_get::<Option<i64>, _>("last_used_at")?
+            .map(from_millis),
     })
 }
 

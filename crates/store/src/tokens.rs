@@ -9,13 +9,13 @@ use crate::rows::{insert_audit, json, ms, opt_ms, token_from_row};
 use crate::{Result, Store};
 
 const TOKEN_COLUMNS: &str = "id, hash, pepper_version, hint, name, role, environments, \
-    created_at, created_by, expires_at, revoked_at, owner";
+    created_at, created_by, expires_at, revoked_at, owner, last_used_at";
 
 impl Store {
     pub async fn insert_token(&self, t: &TokenRecord, audit: &AuditEntry) -> Result<()> {
         let mut tx = self.begin_write().await?;
         sqlx::query(&format!(
-            "INSERT INTO admin_tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            "INSERT INTO admin_tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         ))
         .bind(t.id.as_str())
         .bind(t.hash.to_hex())
@@ -29,6 +29,7 @@ impl Store {
         .bind(opt_ms(t.expires_at))
         .bind(opt_ms(t.revoked_at))
         .bind(&t.owner)
+        .bind(opt_ms(t.last_used_at))
         .execute(&mut **tx)
         .await?;
         insert_audit(&mut tx, audit).await?;
@@ -53,6 +54,20 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(token_from_row).collect()
+    }
+
+    /// Records that a token was presented at `at` (never moving it back). A use, not a
+    /// state change: no audit entry.
+    pub async fn mark_token_used(&self, id: &KeyId, at: OffsetDateTime) -> Result<()> {
+        sqlx::query(
+            "UPDATE admin_tokens SET last_used_at = $1 WHERE id = $2 \
+             AND (last_used_at IS NULL OR last_used_at < $1)",
+        )
+        .bind(ms(at))
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Returns false when the token does not exist or was already revoked.

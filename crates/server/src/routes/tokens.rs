@@ -66,6 +66,7 @@ pub async fn create_token(
             }
         }
     }
+    let max_ttl = app.policy().await?.1.max_token_ttl();
     let expires_at = match req.ttl.as_deref().map(parse_duration).transpose() {
         Ok(Some(d)) if d <= time::Duration::ZERO => {
             v.push(violation(
@@ -75,7 +76,19 @@ pub async fn create_token(
             ));
             None
         }
-        Ok(d) => d.map(|d| now + d),
+        Ok(Some(d)) if max_ttl.is_some_and(|m| d > m) => {
+            v.push(violation(
+                codes::TTL_TOO_LONG,
+                "ttl",
+                format!(
+                    "is longer than the policy's max_token_ttl of {}",
+                    keywarden_core::duration::format_duration(max_ttl.unwrap_or(d))
+                ),
+            ));
+            None
+        }
+        // Without a TTL a token lives as long as the policy allows, or forever.
+        Ok(d) => d.or(max_ttl).map(|d| now + d),
         Err(e) => {
             v.push(violation(codes::DURATION_INVALID, "ttl", e.to_string()));
             None
