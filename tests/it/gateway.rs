@@ -352,10 +352,108 @@ async fn the_gateway_kind_alone_decides_where_the_request_is(b: Backend) {
     s.stop().await;
 }
 
+/// `/admin/*` needs `admin:write`, `/reports/*` (any case) `reports:read`, the rest
+/// `public:read`.
+const PATH_MAP: &str = r#"
+    gateway = "nginx"
+    [[route]]
+    path = "/admin/*"
+    scope = "admin:write"
+    [[route]]
+    path = "/reports/*"
+    scope = "reports:read"
+    case_insensitive = true
+    [[route]]
+    path = "/*"
+    scope = "public:read"
+"#;
+
+/// Issue 18, item 4: other spellings of a path are judged by the route the backend will
+/// serve them from, and what backends read differently is refused.
+async fn path_spellings_are_judged_by_the_route_they_reach(b: Backend) {
+    let s =
+        TestServer::start_with(b, |c| c.gateway = GatewayMap::from_toml(PATH_MAP).unwrap()).await;
+    let (_, public) = s.create_key(public_key_body()).await;
+    let mut admin = key_body("admin");
+    admin["scopes"] = json!(["admin:write", "reports:read", "public:read"]);
+    let (_, admin) = s.create_key(admin).await;
+    let verifier = s.token("verifier", None).await;
+    let judge = |key: &str, uri: &str| {
+        let (s, verifier, bearer, uri) = (
+            &s,
+            verifier.clone(),
+            format!("Bearer {key}"),
+            uri.to_owned(),
+        );
+        async move {
+            let a = ask(
+                s,
+                "/v1/auth",
+                &[
+                    ("x-keywarden-token", &verifier),
+                    ("authorization", &bearer),
+                    ("x-original-method", "GET"),
+                    ("x-original-uri", &uri),
+                ],
+            )
+            .await;
+            (a.status, a.code)
+        }
+    };
+    let ok = (StatusCode::OK, "VALID".to_owned());
+    let denied = (StatusCode::FORBIDDEN, "SCOPE_DENIED".to_owned());
+    let rejected = (StatusCode::FORBIDDEN, "PATH_REJECTED".to_owned());
+    // The spellings the attack used: each reaches the admin handler of some backend.
+    for uri in [
+        "/%61dmin/x",
+        "//admin/x",
+        "/admin//x",
+        "/admin",
+        "/%61%64%6d%69%6e",
+    ] {
+        assert_eq!(judge(&public, uri).await, denied, "{uri}");
+        assert_eq!(judge(&admin, uri).await, ok, "{uri}");
+    }
+    // Ambiguous between backends: refused whatever the key.
+    for uri in [
+        "/admin;/x",
+        "/admin;jsessionid=1/x",
+        "/ADMIN/x",
+        "/Admin",
+        "/admin%2Fx",
+        "/public%5C..%5Cadmin",
+        "/public/%2e%2e/admin/x",
+        "/public/../admin/x",
+        "/a%zz",
+        "/a%00",
+        "/%2561dmin/x",
+        "/public#/../admin",
+    ] {
+        assert_eq!(judge(&public, uri).await, rejected, "{uri}");
+        assert_eq!(judge(&admin, uri).await, rejected, "{uri}");
+    }
+    // A route that ignores case takes every spelling of its case.
+    for uri in ["/reports/q1", "/REPORTS/q1", "/Reports", "/%52eports/x"] {
+        assert_eq!(judge(&public, uri).await, denied, "{uri}");
+        assert_eq!(judge(&admin, uri).await, ok, "{uri}");
+    }
+    // Ordinary paths, and case that no route depends on, pass as before.
+    for uri in [
+        "/public/x",
+        "/p%75blic//x?next=/admin/",
+        "/Public/X",
+        "/adminx",
+    ] {
+        assert_eq!(judge(&public, uri).await, ok, "{uri}");
+    }
+    s.stop().await;
+}
+
 on_both_backends!(
     forward_auth_maps_requests_to_scopes,
     trusted_callers_need_no_token_and_pass_the_client_address,
     the_gateway_kind_alone_decides_where_the_request_is,
+    path_spellings_are_judged_by_the_route_they_reach,
 );
 
 /// The nginx binary, or `None` outside CI when it is not installed (CI installs it and
@@ -624,6 +722,22 @@ async fn caddy_forward_auth_cannot_be_steered_by_client_headers() {
         "{body}"
     );
     assert!(!body.contains("upstream"), "the upstream never sees it");
+
+    // Spellings of /admin/x reach the admin scope through the real gateway too.
+    for path in ["/%61dmin/x", "//admin/x"] {
+        let (status, code, body) = get(path, &key, &[]).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::FORBIDDEN, "SCOPE_DENIED"),
+            "{path}: {body}"
+        );
+    }
+    let (status, code, body) = get("/admin;/x", &key, &[]).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::FORBIDDEN, "PATH_REJECTED"),
+        "{body}"
+    );
 
     let forged = [("x-real-ip", "10.1.2.3"), ("x-forwarded-for", "10.1.2.3")];
     let (status, code, body) = get("/public/x", &cidr_key, &forged).await;

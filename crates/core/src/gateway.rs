@@ -16,7 +16,14 @@
 //! path = "/deploy/*"                    # exact, or a prefix ending in `*`
 //! scope = "deploy:write"                # any valid key when absent
 //! environment = "prod"                  # optional
+//! case_insensitive = true               # this route ignores letter case (default: the map's)
 //! ```
+//!
+//! Paths are compared as RFC 3986 normalises them (percent-encoded unreserved characters
+//! decoded, hex upper-cased, repeated slashes collapsed); what stays ambiguous between
+//! backends is refused ([`normalize_path`]). `/admin/*` also covers `/admin` itself. A
+//! path that would be judged by another route if letter case were ignored is refused
+//! too: a backend that ignores case would serve `/ADMIN/x` from its `/admin/` handler.
 
 use std::net::IpAddr;
 
@@ -29,9 +36,37 @@ use crate::scope::Scope;
 pub struct Route {
     /// Upper-case methods; empty means any.
     pub methods: Vec<String>,
+    /// Normalised as request paths are ([`normalize_path`]).
     pub path: PathPattern,
     pub scope: Option<Scope>,
     pub environment: Option<String>,
+    /// Whether this route matches paths whatever their letter case.
+    pub case_insensitive: bool,
+}
+
+impl Route {
+    fn matches(&self, method: &str, path: &str, ignore_case: bool) -> bool {
+        let eq = |a: &str, b: &str| {
+            if ignore_case {
+                a.eq_ignore_ascii_case(b)
+            } else {
+                a == b
+            }
+        };
+        let starts = |p: &str| path.get(..p.len()).is_some_and(|head| eq(head, p));
+        (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+            && match &self.path {
+                PathPattern::Exact(p) => eq(path, p),
+                // `/admin/*` covers `/admin` too: most backends serve it from the same
+                // handler (or redirect it there).
+                PathPattern::Prefix(p) => {
+                    starts(p)
+                        || (p.len() > 1
+                            && p.ends_with('/')
+                            && p.get(..p.len() - 1).is_some_and(|dir| eq(path, dir)))
+                }
+            }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +147,75 @@ pub struct GatewayMap {
     pub allow_unmatched: bool,
 }
 
+/// Why a path cannot be compared with the map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathProblem {
+    /// It does not start with `/`.
+    NotAbsolute,
+    /// A `%` not followed by two hex digits.
+    BadPercent,
+    /// An encoded `/`, `\`, `;` or `%`, or an encoded control character (NUL included):
+    /// backends decode these differently, or decode twice.
+    EncodedDelimiter,
+    /// A raw `\`, `;` (path parameters, which Java servers strip), `#`, space, control
+    /// or non-ASCII byte.
+    BadCharacter,
+    /// A `.` or `..` segment (after decoding), which a backend may resolve or not.
+    DotSegment,
+}
+
+/// The path of a request as the map compares it: RFC 3986 normalisation (percent-encoded
+/// unreserved characters decoded, other percent-encodings upper-cased) with repeated
+/// slashes collapsed (so `//admin/x` is `/admin/x`). What stays ambiguous, because
+/// backends read it differently, is refused rather than guessed at: dot segments
+/// (refused rather than resolved, since a backend that does not resolve them would route
+/// `/admin/../public` to its admin handler), `;` path parameters, encoded separators and
+/// `%`, control characters, and malformed percent-encodings. Letter case is kept.
+pub fn normalize_path(path: &str) -> Result<String, PathProblem> {
+    if !path.starts_with('/') {
+        return Err(PathProblem::NotAbsolute);
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = |at: usize| bytes.get(at).and_then(|h| (*h as char).to_digit(16));
+            let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                return Err(PathProblem::BadPercent);
+            };
+            let v = u8::try_from(hi * 16 + lo).map_err(|_| PathProblem::BadPercent)?;
+            if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                decoded.push(char::from(v));
+            } else if matches!(v, b'/' | b'\\' | b';' | b'%') || v.is_ascii_control() {
+                return Err(PathProblem::EncodedDelimiter);
+            } else {
+                decoded.push('%');
+                decoded.push_str(&format!("{v:02X}"));
+            }
+            i += 3;
+            continue;
+        }
+        if !b.is_ascii_graphic() || matches!(b, b'\\' | b';' | b'#') {
+            return Err(PathProblem::BadCharacter);
+        }
+        decoded.push(char::from(b));
+        i += 1;
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in decoded.split('/').filter(|s| !s.is_empty()) {
+        if segment == "." || segment == ".." {
+            return Err(PathProblem::DotSegment);
+        }
+        out.push('/');
+        out.push_str(segment);
+    }
+    if decoded.ends_with('/') || out.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
 impl Default for GatewayMap {
     /// No map: every request needs a valid key and nothing more.
     fn default() -> Self {
@@ -135,8 +239,9 @@ pub enum Need<'a> {
     },
     /// No route covers the request and the map denies what it does not cover.
     Unmapped,
-    /// The path has dot segments or encoded separators, which a backend might resolve
-    /// differently from the map: refused rather than guessed.
+    /// The path cannot be normalised unambiguously (dot segments, `;`, encoded
+    /// separators, ...), or would be judged by another route if letter case were
+    /// ignored: refused rather than guessed.
     Suspicious,
 }
 
@@ -147,6 +252,8 @@ struct FileMap {
     #[serde(default)]
     trusted_callers: Vec<String>,
     unmatched: Option<String>,
+    #[serde(default)]
+    case_insensitive: bool,
     #[serde(default)]
     caller: Vec<FileCaller>,
     #[serde(default)]
@@ -170,6 +277,7 @@ struct FileRoute {
     path: String,
     scope: Option<String>,
     environment: Option<String>,
+    case_insensitive: Option<bool>,
 }
 
 impl GatewayMap {
@@ -242,16 +350,32 @@ impl GatewayMap {
                 }
                 methods.push(m.to_ascii_uppercase());
             }
-            let path = if !r.path.starts_with('/') {
+            let (text, prefix) = match r.path.strip_suffix('*') {
+                Some(p) => (p, true),
+                None => (r.path.as_str(), false),
+            };
+            let normal = if !text.starts_with('/') {
                 problems.push(format!("{at}: path must start with /"));
                 continue;
-            } else if let Some(prefix) = r.path.strip_suffix('*') {
-                PathPattern::Prefix(prefix.to_owned())
-            } else if r.path.contains('*') {
+            } else if text.contains('*') {
                 problems.push(format!("{at}: `*` may only end the path"));
                 continue;
             } else {
-                PathPattern::Exact(r.path.clone())
+                match normalize_path(text) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        problems.push(format!(
+                            "{at}: path is not one requests can match ({e:?}); write it \
+                             without dot segments, `;`, `\\`, encoded separators or `%25`"
+                        ));
+                        continue;
+                    }
+                }
+            };
+            let path = if prefix {
+                PathPattern::Prefix(normal)
+            } else {
+                PathPattern::Exact(normal)
             };
             let scope = match r.scope.as_deref().map(Scope::requested).transpose() {
                 Ok(s) => s,
@@ -270,6 +394,7 @@ impl GatewayMap {
                 path,
                 scope,
                 environment: r.environment.clone(),
+                case_insensitive: r.case_insensitive.unwrap_or(file.case_insensitive),
             });
         }
         if problems.is_empty() {
@@ -308,19 +433,28 @@ impl GatewayMap {
 
     /// What `method` on `uri` (path and query, as the gateway saw it) needs. The first
     /// route that matches decides.
+    ///
+    /// The path is normalised first ([`normalize_path`]); one that cannot be is
+    /// `Suspicious`. So is one that another route would judge if letter case were ignored:
+    /// a backend that ignores case would serve it from that route's handler.
     pub fn need(&self, method: &str, uri: &str) -> Need<'_> {
-        let path = uri.split(['?', '#']).next().unwrap_or("");
-        if is_suspicious(path) {
+        let raw = uri.split('?').next().unwrap_or("");
+        let Ok(path) = normalize_path(raw) else {
+            return Need::Suspicious;
+        };
+        let path = path.as_str();
+        let chosen = self
+            .routes
+            .iter()
+            .position(|r| r.matches(method, path, r.case_insensitive));
+        let folded = self
+            .routes
+            .iter()
+            .position(|r| r.matches(method, path, true));
+        if chosen != folded {
             return Need::Suspicious;
         }
-        let route = self.routes.iter().find(|r| {
-            (r.methods.is_empty() || r.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
-                && match &r.path {
-                    PathPattern::Exact(p) => p == path,
-                    PathPattern::Prefix(p) => path.starts_with(p.as_str()),
-                }
-        });
-        match route {
+        match chosen.and_then(|i| self.routes.get(i)) {
             Some(r) => Need::Key {
                 scope: r.scope.as_ref(),
                 environment: r.environment.as_deref(),
@@ -340,16 +474,6 @@ fn network(text: &str) -> Option<IpNet> {
     text.parse::<IpNet>()
         .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
         .ok()
-}
-
-fn is_suspicious(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    !path.starts_with('/')
-        || path.split('/').any(|seg| seg == "." || seg == "..")
-        || lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || path.contains('\\')
 }
 
 #[cfg(test)]
@@ -407,6 +531,125 @@ mod tests {
         ] {
             assert_eq!(m.need("GET", uri), Need::Suspicious, "{uri}");
         }
+    }
+
+    #[test]
+    fn paths_are_normalised_before_matching() {
+        let ok = |raw: &str| normalize_path(raw).unwrap();
+        assert_eq!(ok("/%61dmin/x"), "/admin/x");
+        assert_eq!(ok("//admin//x"), "/admin/x");
+        assert_eq!(ok("/admin/"), "/admin/");
+        assert_eq!(ok("/"), "/");
+        assert_eq!(ok("//"), "/");
+        assert_eq!(ok("/%7e%2D%5f%2e%41/"), "/~-_.A/");
+        assert_eq!(ok("/caf%c3%a9%20x"), "/caf%C3%A9%20x");
+        assert_eq!(ok("/a..b/.x"), "/a..b/.x");
+        let bad = |raw: &str| normalize_path(raw).unwrap_err();
+        for (raw, problem) in [
+            ("admin", PathProblem::NotAbsolute),
+            ("", PathProblem::NotAbsolute),
+            ("/a%zz", PathProblem::BadPercent),
+            ("/a%4", PathProblem::BadPercent),
+            ("/a%", PathProblem::BadPercent),
+            ("/admin%2fx", PathProblem::EncodedDelimiter),
+            ("/admin%5Cx", PathProblem::EncodedDelimiter),
+            ("/admin%3b/x", PathProblem::EncodedDelimiter),
+            ("/admin%00", PathProblem::EncodedDelimiter),
+            ("/admin%0a", PathProblem::EncodedDelimiter),
+            ("/%2561dmin", PathProblem::EncodedDelimiter),
+            ("/admin;/x", PathProblem::BadCharacter),
+            ("/admin;jsessionid=1", PathProblem::BadCharacter),
+            ("/admin\\x", PathProblem::BadCharacter),
+            ("/public#/../admin", PathProblem::BadCharacter),
+            ("/a b", PathProblem::BadCharacter),
+            ("/caf\u{e9}", PathProblem::BadCharacter),
+            ("/a\u{0}", PathProblem::BadCharacter),
+            ("/public/../admin", PathProblem::DotSegment),
+            ("/public/%2e%2E/admin", PathProblem::DotSegment),
+            ("/./admin", PathProblem::DotSegment),
+            ("/admin/.", PathProblem::DotSegment),
+        ] {
+            assert_eq!(bad(raw), problem, "{raw:?}");
+        }
+    }
+
+    const ADMIN: &str = r#"
+        gateway = "nginx"
+        [[route]]
+        path = "/admin/*"
+        scope = "admin:write"
+        [[route]]
+        path = "/Reports/*"
+        scope = "reports:read"
+        case_insensitive = true
+        [[route]]
+        path = "/*"
+        scope = "public:read"
+    "#;
+
+    fn scope_of(m: &GatewayMap, uri: &str) -> Option<String> {
+        match m.need("GET", uri) {
+            Need::Key { scope, .. } => scope.map(|s| s.to_string()),
+            other => Some(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn spellings_of_a_path_are_judged_by_the_same_route() {
+        let m = GatewayMap::from_toml(ADMIN).unwrap();
+        for uri in [
+            "/admin/x",
+            "/%61dmin/x",
+            "//admin/x",
+            "/admin//x",
+            "/admin",
+            "/admin/",
+            "/%61%64%6D%69%6E?x=1",
+        ] {
+            assert_eq!(scope_of(&m, uri).as_deref(), Some("admin:write"), "{uri}");
+        }
+        for uri in ["/adminx", "/public/admin/x", "/", "/x?/admin/"] {
+            assert_eq!(scope_of(&m, uri).as_deref(), Some("public:read"), "{uri}");
+        }
+        // A case-insensitive route takes every spelling of its case.
+        for uri in ["/Reports/q1", "/reports/q1", "/REPORTS", "/%72eports/x"] {
+            assert_eq!(scope_of(&m, uri).as_deref(), Some("reports:read"), "{uri}");
+        }
+        // Elsewhere, a spelling another route would take if case were ignored is refused.
+        for uri in [
+            "/ADMIN/x",
+            "/Admin",
+            "/admin;/x",
+            "/admin%2Fx",
+            "/public/../admin",
+        ] {
+            assert_eq!(m.need("GET", uri), Need::Suspicious, "{uri}");
+        }
+        // ... but case that changes nothing is fine.
+        assert_eq!(scope_of(&m, "/Public/X").as_deref(), Some("public:read"));
+
+        // The whole map can ignore case.
+        let m = GatewayMap::from_toml(&ADMIN.replace(
+            "gateway = \"nginx\"",
+            "gateway = \"nginx\"\ncase_insensitive = true",
+        ))
+        .unwrap();
+        assert_eq!(scope_of(&m, "/ADMIN/x").as_deref(), Some("admin:write"));
+        assert_eq!(scope_of(&m, "/%41dmin").as_deref(), Some("admin:write"));
+    }
+
+    #[test]
+    fn route_paths_are_normalised_and_checked() {
+        let m = GatewayMap::from_toml(
+            "gateway = \"envoy\"\n[[route]]\npath = \"//%61pi//v1/*\"\nscope = \"api:x\"",
+        )
+        .unwrap();
+        assert_eq!(m.routes[0].path, PathPattern::Prefix("/api/v1/".to_owned()));
+        let err = GatewayMap::from_toml(
+            "gateway = \"envoy\"\n[[route]]\npath = \"/a/../b\"\n[[route]]\npath = \"/a;b\"",
+        )
+        .unwrap_err();
+        assert_eq!(err.len(), 2, "{err:?}");
     }
 
     #[test]
