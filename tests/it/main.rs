@@ -6,6 +6,7 @@ mod alerts;
 mod audit;
 mod auth;
 mod cluster;
+mod connections;
 mod gateway;
 mod harness;
 mod input;
