@@ -305,6 +305,20 @@ pub struct ServeArgs {
     /// the callers trusted without a token. See docs/gateway.md.
     #[arg(long, env = "KEYWARDEN_GATEWAY_MAP")]
     pub gateway_map: Option<PathBuf>,
+    /// How long a client has to send a request's headers (from their first byte, or
+    /// from connecting); slower connections are closed, e.g. 10s.
+    #[arg(long, env = "KEYWARDEN_HEADER_TIMEOUT", default_value = "10s")]
+    pub header_timeout: String,
+    /// How long a kept-alive connection may wait for its next request (or a response for
+    /// the client to read it) before it is closed, e.g. 120s. Keep it above your
+    /// gateway's upstream keep-alive timeout.
+    #[arg(long, env = "KEYWARDEN_IDLE_TIMEOUT", default_value = "120s")]
+    pub idle_timeout: String,
+    /// Connections held open at most; beyond it the server stops accepting until one
+    /// closes (lowered at start if the open-file limit cannot hold it).
+    #[arg(long, env = "KEYWARDEN_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 }
 
 #[derive(Debug, Subcommand)]

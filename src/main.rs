@@ -133,6 +133,17 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         &args.cluster_poll,
         std::time::Duration::from_secs(1),
     )?;
+    config.header_timeout = duration(
+        "--header-timeout",
+        &args.header_timeout,
+        std::time::Duration::from_secs(1),
+    )?;
+    config.idle_timeout = duration(
+        "--idle-timeout",
+        &args.idle_timeout,
+        std::time::Duration::from_secs(1),
+    )?;
+    config.max_connections = usize::try_from(args.max_connections)?;
     config.trusted_proxies = args
         .trusted_proxies
         .iter()

@@ -1,4 +1,6 @@
-//! Issue 5: `/v1/auth` for gateways, through the API and behind a real nginx.
+//! Issue 5: `/v1/auth` for gateways, through the API and behind a real nginx; issue 18:
+//! the caller's gateway kind alone says where the client's request is (also behind a
+//! real Caddy, which speaks Traefik's ForwardAuth protocol).
 
 use std::time::Duration;
 
@@ -9,7 +11,15 @@ use serde_json::{json, Value};
 use crate::harness::{key_body, Backend, TestServer};
 use crate::on_both_backends;
 
+/// Callers from 127.0.0.1 are nginx, from 127.0.0.2 Traefik, from 127.0.0.3 Envoy.
 const MAP: &str = r#"
+    gateway = "nginx"
+    [[caller]]
+    networks = ["127.0.0.2"]
+    gateway = "traefik"
+    [[caller]]
+    networks = ["127.0.0.3"]
+    gateway = "envoy"
     [[route]]
     methods = ["POST", "PUT"]
     path = "/deploy/*"
@@ -29,8 +39,26 @@ struct Answer {
     owner: Option<String>,
 }
 
+/// A client whose connections come from `ip` (any 127/8 address reaches the server).
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(Some(ip.parse().unwrap()))
+        .build()
+        .unwrap()
+}
+
 async fn ask(s: &TestServer, path: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut req = s.http.get(s.url(path));
+    ask_from(&s.http, s, reqwest::Method::GET, path, headers).await
+}
+
+async fn ask_from(
+    http: &reqwest::Client,
+    s: &TestServer,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut req = http.request(method, s.url(path));
     for (n, v) in headers {
         req = req.header(*n, *v);
     }
@@ -130,8 +158,10 @@ async fn forward_auth_maps_requests_to_scopes(b: Backend) {
         (StatusCode::UNAUTHORIZED, "MALFORMED")
     );
     // Traefik's headers, and Envoy's path prefix with the original method.
-    let t = ask(
+    let t = ask_from(
+        &client_from("127.0.0.2"),
         &s,
+        reqwest::Method::GET,
         "/v1/auth",
         &[
             ("x-keywarden-token", &verifier),
@@ -142,8 +172,7 @@ async fn forward_auth_maps_requests_to_scopes(b: Backend) {
     )
     .await;
     assert_eq!(t.status, StatusCode::OK);
-    let resp = s
-        .http
+    let resp = client_from("127.0.0.3")
         .post(s.url("/v1/auth/deploy/app"))
         .header("x-keywarden-token", &verifier)
         .header("authorization", &bearer)
@@ -201,6 +230,7 @@ async fn trusted_callers_need_no_token_and_pass_the_client_address(b: Backend) {
                 &[
                     ("authorization", &bearer),
                     ("x-real-ip", ip),
+                    ("x-original-method", "GET"),
                     ("x-original-uri", "/anything"),
                 ],
             )
@@ -216,9 +246,214 @@ async fn trusted_callers_need_no_token_and_pass_the_client_address(b: Backend) {
     s.stop().await;
 }
 
+/// `/admin/*` needs `admin:write`, DELETE anywhere too, everything else `public:read`.
+const STEER_MAP: &str = r#"
+    gateway = "nginx"
+    [[caller]]
+    networks = ["127.0.0.2"]
+    gateway = "traefik"
+    [[caller]]
+    networks = ["127.0.0.3"]
+    gateway = "envoy"
+    [[route]]
+    path = "/admin/*"
+    scope = "admin:write"
+    [[route]]
+    methods = ["DELETE"]
+    path = "/*"
+    scope = "admin:write"
+    [[route]]
+    path = "/*"
+    scope = "public:read"
+"#;
+
+fn public_key_body() -> Value {
+    let mut body = key_body("public");
+    body["scopes"] = json!(["public:read"]);
+    body
+}
+
+/// Issue 18, item 3: the method and URI come from the headers of the caller's configured
+/// kind only. Headers of another kind (which Traefik copies from the client) are never
+/// read, and missing ones are a refusal, never a fallback.
+async fn the_gateway_kind_alone_decides_where_the_request_is(b: Backend) {
+    let s =
+        TestServer::start_with(b, |c| c.gateway = GatewayMap::from_toml(STEER_MAP).unwrap()).await;
+    let (_, key) = s.create_key(public_key_body()).await;
+    let verifier = s.token("verifier", None).await;
+    let bearer = format!("Bearer {key}");
+    let (nginx, traefik, envoy) = (
+        client_from("127.0.0.1"),
+        client_from("127.0.0.2"),
+        client_from("127.0.0.3"),
+    );
+    let check = |http: &reqwest::Client,
+                 method: &'static str,
+                 path: &'static str,
+                 extra: Vec<(&'static str, &'static str)>,
+                 want: (StatusCode, &'static str)| {
+        let (http, s, verifier, bearer) = (http.clone(), &s, verifier.clone(), bearer.clone());
+        async move {
+            let mut h: Vec<(&str, &str)> =
+                vec![("x-keywarden-token", &verifier), ("authorization", &bearer)];
+            h.extend(extra.iter().copied());
+            let a = ask_from(&http, s, method.parse().unwrap(), path, &h).await;
+            assert_eq!(
+                (a.status, a.code.as_str()),
+                want,
+                "{method} {path} {extra:?}"
+            );
+        }
+    };
+    let ok = (StatusCode::OK, "VALID");
+    let denied = (StatusCode::FORBIDDEN, "SCOPE_DENIED");
+    let missing = (StatusCode::FORBIDDEN, "GATEWAY_HEADERS_MISSING");
+    let invalid = (StatusCode::FORBIDDEN, "GATEWAY_HEADERS_INVALID");
+    let nginx_get = |uri| vec![("x-original-method", "GET"), ("x-original-uri", uri)];
+    let traefik_get = |uri| vec![("x-forwarded-method", "GET"), ("x-forwarded-uri", uri)];
+
+    // nginx: X-Original-*, and only those.
+    check(&nginx, "GET", "/v1/auth", nginx_get("/public/x"), ok).await;
+    check(&nginx, "GET", "/v1/auth", nginx_get("/admin/x"), denied).await;
+    check(&nginx, "GET", "/v1/auth", traefik_get("/public/x"), missing).await;
+    check(
+        &nginx,
+        "GET",
+        "/v1/auth",
+        vec![("x-original-uri", "/public/x")],
+        missing,
+    )
+    .await;
+    check(&nginx, "GET", "/v1/auth", vec![], missing).await;
+    let mut twice = nginx_get("/public/x");
+    twice.push(("x-original-uri", "/admin/x"));
+    check(&nginx, "GET", "/v1/auth", twice, invalid).await;
+
+    // Traefik: X-Forwarded-*. What the client added (X-Original-*) is not read.
+    check(&traefik, "GET", "/v1/auth", traefik_get("/public/x"), ok).await;
+    let mut steer = traefik_get("/admin/x");
+    steer.push(("x-original-uri", "/public/x"));
+    check(&traefik, "GET", "/v1/auth", steer, denied).await;
+    let steer = vec![
+        ("x-forwarded-method", "DELETE"),
+        ("x-forwarded-uri", "/public/x"),
+        ("x-original-method", "GET"),
+    ];
+    check(&traefik, "GET", "/v1/auth", steer, denied).await;
+    check(&traefik, "GET", "/v1/auth", nginx_get("/public/x"), missing).await;
+
+    // Envoy: the request's own method and the path below /v1/auth.
+    check(&envoy, "GET", "/v1/auth/public/x", vec![], ok).await;
+    let steer = nginx_get("/public/x");
+    check(&envoy, "GET", "/v1/auth/admin/x", steer, denied).await;
+    let steer = traefik_get("/public/x");
+    check(&envoy, "DELETE", "/v1/auth/public/x", steer, denied).await;
+    check(&envoy, "GET", "/v1/auth", nginx_get("/public/x"), missing).await;
+    s.stop().await;
+}
+
+/// `/admin/*` needs `admin:write`, `/reports/*` (any case) `reports:read`, the rest
+/// `public:read`.
+const PATH_MAP: &str = r#"
+    gateway = "nginx"
+    [[route]]
+    path = "/admin/*"
+    scope = "admin:write"
+    [[route]]
+    path = "/reports/*"
+    scope = "reports:read"
+    case_insensitive = true
+    [[route]]
+    path = "/*"
+    scope = "public:read"
+"#;
+
+/// Issue 18, item 4: other spellings of a path are judged by the route the backend will
+/// serve them from, and what backends read differently is refused.
+async fn path_spellings_are_judged_by_the_route_they_reach(b: Backend) {
+    let s =
+        TestServer::start_with(b, |c| c.gateway = GatewayMap::from_toml(PATH_MAP).unwrap()).await;
+    let (_, public) = s.create_key(public_key_body()).await;
+    let mut admin = key_body("admin");
+    admin["scopes"] = json!(["admin:write", "reports:read", "public:read"]);
+    let (_, admin) = s.create_key(admin).await;
+    let verifier = s.token("verifier", None).await;
+    let judge = |key: &str, uri: &str| {
+        let (s, verifier, bearer, uri) = (
+            &s,
+            verifier.clone(),
+            format!("Bearer {key}"),
+            uri.to_owned(),
+        );
+        async move {
+            let a = ask(
+                s,
+                "/v1/auth",
+                &[
+                    ("x-keywarden-token", &verifier),
+                    ("authorization", &bearer),
+                    ("x-original-method", "GET"),
+                    ("x-original-uri", &uri),
+                ],
+            )
+            .await;
+            (a.status, a.code)
+        }
+    };
+    let ok = (StatusCode::OK, "VALID".to_owned());
+    let denied = (StatusCode::FORBIDDEN, "SCOPE_DENIED".to_owned());
+    let rejected = (StatusCode::FORBIDDEN, "PATH_REJECTED".to_owned());
+    // The spellings the attack used: each reaches the admin handler of some backend.
+    for uri in [
+        "/%61dmin/x",
+        "//admin/x",
+        "/admin//x",
+        "/admin",
+        "/%61%64%6d%69%6e",
+    ] {
+        assert_eq!(judge(&public, uri).await, denied, "{uri}");
+        assert_eq!(judge(&admin, uri).await, ok, "{uri}");
+    }
+    // Ambiguous between backends: refused whatever the key.
+    for uri in [
+        "/admin;/x",
+        "/admin;jsessionid=1/x",
+        "/ADMIN/x",
+        "/Admin",
+        "/admin%2Fx",
+        "/public%5C..%5Cadmin",
+        "/public/%2e%2e/admin/x",
+        "/public/../admin/x",
+        "/a%zz",
+        "/a%00",
+        "/%2561dmin/x",
+        "/public#/../admin",
+    ] {
+        assert_eq!(judge(&public, uri).await, rejected, "{uri}");
+        assert_eq!(judge(&admin, uri).await, rejected, "{uri}");
+    }
+    // A route that ignores case takes every spelling of its case.
+    for uri in ["/reports/q1", "/REPORTS/q1", "/Reports", "/%52eports/x"] {
+        assert_eq!(judge(&public, uri).await, denied, "{uri}");
+        assert_eq!(judge(&admin, uri).await, ok, "{uri}");
+    }
+    // Ordinary paths, and case that no route depends on, pass as before.
+    for uri in [
+        "/public/x",
+        "/p%75blic//x?next=/admin/",
+        "/Public/X",
+        "/adminx",
+    ] {
+        assert_eq!(judge(&public, uri).await, ok, "{uri}");
+    }
+    s.stop().await;
+}
+
 on_both_backends!(
     forward_auth_maps_requests_to_scopes,
     trusted_callers_need_no_token_and_pass_the_client_address,
+    the_gateway_kind_alone_decides_where_the_request_is,
+    path_spellings_are_judged_by_the_route_they_reach,
 );
 
 /// The nginx binary, or `None` outside CI when it is not installed (CI installs it and
@@ -351,6 +586,166 @@ async fn nginx_auth_request_passes_valid_keys_and_refuses_revoked_ones() {
     assert_eq!(code.as_deref(), Some("REVOKED"));
     assert!(!body.contains("upstream"), "the upstream never sees it");
 
+    child.kill().await.ok();
+    s.stop().await;
+}
+
+fn caddy_or_skip() -> Option<std::path::PathBuf> {
+    let found = ["/usr/bin/caddy", "/usr/local/bin/caddy"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "caddy is not installed; CI must run the caddy integration test (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: caddy not installed (apt-get install caddy)");
+    }
+    found
+}
+
+/// An upstream that answers every request with what the gateway told it.
+async fn echo_upstream() -> u16 {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    let app = axum::Router::new().fallback(
+        |uri: axum::http::Uri, headers: axum::http::HeaderMap| async move {
+            let h = |n: &str| {
+                headers
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            format!("upstream {uri}: key={}", h("x-keywarden-key-id"))
+        },
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(upstream, app).await;
+    });
+    port
+}
+
+async fn wait_for_port(port: u16) -> bool {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Issue 18, item 3, with a real gateway: Caddy's forward_auth speaks Traefik's protocol
+/// and copies the client's headers, as Traefik does. A client that adds X-Original-URI,
+/// X-Real-IP or X-Forwarded-For is still judged on what Caddy saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_forward_auth_cannot_be_steered_by_client_headers() {
+    let Some(caddy) = caddy_or_skip() else {
+        return;
+    };
+    let map = format!("trusted_callers = [\"127.0.0.1/32\"]\n{STEER_MAP}")
+        .replace("gateway = \"nginx\"", "gateway = \"traefik\"");
+    let s = TestServer::start_with(Backend::Sqlite, |c| {
+        c.gateway = GatewayMap::from_toml(&map).unwrap()
+    })
+    .await;
+    let (id, key) = s.create_key(public_key_body()).await;
+    let mut cidr = public_key_body();
+    cidr["allowed_cidrs"] = json!(["10.0.0.0/8"]);
+    let (_, cidr_key) = s.create_key(cidr).await;
+    let verifier = s.token("verifier", None).await;
+    let upstream = echo_upstream().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = include_str!("../../docs/Caddyfile")
+        .replace(
+            "keywarden.internal:8470",
+            s.base.trim_start_matches("http://"),
+        )
+        .replace("app.internal:8080", &format!("127.0.0.1:{upstream}"))
+        .replace("http://:80", &format!("http://127.0.0.1:{port}"))
+        .replace("kw_admin_REPLACE_WITH_A_VERIFIER_TOKEN", &verifier);
+    let full = format!("{{\n\tadmin off\n\tauto_https off\n}}\n{conf}");
+    std::fs::write(dir.path().join("Caddyfile"), full).unwrap();
+    let log = std::fs::File::create(dir.path().join("caddy.log")).unwrap();
+    let mut child = tokio::process::Command::new(&caddy)
+        .args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(dir.path().join("Caddyfile"))
+        .env("HOME", dir.path())
+        .env("XDG_DATA_HOME", dir.path())
+        .env("XDG_CONFIG_HOME", dir.path())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start caddy");
+    let log = || std::fs::read_to_string(dir.path().join("caddy.log")).unwrap_or_default();
+    assert!(wait_for_port(port).await, "caddy did not start: {}", log());
+
+    let http = reqwest::Client::new();
+    let get = |path: &'static str, key: &str, extra: &[(&'static str, &'static str)]| {
+        let mut req = http
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .bearer_auth(key);
+        for (n, v) in extra {
+            req = req.header(*n, *v);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            let code = resp
+                .headers()
+                .get("x-keywarden-code")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            (status, code, resp.text().await.unwrap())
+        }
+    };
+    let (status, _, body) = get("/public/x", &key, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body} {}", log());
+    assert_eq!(body, format!("upstream /public/x: key={id}"));
+
+    let steer = [
+        ("x-original-uri", "/public/x"),
+        ("x-original-method", "GET"),
+    ];
+    let (status, code, body) = get("/admin/x", &key, &steer).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::FORBIDDEN, "SCOPE_DENIED"),
+        "{body}"
+    );
+    assert!(!body.contains("upstream"), "the upstream never sees it");
+
+    // Spellings of /admin/x reach the admin scope through the real gateway too.
+    for path in ["/%61dmin/x", "//admin/x"] {
+        let (status, code, body) = get(path, &key, &[]).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::FORBIDDEN, "SCOPE_DENIED"),
+            "{path}: {body}"
+        );
+    }
+    let (status, code, body) = get("/admin;/x", &key, &[]).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::FORBIDDEN, "PATH_REJECTED"),
+        "{body}"
+    );
+
+    let forged = [("x-real-ip", "10.1.2.3"), ("x-forwarded-for", "10.1.2.3")];
+    let (status, code, body) = get("/public/x", &cidr_key, &forged).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::FORBIDDEN, "SOURCE_DENIED"),
+        "the client address is the one Caddy saw: {body}"
+    );
     child.kill().await.ok();
     s.stop().await;
 }

@@ -7,6 +7,7 @@ mod audit;
 mod auth;
 mod cli;
 mod cluster;
+mod connections;
 mod datadir;
 mod docs;
 mod faults;

@@ -767,6 +767,11 @@ pub mod codes {
     pub const SERVICE_NOT_FOUND: &str = "SERVICE_NOT_FOUND";
     pub const WEBHOOK_URL_INVALID: &str = "WEBHOOK_URL_INVALID";
     pub const ROUTE_NOT_MAPPED: &str = "ROUTE_NOT_MAPPED";
+    /// `/v1/auth`: the headers the caller's gateway kind carries the client's method and
+    /// URI in are missing, sent twice or unreadable; or the caller has no kind.
+    pub const GATEWAY_HEADERS_MISSING: &str = "GATEWAY_HEADERS_MISSING";
+    pub const GATEWAY_HEADERS_INVALID: &str = "GATEWAY_HEADERS_INVALID";
+    pub const GATEWAY_UNKNOWN: &str = "GATEWAY_UNKNOWN";
     pub const PATH_REJECTED: &str = "PATH_REJECTED";
     pub const KEY_MISSING: &str = "KEY_MISSING";
 }

@@ -65,6 +65,15 @@ pub struct Config {
     /// `/v1/auth`: the scope each method and path needs, and which callers may ask
     /// without a token.
     pub gateway: keywarden_core::gateway::GatewayMap,
+    /// How long a client has to send a request head: from its first byte, or from the
+    /// accept for a new connection. Slower connections are closed.
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request, or a response
+    /// wait for the client to read it, before the connection is closed.
+    pub idle_timeout: Duration,
+    /// Connections held open at most; beyond it the server stops accepting until one
+    /// closes. Lowered at start if the open-file limit cannot hold it.
+    pub max_connections: usize,
     /// Whether to print the bootstrap token to stdout (the binary does; tests read the file).
     pub print_bootstrap_token: bool,
 }
@@ -96,6 +105,9 @@ impl Config {
             cluster_poll: Duration::from_secs(1),
             alert_window: time::Duration::minutes(5),
             gateway: keywarden_core::gateway::GatewayMap::default(),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 10_000,
             print_bootstrap_token: false,
         }
     }

@@ -14,6 +14,7 @@ pub mod enforcer;
 pub mod error;
 pub mod extract;
 pub mod guard;
+pub mod listen;
 pub mod outbound;
 pub mod routes;
 pub mod state;
@@ -381,17 +382,22 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let alerts = tokio::spawn(alerts::run(state.clone(), alerts_rx, stop_jobs_rx.clone()));
     let sync = tokio::spawn(cluster::sync(state.clone(), stop_jobs_rx));
     let app = router(state.clone());
-    let (stop_http, mut stop_http_rx) = watch::channel(false);
-    let http = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stop_http_rx.wait_for(|stop| *stop).await;
-        })
-        .await
-    });
+    let (stop_http, stop_http_rx) = watch::channel(false);
+    let fd_limit = listen::raise_fd_limit();
+    let limits = listen::Limits {
+        header_timeout: state.config.header_timeout,
+        idle_timeout: state.config.idle_timeout,
+        max_connections: listen::effective_max_connections(state.config.max_connections, fd_limit),
+    };
+    if limits.max_connections < state.config.max_connections {
+        tracing::warn!(
+            configured = state.config.max_connections,
+            max_connections = limits.max_connections,
+            open_file_limit = fd_limit,
+            "the open-file limit cannot hold max_connections; lowered"
+        );
+    }
+    let http = tokio::spawn(listen::serve(listener, app, limits, stop_http_rx));
     tracing::info!(%addr, "keywarden listening");
     Ok(RunningServer {
         addr,

@@ -2,13 +2,18 @@
 //! ForwardAuth, Envoy HTTP ext_authz.
 //!
 //! The gateway forwards the client's request headers; we read the key from
-//! `Authorization: Bearer` or `X-API-Key`, the original method and URI from
+//! `Authorization: Bearer` or `X-API-Key`, and the original method and URI from where the
+//! caller's configured kind (the map's `gateway`, or its `[[caller]]` entry) puts them:
 //! `X-Original-Method`/`X-Original-URI` (nginx), `X-Forwarded-Method`/`X-Forwarded-Uri`
-//! (Traefik), or the request itself below `/v1/auth` (Envoy's path prefix), look up the
-//! scope the gateway map requires, and verify exactly as `/v1/verify` does (usage event,
-//! alerts). 200 carries `X-Keywarden-Key-Id` and `X-Keywarden-Owner`; 401 (no or unknown
-//! key) and 403 (known key refused) carry `X-Keywarden-Code`. nginx turns any other
-//! status into a 500, so every refusal is one of these two.
+//! (Traefik), or the request itself below `/v1/auth` (Envoy's path prefix). Never from
+//! whichever header happens to be there: Traefik passes the client's own headers on, so
+//! a client could otherwise add `X-Original-URI` and be judged on a path of its choosing.
+//! Missing headers of the caller's kind are a refusal, not a fallback. Then we look up
+//! the scope the gateway map requires, and verify exactly as `/v1/verify` does (usage
+//! event, alerts). 200 carries `X-Keywarden-Key-Id` and `X-Keywarden-Owner`; 401 (no or
+//! unknown key) and 403 (known key refused, or a request that cannot be judged) carry
+//! `X-Keywarden-Code`. nginx turns any other status into a 500, so every refusal is one
+//! of these two.
 //!
 //! The caller is the gateway, not the client: it sends a verifier token in
 //! `X-Keywarden-Token`, or is listed in the map's `trusted_callers`.
@@ -19,7 +24,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use keywarden_core::gateway::Need;
+use keywarden_core::gateway::{GatewayKind, Need};
 use keywarden_core::model::Actor;
 use keywarden_core::role::Permission;
 use keywarden_core::verify::{VerifyCode, VerifyRequest};
@@ -39,15 +44,15 @@ const ENVIRONMENT: &str = "x-keywarden-environment";
     params(
         ("Authorization" = Option<String>, Header, description = "`Bearer <key>`: the client's key"),
         ("X-API-Key" = Option<String>, Header, description = "the client's key, when not in Authorization"),
-        ("X-Original-Method" = Option<String>, Header, description = "the client's method (nginx; Traefik sends X-Forwarded-Method)"),
-        ("X-Original-URI" = Option<String>, Header, description = "the client's URI (nginx; Traefik sends X-Forwarded-Uri)"),
+        ("X-Original-Method" = Option<String>, Header, description = "the client's method, from callers of kind nginx (kind traefik: X-Forwarded-Method; envoy: the request's method)"),
+        ("X-Original-URI" = Option<String>, Header, description = "the client's URI, from callers of kind nginx (kind traefik: X-Forwarded-Uri; envoy: the path below /v1/auth)"),
         ("X-Real-IP" = Option<String>, Header, description = "the client's address, believed from trusted callers"),
         ("X-Keywarden-Token" = Option<String>, Header, description = "the gateway's verifier token (unless it is a trusted caller)"),
     ),
     responses(
         (status = 200, body = VerifyResponse, description = "allowed; X-Keywarden-Key-Id, X-Keywarden-Owner, X-Keywarden-Environment"),
         (status = 401, body = VerifyResponse, description = "no key, malformed or unknown key; X-Keywarden-Code"),
-        (status = 403, body = VerifyResponse, description = "the key is refused for this request; X-Keywarden-Code"),
+        (status = 403, body = VerifyResponse, description = "the key is refused for this request, or the request cannot be judged (GATEWAY_HEADERS_MISSING, GATEWAY_HEADERS_INVALID, ROUTE_NOT_MAPPED, PATH_REJECTED); X-Keywarden-Code"),
     ))]
 pub async fn auth_doc() {}
 
@@ -72,7 +77,7 @@ async fn decide(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let map = &app.config.gateway;
-    let caller_trusted = map.trusted_callers.iter().any(|n| n.contains(&peer));
+    let caller = map.caller(peer);
     let gateway_token = match headers.get("x-keywarden-token") {
         Some(v) => {
             let t = v
@@ -87,33 +92,32 @@ async fn decide(
             }
             Some(token)
         }
-        None if caller_trusted => None,
+        None if caller.trusted => None,
         None => return Err(ApiError::Unauthenticated(
             "the gateway must send a verifier token in X-Keywarden-Token, or be a trusted caller",
         )),
     };
     let trusted_proxy =
-        caller_trusted || app.config.trusted_proxies.iter().any(|n| n.contains(&peer));
-    let source_ip = headers
-        .get("x-real-ip")
-        .filter(|_| trusted_proxy)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<IpAddr>().ok())
-        .or_else(|| client_ip(Some(peer), headers, &app.config.trusted_proxies));
-    let original_method = header_text(headers, "x-original-method", 16)
-        .or_else(|| header_text(headers, "x-forwarded-method", 16))
-        .unwrap_or_else(|| method.as_str().to_owned());
-    let original_uri = header_text(headers, "x-original-uri", 4096)
-        .or_else(|| header_text(headers, "x-forwarded-uri", 4096))
-        .unwrap_or_else(|| {
-            let below = uri.path().strip_prefix("/v1/auth").unwrap_or("");
-            if below.is_empty() {
-                "/".to_owned()
-            } else {
-                below.to_owned()
-            }
-        });
-    let (scope, environment) = match map.need(&original_method, &original_uri) {
+        caller.trusted || app.config.trusted_proxies.iter().any(|n| n.contains(&peer));
+    let source_ip = if trusted_proxy {
+        gateway_client_ip(caller.kind, headers)
+    } else {
+        None
+    }
+    .or_else(|| client_ip(Some(peer), headers, &app.config.trusted_proxies));
+    let need = match caller.kind {
+        // Without a map the method and URI decide nothing: any valid key passes.
+        None if !map.decides_by_path() => Need::Key {
+            scope: None,
+            environment: None,
+        },
+        None => return Ok(refusal(StatusCode::FORBIDDEN, codes::GATEWAY_UNKNOWN)),
+        Some(kind) => match original_request(kind, method, uri, headers) {
+            Ok((method, uri)) => map.need(&method, &uri),
+            Err(code) => return Ok(refusal(StatusCode::FORBIDDEN, code)),
+        },
+    };
+    let (scope, environment) = match need {
         Need::Key { scope, environment } => (scope.cloned(), environment.map(str::to_owned)),
         Need::Unmapped => {
             return Ok(refusal(StatusCode::FORBIDDEN, codes::ROUTE_NOT_MAPPED));
@@ -167,6 +171,90 @@ async fn decide(
         }
     }
     Ok((status, headers, Json(body)).into_response())
+}
+
+/// The longest original URI read from a gateway header. A longer one is refused, never
+/// cut: a cut could drop the part of the path that decides the route.
+const MAX_ORIGINAL_URI: usize = 8192;
+
+/// The client's method and URI, from where the caller's kind puts them and nowhere else.
+/// A missing header is refused (`GATEWAY_HEADERS_MISSING`), as is one sent twice or not
+/// readable as text (`GATEWAY_HEADERS_INVALID`): another kind's headers may come from
+/// the client (Traefik copies them), so there is no falling back to them.
+fn original_request(
+    kind: GatewayKind,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(String, String), &'static str> {
+    let (method_header, uri_header) = match kind {
+        GatewayKind::Nginx => ("x-original-method", "x-original-uri"),
+        GatewayKind::Traefik => ("x-forwarded-method", "x-forwarded-uri"),
+        GatewayKind::Envoy => {
+            // Envoy appends the original path to `path_prefix` and keeps the method.
+            let below = uri.path().strip_prefix("/v1/auth").unwrap_or("");
+            if below.is_empty() {
+                return Err(codes::GATEWAY_HEADERS_MISSING);
+            }
+            let uri = match uri.query() {
+                Some(q) => format!("{below}?{q}"),
+                None => below.to_owned(),
+            };
+            return Ok((method.as_str().to_owned(), uri));
+        }
+    };
+    let method = exactly_one(headers, method_header, 16)?;
+    if !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(codes::GATEWAY_HEADERS_INVALID);
+    }
+    let uri = exactly_one(headers, uri_header, MAX_ORIGINAL_URI)?;
+    Ok((method.to_owned(), uri.to_owned()))
+}
+
+/// The one value of `name`: present once, visible ASCII, at most `max` bytes.
+fn exactly_one<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+    max: usize,
+) -> Result<&'h str, &'static str> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Err(codes::GATEWAY_HEADERS_MISSING);
+    };
+    if values.next().is_some() {
+        return Err(codes::GATEWAY_HEADERS_INVALID);
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| codes::GATEWAY_HEADERS_INVALID)?
+        .trim();
+    if text.is_empty() {
+        return Err(codes::GATEWAY_HEADERS_MISSING);
+    }
+    if text.len() > max || text.bytes().any(|b| b.is_ascii_control()) {
+        return Err(codes::GATEWAY_HEADERS_INVALID);
+    }
+    Ok(text)
+}
+
+/// The client's address as a trusted gateway of this kind passes it: nginx and Envoy set
+/// `X-Real-IP` (each overwrites a client's own); Traefik and Caddy append the address they
+/// saw to `X-Forwarded-For` and pass the client's `X-Real-IP` on untouched, so for them
+/// only the last `X-Forwarded-For` entry counts.
+fn gateway_client_ip(kind: Option<GatewayKind>, headers: &HeaderMap) -> Option<IpAddr> {
+    match kind {
+        Some(GatewayKind::Traefik) => headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|v| v.trim().parse::<IpAddr>().ok()),
+        Some(GatewayKind::Nginx | GatewayKind::Envoy) | None => headers
+            .get("x-real-ip")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<IpAddr>().ok()),
+    }
 }
 
 /// The client's key: `Authorization: Bearer …`, else `X-API-Key`.
