@@ -24,8 +24,7 @@ use cli::{Cli, Command, KeyCommand, ServeArgs, TokenCommand};
 /// jemalloc, not glibc's malloc. Verify allocates on the runtime's workers and frees on
 /// the usage writer's thread, and at 100k keys its cache lines are cold: jemalloc's
 /// thread caches and its huge pages (`thp:always`, set for every build in
-/// `.cargo/config.toml`) cut the CPU of a verify by about a tenth (docs/benchmarks.md,
-/// session 7). `_RJEM_MALLOC_CONF` overrides its settings at run time.
+/// `.cargo/config.toml`) cut the CPU of a verify by about a tenth (docs/benchmarks.md). `_RJEM_MALLOC_CONF` overrides its settings at run time.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -75,7 +75,7 @@ fn subjects_summary(subjects: &[keywarden_proto::SubjectView]) -> String {
         return "none".to_owned();
     }
     let mut latest: Vec<&keywarden_proto::SubjectView> = subjects.iter().collect();
-    latest.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    latest.sort_by_key(|s| std::cmp::Reverse(s.last_seen));
     let names: Vec<&str> = latest
         .iter()
         .take(SUBJECTS_SHOWN)

@@ -122,9 +122,12 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, BootstrapError> {
         .mode(0o600)
         .open(&path)
         .map_err(io)?;
-    match file.try_lock() {
+    // flock(2), the lock `File::try_lock` takes on Unix, through rustix while the MSRV
+    // predates that method. Released when the file is closed, so also when the process
+    // dies.
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => {
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
             let holder = fs::read_to_string(&path).unwrap_or_default();
             let holder = holder.trim();
             return Err(BootstrapError::DataDirInUse {
@@ -136,7 +139,7 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, BootstrapError> {
                 },
             });
         }
-        Err(fs::TryLockError::Error(e)) => return Err(io(e)),
+        Err(e) => return Err(io(e.into())),
     }
     let lock = DataDirLock {
         file,
