@@ -61,6 +61,9 @@ pub enum Command {
     /// pull) and confirming it. Not a key's systems, which are what the key reaches.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// The key event stream a pull service reads, and its acknowledgements.
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// KEY_STILL_IN_USE alerts: dead keys that were presented again.
     #[command(subcommand)]
     Alert(AlertCommand),
@@ -167,6 +170,33 @@ pub enum ServiceCommand {
     Test {
         /// The service's id or name.
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print key events (revocations, suspensions, rotations, …) after a seq, one line
+    /// each (one JSON object each with --json); with --follow, keep waiting for more.
+    Tail {
+        /// Events after this seq (default 0: everything still in the outbox).
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Keep waiting for new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Only these categories: revoke, suspend, rotate, expire, alert, create, notice
+        /// (comma-separated).
+        #[arg(long)]
+        events: Option<String>,
+    },
+    /// Acknowledge, for a pull service, that every event up to SEQ was applied; what it
+    /// confirms counts in `key show`'s propagation.
+    Ack {
+        /// The service's id or name.
+        #[arg(long)]
+        service: String,
+        /// The last seq applied.
+        seq: i64,
     },
 }
 

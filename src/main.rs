@@ -76,6 +76,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Owner(ref cmd) => owner(&cli, cmd).await,
         Command::Service(ref cmd) => services::service(&cli, cmd).await,
         Command::Alert(ref cmd) => services::alert(&cli, cmd).await,
+        Command::Events(ref cmd) => services::events(&cli, cmd).await,
         Command::Scan(ref args) => scan::run(&cli, args).await,
         Command::Shadow(cli::ShadowCommand::List) => scan::shadow_list(&cli).await,
     }

@@ -157,10 +157,16 @@ pub async fn run(cli: &Cli, a: &ScanArgs) -> Result<u8> {
         None => crate::out_line(rendered)?,
     }
     let p = &progress;
+    let vars = p.env_vars.load(Ordering::Relaxed);
     eprintln!(
-        "{} finding(s); {} file(s), {:.1} MB scanned, {} skipped",
+        "{} finding(s); {} file(s){}, {:.1} MB scanned, {} skipped",
         findings.len(),
         p.files.load(Ordering::Relaxed),
+        if vars > 0 {
+            format!(" and {vars} environment variable(s)")
+        } else {
+            String::new()
+        },
         p.bytes.load(Ordering::Relaxed) as f64 / 1e6,
         p.skipped.load(Ordering::Relaxed)
     );

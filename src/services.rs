@@ -24,11 +24,18 @@ pub async fn service(cli: &Cli, cmd: &ServiceCommand) -> Result<u8> {
             };
             let created = c.create_service(&req).await?;
             print(cli, &created, |c| {
-                format!(
+                match &c.secret {
+                Some(secret) => format!(
                     "{}\nSigning secret (Standard Webhooks; shown once, give it to the service):\n\n    {}\n",
                     output::services_table(std::slice::from_ref(&c.service)),
-                    c.secret.0
-                )
+                    secret.0
+                ),
+                None => format!(
+                    "{}\nA pull service: it reads `keywarden events tail` (GET /v1/events) with a \
+                     verifier token and acknowledges with `keywarden events ack`.",
+                    output::services_table(std::slice::from_ref(&c.service)),
+                ),
+            }
             })?;
         }
         ServiceCommand::List => {
@@ -156,5 +163,65 @@ fn done(key: &KeyView, event: &str) -> bool {
     match &key.propagation {
         None => true,
         Some(p) => p.event == event && p.confirmed == p.total,
+    }
+}
+
+/// `events tail` and `events ack`.
+pub async fn events(cli: &Cli, cmd: &crate::cli::EventsCommand) -> Result<u8> {
+    use crate::cli::EventsCommand as E;
+    let c = client(cli)?;
+    match cmd {
+        E::Tail {
+            after,
+            follow,
+            events,
+        } => {
+            let mut after = *after;
+            loop {
+                let page = c
+                    .events(&keywarden_client::EventsQuery {
+                        after: Some(after),
+                        wait: Some(if *follow { "30s" } else { "0s" }.to_owned()),
+                        limit: Some(1000),
+                        events: events.clone(),
+                    })
+                    .await?;
+                for e in &page.events {
+                    if cli.json {
+                        crate::out_line(serde_json::to_string(e)?)?;
+                    } else {
+                        crate::out_line(format!(
+                            "{}  {}  {}  key {}  by {}{}",
+                            e.seq,
+                            output::ts(e.time),
+                            e.kind,
+                            e.key_id,
+                            e.actor,
+                            e.reason
+                                .as_deref()
+                                .map(|r| format!("  ({r})"))
+                                .unwrap_or_default()
+                        ))?;
+                    }
+                }
+                after = page.next;
+                if !*follow && page.events.len() < 1000 {
+                    return Ok(0);
+                }
+            }
+        }
+        E::Ack { service, seq } => {
+            let done = c.ack(service, *seq).await?;
+            print(cli, &done, |d| {
+                format!(
+                    "{} acknowledged every event up to {} ({} deliver{} confirmed)",
+                    d.service_id,
+                    d.acked_seq,
+                    d.confirmed,
+                    if d.confirmed == 1 { "y" } else { "ies" }
+                )
+            })?;
+            Ok(0)
+        }
     }
 }

@@ -158,3 +158,44 @@ async fn key_list_and_show_read_as_an_inventory() {
     assert!(!out.contains("0 of 0"), "{out}");
     s.stop().await;
 }
+
+/// A pull service is handed no signing secret; `events tail` prints the revocation it
+/// must apply and `events ack` confirms it, which `key show` then counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_service_tails_and_acknowledges_from_the_cli() {
+    let s = TestServer::start(Backend::Sqlite).await;
+    let (rc, out, err) = s.cli(&["service", "add", "cache-gw"]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert!(
+        !out.contains("whsec_"),
+        "no signing secret for a pull service: {out}"
+    );
+    assert!(out.contains("events tail"), "{out}");
+    let (id, _) = s.create_key(key_body("pulled")).await;
+    let (st, _) = s
+        .post(&format!("/v1/keys/{id}/revoke"), serde_json::json!({}))
+        .await;
+    assert_eq!(st, reqwest::StatusCode::OK);
+    let (rc, out, err) = s.cli(&["--json", "events", "tail"]).await;
+    assert_eq!(rc, 0, "{err}");
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let revoked = events
+        .iter()
+        .find(|e| e["type"] == "key.revoked" && e["key_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("the revocation is in the stream: {out}"));
+    let seq = revoked["seq"].as_i64().unwrap().to_string();
+    let (rc, out, _) = s.cli(&["events", "tail"]).await;
+    assert_eq!(rc, 0);
+    assert!(out.contains("key.revoked") && out.contains(&id), "{out}");
+    let (rc, out, err) = s
+        .cli(&["events", "ack", "--service", "cache-gw", &seq])
+        .await;
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("acknowledged every event up to"), "{out}");
+    let (_, v) = s.get(&format!("/v1/keys/{id}")).await;
+    assert_eq!(v["propagation"]["confirmed"], 1, "{v}");
+    s.stop().await;
+}

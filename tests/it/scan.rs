@@ -239,6 +239,7 @@ async fn scan_sources_and_errors(b: Backend) {
     let out = tokio::process::Command::new(assert_cmd::cargo::cargo_bin("keywarden"))
         .args(["scan", "--env", "--json"])
         .env("CI_DEPLOY_TOKEN", GH)
+        .env("PWD", "/home/runner/work/keywarden-builds/keywarden")
         .env_remove("KEYWARDEN_TOKEN")
         .env("KEYWARDEN_DATA_DIR", "/nonexistent")
         .output()
@@ -251,6 +252,19 @@ async fn scan_sources_and_errors(b: Backend) {
         .unwrap()
         .iter()
         .any(|f| f["location"]["name"] == "CI_DEPLOY_TOKEN"));
+    assert!(
+        !v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["location"]["name"] == "PWD"),
+        "the working directory is not a secret: {v}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("0 file(s) and") && err.contains("environment variable(s)"),
+        "variables are not counted as files: {err}"
+    );
     // Clean trees exit 0; errors exit 2.
     let tmp = tempfile::tempdir().unwrap();
     write(tmp.path(), "ok.txt", "nothing to see\n");

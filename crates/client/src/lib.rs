@@ -43,6 +43,19 @@ impl ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+/// The query of `GET /v1/events`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EventsQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -393,6 +406,21 @@ impl Client {
 
     pub async fn audit_archive(&self, req: &ArchiveRequest) -> Result<ArchiveView> {
         self.post("/v1/audit/archives", req).await
+    }
+
+    /// `GET /v1/events`: the key events after `after`, waiting up to `wait` (`30s`) when
+    /// none is new.
+    pub async fn events(&self, q: &EventsQuery) -> Result<keywarden_proto::EventPage> {
+        self.get("/v1/events", Some(q)).await
+    }
+
+    /// `POST /v1/services/{id}/ack`: a pull service applied every event up to `seq`.
+    pub async fn ack(&self, service: &str, seq: i64) -> Result<keywarden_proto::AckResponse> {
+        self.post(
+            &format!("/v1/services/{}/ack", seg(service)),
+            &keywarden_proto::AckRequest { seq },
+        )
+        .await
     }
 
     pub async fn audit_quarantine(&self) -> Result<QuarantineView> {

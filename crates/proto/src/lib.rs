@@ -193,9 +193,11 @@ pub struct ServiceView {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreatedService {
     pub service: ServiceView,
-    /// The Standard Webhooks signing secret (`whsec_…`). Shown once; keywarden derives
-    /// it again from its pepper and never stores it.
-    pub secret: Secret,
+    /// The Standard Webhooks signing secret (`whsec_…`), for a service with a webhook.
+    /// Shown once; keywarden derives it again from its pepper and never stores it. A
+    /// pull service gets none: it signs nothing and is told nothing signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -145,9 +145,11 @@ impl Detector {
                     continue;
                 };
                 let secret = String::from_utf8_lossy(g.as_bytes()).into_owned();
+                // Rules judged by entropy guess from a name; a path there is a place or
+                // a reference. (Format rules keep them: base64 may start with `/`.)
                 if rule
                     .entropy
-                    .is_some_and(|min| entropy(secret.as_bytes()) < min)
+                    .is_some_and(|min| entropy(secret.as_bytes()) < min || is_file_path(&secret))
                     || is_placeholder(&secret)
                 {
                     continue;
@@ -229,6 +231,22 @@ pub fn entropy(s: &[u8]) -> f64 {
             -p * p.log2()
         })
         .sum()
+}
+
+/// An absolute file path (`PWD=/home/ci/build/app`, `password_file: /run/secrets/db`):
+/// a place, or a reference to where a secret is kept, not a secret. Segments of
+/// letters, digits, `.`, `_` and `-` under a leading `/` or `~/`, at least two of them.
+fn is_file_path(s: &str) -> bool {
+    let rest = s
+        .strip_prefix("~/")
+        .or_else(|| s.strip_prefix('/'))
+        .unwrap_or("");
+    let segments: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    segments.len() >= 2
+        && segments.iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
 }
 
 /// Examples, templates and references that look like secrets but are not.
@@ -323,6 +341,23 @@ mod tests {
         // Another deployment's prefix is not ours.
         let other = Detector::new(RuleSet { rules: vec![] }, "acme").unwrap();
         assert!(other.scan(text.as_bytes()).is_empty());
+    }
+
+    #[test]
+    fn paths_are_not_generic_secrets() {
+        let d = Detector::new(RuleSet::defaults().unwrap(), "kw").unwrap();
+        for line in [
+            "PWD=/home/runner/work/keywarden/keywarden",
+            "password_file: /run/secrets/db-password",
+            "secret = ~/.config/app/secret.key",
+        ] {
+            assert!(d.scan(line.as_bytes()).is_empty(), "{line}");
+        }
+        assert_eq!(
+            d.scan(b"PWD=Zk3/Qx9m+Tb7Lw2vNc8R").len(),
+            1,
+            "not a path: a secret with a slash in it"
+        );
     }
 
     #[test]

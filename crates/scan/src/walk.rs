@@ -16,6 +16,8 @@ use crate::finding::{Finding, Location};
 #[derive(Debug, Default)]
 pub struct Progress {
     pub files: AtomicU64,
+    /// Environment variables scanned (`--env`); not files.
+    pub env_vars: AtomicU64,
     pub bytes: AtomicU64,
     pub findings: AtomicU64,
     pub skipped: AtomicU64,
@@ -170,7 +172,13 @@ pub fn scan_env(
     for (name, value) in vars {
         let line = format!("{name}={value}");
         let matches = detector.scan(line.as_bytes());
-        progress.add(line.len(), matches.len());
+        progress.env_vars.fetch_add(1, Ordering::Relaxed);
+        progress
+            .bytes
+            .fetch_add(line.len() as u64, Ordering::Relaxed);
+        progress
+            .findings
+            .fetch_add(matches.len() as u64, Ordering::Relaxed);
         out.extend(matches.into_iter().map(|mut m| {
             m.line = 0;
             m.column = 0;

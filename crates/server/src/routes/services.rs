@@ -239,12 +239,13 @@ pub async fn create_service(
         )));
     }
     tracing::info!(service = %record.name, "service registered");
+    let pull = record.webhook_url.is_none();
     let service = view(&app, record, false).await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedService {
             service,
-            secret: Secret(shown_secret(&secret)),
+            secret: (!pull).then(|| Secret(shown_secret(&secret))),
         }),
     ))
 }
