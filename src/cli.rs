@@ -502,7 +502,8 @@ pub enum TokenCommand {
         /// admin, issuer, auditor, verifier or scim.
         #[arg(long)]
         role: String,
-        /// For issuers: an environment they may act in (repeatable; default all).
+        /// For issuers and verifiers: an environment they may act in or verify keys of
+        /// (repeatable; default all).
         #[arg(long = "environment")]
         environments: Vec<String>,
         /// Lifetime, e.g. 90d (default: no expiry).

@@ -11,8 +11,75 @@ crate::on_both_backends!(
     one_time_key_is_exact_under_concurrency,
     capped_key_counts_exactly,
     source_from_peer_and_trusted_proxy,
-    expired_cache_entries_follow_the_store
+    expired_cache_entries_follow_the_store,
+    verifier_tokens_bound_to_environments_and_required_scopes,
 );
+
+/// A verifier token limited to `prod` answers ENVIRONMENT_MISMATCH for keys of other
+/// environments even when the request names none; a policy can require a scope on
+/// verify per environment.
+async fn verifier_tokens_bound_to_environments_and_required_scopes(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (_, prod) = s.create_key(key_body("prod-key")).await;
+    let mut body = key_body("dev-key");
+    body["environment"] = json!("dev");
+    let (_, dev) = s.create_key(body).await;
+    let gw = s.token("verifier", Some(vec!["prod"])).await;
+    let code = |token: String, body: serde_json::Value| {
+        let s = &s;
+        async move {
+            let (st, v) = s
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/verify",
+                    Some(&token),
+                    Some(body),
+                )
+                .await;
+            assert_eq!(st, reqwest::StatusCode::OK, "{v}");
+            v["code"].as_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(code(gw.clone(), json!({"key": prod})).await, "VALID");
+    assert_eq!(
+        code(gw.clone(), json!({"key": dev})).await,
+        "ENVIRONMENT_MISMATCH"
+    );
+    assert_eq!(
+        code(gw.clone(), json!({"key": dev, "environment": "dev"})).await,
+        "ENVIRONMENT_MISMATCH",
+        "the request cannot widen the token"
+    );
+    // Only issuers and verifiers are limited to environments.
+    let (st, v) = s
+        .post(
+            "/v1/tokens",
+            json!({"name": "aud", "role": "auditor", "environments": ["prod"]}),
+        )
+        .await;
+    assert_eq!(st, reqwest::StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+
+    let (st, v) = s
+        .call(
+            reqwest::Method::PUT,
+            "/v1/policy",
+            Some(&s.admin),
+            Some(json!({"policy": "[environments.prod]\nrequire_scope_on_verify = true\n"})),
+        )
+        .await;
+    assert_eq!(st, reqwest::StatusCode::OK, "{v}");
+    assert_eq!(code(gw.clone(), json!({"key": prod})).await, "SCOPE_DENIED");
+    assert_eq!(
+        code(gw.clone(), json!({"key": prod, "scope": "deploy:write"})).await,
+        "VALID"
+    );
+    assert_eq!(
+        code(s.admin.clone(), json!({"key": dev})).await,
+        "VALID",
+        "dev is not bound"
+    );
+    s.stop().await;
+}
 
 async fn codes(b: Backend) {
     let s = TestServer::start(b).await;

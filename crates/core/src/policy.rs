@@ -55,6 +55,9 @@ pub struct Rules {
     /// every key holder is one the identity provider can offboard.
     pub require_registered_owner: bool,
     pub require_systems: bool,
+    /// A verify of this environment's keys must name a scope; without one it answers
+    /// SCOPE_DENIED.
+    pub require_scope_on_verify: bool,
     /// Scopes a key may be granted: each granted scope must be covered by one of these.
     /// `None`: any scope.
     pub allowed_scopes: Option<Vec<Scope>>,
@@ -82,6 +85,7 @@ impl Default for Rules {
             require_registered_owner: false,
             max_token_ttl: None,
             require_systems: false,
+            require_scope_on_verify: false,
             allowed_scopes: None,
             forbid_wildcards: false,
             require_cidrs: false,
@@ -107,6 +111,7 @@ struct Section {
     require_registered_owner: Option<bool>,
     max_token_ttl: Option<String>,
     require_systems: Option<bool>,
+    require_scope_on_verify: Option<bool>,
     allowed_scopes: Option<Vec<String>>,
     forbid_wildcards: Option<bool>,
     require_cidrs: Option<bool>,
@@ -255,6 +260,9 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
         .require_registered_owner
         .unwrap_or(r.require_registered_owner);
     r.require_systems = s.require_systems.unwrap_or(r.require_systems);
+    r.require_scope_on_verify = s
+        .require_scope_on_verify
+        .unwrap_or(r.require_scope_on_verify);
     r.forbid_wildcards = s.forbid_wildcards.unwrap_or(r.forbid_wildcards);
     r.require_cidrs = s.require_cidrs.unwrap_or(r.require_cidrs);
     if let Some(m) = s.max_uses_limit {

@@ -90,6 +90,9 @@ pub struct VerifyRequest {
     pub scope: Option<Scope>,
     pub environment: Option<String>,
     pub source_ip: Option<IpAddr>,
+    /// The environments the asking token is limited to: a key of any other answers
+    /// ENVIRONMENT_MISMATCH, whatever the request names. `None`: any.
+    pub environments: Option<Vec<String>>,
 }
 
 /// Judges an authenticated key (its hash already matched) against a request, except for
@@ -139,6 +142,11 @@ pub fn decide_with(
     if let Some(idle) = idle {
         if crate::lifecycle::idle_due(key, idle.expiry, idle.last_seen, now) {
             return Err(VerifyCode::IdleExpired);
+        }
+    }
+    if let Some(allowed) = &req.environments {
+        if !allowed.iter().any(|e| *e == key.environment) {
+            return Err(VerifyCode::EnvironmentMismatch);
         }
     }
     if let Some(env) = &req.environment {
@@ -220,6 +228,7 @@ mod tests {
             scope: Some(Scope::requested(scope).unwrap()),
             environment: Some("prod".into()),
             source_ip: Some(ip.parse().unwrap()),
+            environments: None,
         }
     }
 

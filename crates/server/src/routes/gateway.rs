@@ -131,6 +131,7 @@ async fn decide(
         scope,
         environment,
         source_ip,
+        environments: gateway_token.as_ref().and_then(|t| t.environments.clone()),
     };
     let user_agent = header_text(headers, "user-agent", 256);
     let outcome = super::verify::judge(app, &key, ask, None, user_agent, || match &gateway_token {

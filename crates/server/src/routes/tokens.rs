@@ -46,11 +46,11 @@ pub async fn create_token(
         }
     };
     if let Some(envs) = &req.environments {
-        if role.is_some_and(|r| r != Role::Issuer) {
+        if role.is_some_and(|r| !matches!(r, Role::Issuer | Role::Verifier)) {
             v.push(violation(
                 codes::FIELD_INVALID,
                 "environments",
-                "only issuer tokens are limited to environments",
+                "only issuer and verifier tokens are limited to environments",
             ));
         }
         if envs.is_empty() {

@@ -37,7 +37,8 @@ pub async fn verify(
     JsonBody(mut req): JsonBody<WireRequest>,
 ) -> Result<axum::response::Response, ApiError> {
     principal.require(Permission::Verify)?;
-    let ask = validate_request(&mut req, principal.client_ip)?;
+    let mut ask = validate_request(&mut req, principal.client_ip)?;
+    ask.environments.clone_from(&principal.token.environments);
     let outcome = judge(
         &app,
         &req.key,
@@ -179,6 +180,7 @@ fn validate_request(
         scope,
         environment: req.environment.take(),
         source_ip,
+        environments: None,
     })
 }
 
@@ -288,12 +290,22 @@ async fn check(
         remaining_uses: None,
         counted: false,
     };
+    let (expiry, scope_required) = app.with_cached_policy(|p| {
+        let rules = p.rules_for(&record.environment);
+        (rules.idle_expiry, rules.require_scope_on_verify)
+    });
     let idle = Idle {
-        expiry: app.with_cached_policy(|p| p.rules_for(&record.environment).idle_expiry),
+        expiry,
         last_seen: record.last_seen(),
     };
     if let Err(code) = decide_with(&record, ask, now, Some(&idle), |s| record.covers(s)) {
         outcome.code = code;
+        return Ok(outcome);
+    }
+    // The policy can insist that a verify of this environment's keys names the scope it
+    // needs: a gateway that asks "is this key valid?" grants whatever the key can do.
+    if scope_required && ask.scope.is_none() {
+        outcome.code = VerifyCode::ScopeDenied;
         return Ok(outcome);
     }
     if record.max_uses.is_some() {
