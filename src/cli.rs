@@ -277,6 +277,14 @@ pub enum PolicyCommand {
     Apply {
         /// The policy file (rules: docs/policy.md).
         file: PathBuf,
+        /// Show what the first enforcer pass under it would do, key by key, and apply
+        /// nothing.
+        #[arg(long)]
+        plan: bool,
+        /// Apply without asking, even on a terminal, when the first pass would suspend
+        /// or expire keys.
+        #[arg(long)]
+        yes: bool,
     },
     /// Print the policy in force.
     Show,

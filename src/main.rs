@@ -421,8 +421,55 @@ async fn policy(cli: &Cli, cmd: &cli::PolicyCommand) -> Result<u8> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
     };
     match cmd {
-        cli::PolicyCommand::Apply { file } => {
-            let applied = match c.put_policy(&read(file)?).await {
+        cli::PolicyCommand::Apply { file, plan, yes } => {
+            let text = read(file)?;
+            let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin())
+                && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            if *plan || (interactive && !*yes && !cli.json) {
+                let report = match c.plan_policy(&text).await {
+                    Ok(r) => r,
+                    Err(keywarden_client::ClientError::Api { body, .. })
+                        if !body.error.violations.is_empty() =>
+                    {
+                        eprintln!("{} is not a valid policy:", file.display());
+                        for v in &body.error.violations {
+                            eprintln!("  - {}", v.message);
+                        }
+                        return Ok(FAILURE);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if *plan {
+                    print(cli, &report, |r| {
+                        format!(
+                            "under {} the first enforcer pass would act on {} key(s)\n{}",
+                            file.display(),
+                            r.actions.len(),
+                            output::enforcement_table(&r.actions)
+                        )
+                    })?;
+                    return Ok(0);
+                }
+                let ending = report
+                    .actions
+                    .iter()
+                    .filter(|a| a.action != "notify")
+                    .count();
+                if ending > 0 {
+                    eprintln!("{}", output::enforcement_table(&report.actions));
+                    eprint!(
+                        "Applying {} suspends or expires {ending} key(s) at once (above). Apply? [y/N] ",
+                        file.display()
+                    );
+                    let mut answer = String::new();
+                    std::io::stdin().read_line(&mut answer)?;
+                    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                        eprintln!("not applied");
+                        return Ok(NEGATIVE);
+                    }
+                }
+            }
+            let applied = match c.put_policy(&text).await {
                 Ok(p) => p,
                 Err(keywarden_client::ClientError::Api { body, .. })
                     if !body.error.violations.is_empty() =>

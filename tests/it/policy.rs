@@ -655,3 +655,56 @@ async fn a_key_held_for_overdue_rotation_can_be_rotated(b: Backend) {
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
     s.stop().await;
 }
+
+/// `policy apply FILE --plan` shows what the first pass under the file would do and
+/// applies nothing; on a terminal (a real pty through `script`), applying a policy that
+/// would suspend keys asks first, and "n" applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_is_previewed_before_it_suspends() {
+    let s = TestServer::start(Backend::Sqlite).await;
+    let (id, secret) = s.create_key(crate::harness::key_body("old")).await;
+    s.clock.advance(time::Duration::days(3));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("strict.toml");
+    std::fs::write(
+        &file,
+        "[environments.prod]\nrotation_period = \"2m\"\non_rotation_overdue = \"suspend\"\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let (rc, out, err) = cli(&s, &["policy", "apply", path, "--plan"]).await;
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains(&id) && out.contains("suspend"), "{out}");
+    let (_, v) = s.get("/v1/policy").await;
+    assert_eq!(v["version"], 0, "--plan applies nothing: {v}");
+
+    let bin = assert_cmd::cargo::cargo_bin("keywarden");
+    let command = format!("{} policy apply {path}", bin.display());
+    let out = tokio::task::block_in_place(|| {
+        use std::io::Write;
+        let mut child = std::process::Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .env("KEYWARDEN_SERVER", &s.base)
+            .env("KEYWARDEN_TOKEN", &s.admin)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"n\n").unwrap();
+        child.wait_with_output().unwrap()
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Apply? [y/N]"),
+        "it asks on a terminal: {text}"
+    );
+    assert!(text.contains("not applied"), "{text}");
+    let (_, v) = s.get("/v1/policy").await;
+    assert_eq!(v["version"], 0, "answered no: {v}");
+    assert_eq!(s.verify_code(&secret).await, "VALID");
+    // Without a terminal (scripts), or with --yes, it applies.
+    let (rc, _, err) = cli(&s, &["policy", "apply", path]).await;
+    assert_eq!(rc, 0, "{err}");
+    s.stop().await;
+}

@@ -379,6 +379,17 @@ impl Client {
     }
 
     /// What the enforcer would do at `at` (RFC 3339; default now).
+    /// What the first enforcer pass under `policy` would do now (nothing is applied).
+    pub async fn plan_policy(&self, policy: &str) -> Result<keywarden_proto::EnforcementReport> {
+        self.post(
+            "/v1/policy/plan",
+            &keywarden_proto::ApplyPolicyRequest {
+                policy: policy.to_owned(),
+            },
+        )
+        .await
+    }
+
     pub async fn enforce_plan(
         &self,
         at: Option<&str>,

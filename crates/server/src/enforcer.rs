@@ -208,6 +208,13 @@ pub async fn plan(app: &SharedState, at: OffsetDateTime) -> Result<Vec<Action>, 
     due(app, &policy, at, PLAN_LIMIT).await
 }
 
+/// What the first pass under a candidate policy would do now, were it applied as the
+/// next version (nothing is applied).
+pub async fn plan_under(app: &SharedState, candidate: Policy) -> Result<Vec<Action>, ApiError> {
+    let current = app.policy().await?;
+    due(app, &(current.0 + 1, candidate), app.now(), PLAN_LIMIT).await
+}
+
 /// One pass now; returns what it did. A key changed concurrently (another node's
 /// enforcer, an admin's revoke, a use) is left to whoever won.
 pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {

@@ -53,7 +53,7 @@ pub fn permission(method: &Method, route: &str) -> Option<Permission> {
         "/v1/audit" | "/v1/audit/export" | "/v1/audit/chain" | "/v1/audit/checkpoints" => AuditRead,
         "/v1/audit/archives" | "/v1/audit/quarantine" => AuditArchive,
         "/v1/policy" => read_or_write(PolicyRead, PolicyWrite),
-        "/v1/enforce/plan" => PolicyRead,
+        "/v1/enforce/plan" | "/v1/policy/plan" => PolicyRead,
         "/v1/enforce" => PolicyWrite,
         "/v1/owners" => read_or_write(OwnersRead, OwnersWrite),
         "/v1/owners/{identity}" => OwnersRead,

@@ -107,6 +107,7 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::owners::disable_owner))
         .routes(routes!(routes::owners::enable_owner))
         .routes(routes!(routes::policy::enforce_plan))
+        .routes(routes!(routes::policy::plan_policy))
         .routes(routes!(routes::policy::enforce_now))
         .routes(routes!(
             routes::services::create_service,

@@ -102,6 +102,37 @@ pub async fn put_policy(
     Ok(Json(view(Some(stored))))
 }
 
+/// What the first enforcer pass under a policy would do, were it applied now (roles
+/// `admin`, `issuer`, `auditor`); nothing is applied. A token limited to environments
+/// sees its environments' part.
+#[utoipa::path(post, path = "/v1/policy/plan", tag = "policy", request_body = ApplyPolicyRequest,
+    responses((status = 200, body = EnforcementReport), (status = 422, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn plan_policy(
+    State(app): State<SharedState>,
+    principal: Principal,
+    JsonBody(req): JsonBody<ApplyPolicyRequest>,
+) -> Result<Json<EnforcementReport>, ApiError> {
+    principal.require(Permission::PolicyRead)?;
+    if req.policy.len() > MAX_POLICY_LEN {
+        return Err(ApiError::invalid(
+            codes::POLICY_INVALID,
+            "policy",
+            format!("at most {MAX_POLICY_LEN} bytes"),
+        ));
+    }
+    let candidate = Policy::from_toml(&req.policy).map_err(|e| {
+        ApiError::Validation(
+            e.0.into_iter()
+                .map(|p| violation(codes::POLICY_INVALID, "policy", p))
+                .collect(),
+        )
+    })?;
+    let mut actions = enforcer::plan_under(&app, candidate).await?;
+    actions.retain(|a| principal.may_act_in(&a.key.environment));
+    Ok(Json(report(app.now(), true, actions)))
+}
+
 fn report(at: OffsetDateTime, planned: bool, actions: Vec<enforcer::Action>) -> EnforcementReport {
     EnforcementReport {
         at,
