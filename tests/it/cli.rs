@@ -199,3 +199,45 @@ async fn a_pull_service_tails_and_acknowledges_from_the_cli() {
     assert_eq!(v["propagation"]["confirmed"], 1, "{v}");
     s.stop().await;
 }
+
+/// Environment names with hyphens, up to 16 characters: issued, verified, listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environments_may_have_hyphens() {
+    let s = TestServer::start(Backend::Sqlite).await;
+    for env in ["staging-eu", "pre-prod", "sandbox2eu"] {
+        let (rc, out, err) = s
+            .cli(&[
+                "--json",
+                "key",
+                "create",
+                "--name",
+                "k",
+                "--owner",
+                "a@example.com",
+                "--environment",
+                env,
+                "--scope",
+                "deploy:write",
+                "--ttl",
+                "1d",
+            ])
+            .await;
+        assert_eq!(rc, 0, "{env}: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let secret = v["secret"].as_str().unwrap();
+        assert!(secret.starts_with(&format!("kw_{env}_")), "{secret}");
+        let answer = s
+            .verify(serde_json::json!({"key": secret, "environment": env}))
+            .await;
+        assert_eq!(answer["code"], "VALID", "{answer}");
+    }
+    let (status, v) = s
+        .post("/v1/keys", {
+            let mut b = key_body("too-long");
+            b["environment"] = serde_json::json!("seventeen-chars-x");
+            b
+        })
+        .await;
+    assert_eq!(status, reqwest::StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    s.stop().await;
+}

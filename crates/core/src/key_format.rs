@@ -137,12 +137,21 @@ pub fn validate_prefix(prefix: &str) -> Result<(), FormatError> {
     }
 }
 
+/// 1-16 of lowercase letters, digits and hyphens, not starting or ending with a hyphen,
+/// and no two hyphens in a row (`prod`, `staging-eu`, `pre-prod`, `sandbox2eu`). The key
+/// stays parseable: its parts are split on `_`, which an environment never holds.
 pub fn is_valid_env_tag(env: &str) -> bool {
-    (1..=8).contains(&env.len())
+    (1..=MAX_ENV_LEN).contains(&env.len())
         && env
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !env.starts_with('-')
+        && !env.ends_with('-')
+        && !env.contains("--")
 }
+
+/// The longest environment tag.
+pub const MAX_ENV_LEN: usize = 16;
 
 fn checksum(body: &str) -> String {
     base62::encode_fixed(u64::from(crc32fast::hash(body.as_bytes())), CHECKSUM_LEN)
@@ -210,8 +219,8 @@ pub fn parse(input: &str, expected_prefix: &str) -> Result<ParsedKey, FormatErro
 
 /// [`parse`], borrowing the parts instead of copying them.
 pub fn parse_parts<'a>(input: &'a str, expected_prefix: &str) -> Result<KeyParts<'a>, FormatError> {
-    // Longest possible key: 10 + 1 + 8 + 1 + 16 + 1 + 32 + 6.
-    if input.len() > 75 || !input.is_ascii() {
+    // Longest possible key: 10 + 1 + 16 + 1 + 16 + 1 + 32 + 6.
+    if input.len() > 83 || !input.is_ascii() {
         return Err(FormatError::Shape);
     }
     let (head, tail) = input.rsplit_once('_').ok_or(FormatError::Shape)?;
@@ -256,6 +265,7 @@ pub fn find_key(text: &[u8]) -> Option<std::ops::Range<usize>> {
             .is_some_and(|s| s.iter().all(u8::is_ascii_alphanumeric))
     };
     let lower = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let env_char = |b: u8| lower(b) || b == b'-';
     // `u` is the `_` before the secret; the shortest key has 20 bytes before it.
     for u in 20..text.len() {
         if text[u] != b'_'
@@ -268,11 +278,11 @@ pub fn find_key(text: &[u8]) -> Option<std::ops::Range<usize>> {
         }
         let end = u + 1 + TAIL;
         let env_end = u - ID_LEN - 1;
-        let Some(env_start) = (1..=9)
+        let Some(env_start) = (1..=MAX_ENV_LEN + 1)
             .take_while(|n| *n <= env_end)
             .map(|n| env_end - n)
-            .find(|i| !lower(text[*i]))
-            .filter(|i| text[*i] == b'_' && (1..=8).contains(&(env_end - *i - 1)))
+            .find(|i| !env_char(text[*i]))
+            .filter(|i| text[*i] == b'_' && (1..=MAX_ENV_LEN).contains(&(env_end - *i - 1)))
         else {
             continue;
         };
@@ -393,6 +403,16 @@ mod tests {
             );
         }
         assert!(holds_key(other.plain.expose()));
+        // Environments with hyphens, up to 16 characters, parse and are found.
+        for env in ["staging-eu", "sixteen-chars-ok"] {
+            let h = generate(&mut rand::rngs::StdRng::seed_from_u64(9), "kw", env).unwrap();
+            let hp = h.plain.expose();
+            assert_eq!(parse_parts(hp, "kw").unwrap().environment, env);
+            assert_eq!(
+                find_key(format!("k={hp}").as_bytes()),
+                Some(2..2 + hp.len())
+            );
+        }
         assert!(holds_key(&format!("{}.{}", plain, other.plain.expose())));
         // A near miss (one character changed) and key-like text are not keys.
         let mut typo = plain.to_owned().into_bytes();
@@ -415,7 +435,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trip(seed in any::<u64>(), env in "[a-z0-9]{1,8}") {
+        fn round_trip(seed in any::<u64>(), env in "[a-z0-9]([a-z0-9]|-[a-z0-9]){0,7}") {
             let k = key(seed, &env);
             let parsed = parse(k.plain.expose(), "kw").unwrap();
             prop_assert_eq!(&parsed.id, &k.id);

@@ -93,7 +93,7 @@ pub fn environment(s: &str) -> Result<(), FieldError> {
     if !is_valid_env_tag(s) {
         return Err(FieldError::new(
             "environment",
-            "1-8 characters of lowercase letters and digits",
+            "1-16 lowercase letters, digits and inner hyphens (e.g. staging-eu)",
         ));
     }
     if s == ADMIN_ENV {
@@ -162,8 +162,16 @@ mod tests {
         assert!(environment("prod").is_ok());
         assert!(environment("admin").is_err());
         assert!(environment("Prod").is_err());
-        assert!(environment("production").is_err());
+        assert!(environment("production").is_ok());
         assert!(environment("stage01").is_ok());
-        assert!(environment("staging01").is_err());
+        assert!(environment("staging-eu").is_ok());
+        assert!(environment("pre-prod").is_ok());
+        assert!(environment("sandbox2eu").is_ok());
+        assert!(environment("sixteen-chars-ok").is_ok());
+        assert!(environment("seventeen-chars-x").is_err());
+        assert!(environment("-prod").is_err());
+        assert!(environment("prod-").is_err());
+        assert!(environment("pre--prod").is_err());
+        assert!(environment("pre_prod").is_err());
     }
 }

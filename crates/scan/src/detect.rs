@@ -72,7 +72,7 @@ impl Detector {
             .build(&patterns)
             .map_err(|e| ScanError::Rules(e.to_string()))?;
         let own = Regex::new(&format!(
-            r"\b({prefix}_[a-z0-9]{{1,8}}_[0-9A-Za-z]{{16}}_[0-9A-Za-z]{{38}})\b"
+            r"\b({prefix}_[a-z0-9](?:[a-z0-9-]{{0,14}}[a-z0-9])?_[0-9A-Za-z]{{16}}_[0-9A-Za-z]{{38}})\b"
         ))
         .map_err(|e| ScanError::Rules(e.to_string()))?;
         Ok(Self {
@@ -338,6 +338,11 @@ mod tests {
         let last = broken.len() - 10;
         broken[last] = if broken[last] == b'a' { b'b' } else { b'a' };
         assert!(d.scan(&broken).is_empty());
+        // An environment with a hyphen is ours too.
+        let hyphen = key_format::generate(&mut rand::rngs::OsRng, "kw", "staging-eu").unwrap();
+        let found = d.scan(format!("X={}", hyphen.plain.expose()).as_bytes());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].own.as_ref().unwrap().environment, "staging-eu");
         // Another deployment's prefix is not ours.
         let other = Detector::new(RuleSet { rules: vec![] }, "acme").unwrap();
         assert!(other.scan(text.as_bytes()).is_empty());
