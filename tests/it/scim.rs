@@ -93,6 +93,17 @@ async fn okta_and_entra_drive_offboarding(b: Backend) {
     body["owner"] = json!("test.user@okta.local");
     let (okta_key, okta_secret) = s.create_key(body).await;
     assert_eq!(s.verify_code(&okta_secret).await, "VALID");
+    // An admin token the user owns (any spelling) goes with them.
+    let (status, v) = s
+        .post(
+            "/v1/tokens",
+            json!({"name": "their-ci", "role": "issuer", "owner": "Test.User@okta.local"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let their_token = v["secret"].as_str().unwrap().to_owned();
+    let (status, _) = s.call(M::GET, "/v1/keys", Some(&their_token), None).await;
+    assert_eq!(status, StatusCode::OK);
     let (status, v) = scim(
         &s,
         &idp,
@@ -109,6 +120,12 @@ async fn okta_and_entra_drive_offboarding(b: Backend) {
     assert_eq!(s.verify_code(&okta_secret).await, "OWNER_DISABLED");
     let (_, k) = s.get(&format!("/v1/keys/{okta_key}")).await;
     assert_eq!(k["state"], "revoked");
+    let (status, _) = s.call(M::GET, "/v1/keys", Some(&their_token), None).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "deactivated through SCIM: token revoked"
+    );
 
     // Entra: create with its body, deactivate with "Replace" and "False", then delete.
     let entra_name = "Test_User_ab6490ee-1e48-479e-a20b-2d77186b5dd1@testuser.com";

@@ -145,7 +145,7 @@ pub fn decide_with(
         }
     }
     if let Some(allowed) = &req.environments {
-        if !allowed.iter().any(|e| *e == key.environment) {
+        if !allowed.contains(&key.environment) {
             return Err(VerifyCode::EnvironmentMismatch);
         }
     }
