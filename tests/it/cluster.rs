@@ -178,3 +178,27 @@ async fn two_nodes_share_revocations_counters_and_jobs() {
     b.child.wait().unwrap();
     drop_schema(&schema).await;
 }
+
+/// Two deployments in separate schemas of one database each run their own dispatcher:
+/// the job locks are keyed by schema, so neither waits for the other to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_in_separate_schemas_do_not_share_job_locks() {
+    let Some(b) = postgres_or_skip() else {
+        return;
+    };
+    let one = crate::services::start(b).await;
+    let two = crate::services::start(b).await;
+    for s in [&one, &two] {
+        let r = Receiver::start().await;
+        crate::services::add_service(s, json!({ "name": "edge", "webhook_url": r.url })).await;
+        let (id, _) = s.create_key(crate::harness::key_body("k")).await;
+        let (st, v) = s
+            .post(&format!("/v1/keys/{id}/revoke"), json!({}))
+            .await;
+        assert_eq!(st, reqwest::StatusCode::OK, "{v}");
+        let got = r.wait_for(1, 10).await;
+        assert_eq!(got.len(), 1, "each deployment delivers while the other runs");
+    }
+    one.stop().await;
+    two.stop().await;
+}

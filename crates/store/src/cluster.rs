@@ -148,12 +148,19 @@ impl Store {
     }
 
     /// Tries to become the one node running job `lock`. SQLite: always (one node).
+    /// Advisory locks are per database, so the lock is keyed by the schema too: two
+    /// deployments in separate schemas of one database (and parallel test servers) each
+    /// run their own jobs instead of waiting on each other's.
     pub async fn try_lead(&self, lock: i64) -> Result<Option<Leadership>> {
         if self.backend == Backend::Sqlite {
             return Ok(Some(Leadership { conn: None }));
         }
+        let lock = i32::try_from(lock)
+            .map_err(|_| crate::StoreError::Corrupt(format!("lock id {lock} is not an int4")))?;
         let mut conn = self.pool.acquire().await?.detach();
-        let got: bool = sqlx::query("SELECT pg_try_advisory_lock($1) AS got")
+        let got: bool = sqlx::query(
+            "SELECT pg_try_advisory_lock(hashtext(current_schema()), $1) AS got",
+        )
             .bind(lock)
             .fetch_one(&mut conn)
             .await?
