@@ -192,12 +192,14 @@ async fn deployments_in_separate_schemas_do_not_share_job_locks() {
         let r = Receiver::start().await;
         crate::services::add_service(s, json!({ "name": "edge", "webhook_url": r.url })).await;
         let (id, _) = s.create_key(crate::harness::key_body("k")).await;
-        let (st, v) = s
-            .post(&format!("/v1/keys/{id}/revoke"), json!({}))
-            .await;
+        let (st, v) = s.post(&format!("/v1/keys/{id}/revoke"), json!({})).await;
         assert_eq!(st, reqwest::StatusCode::OK, "{v}");
         let got = r.wait_for(1, 10).await;
-        assert_eq!(got.len(), 1, "each deployment delivers while the other runs");
+        assert_eq!(
+            got.len(),
+            1,
+            "each deployment delivers while the other runs"
+        );
     }
     one.stop().await;
     two.stop().await;

@@ -14,6 +14,7 @@ on_both_backends!(
     disabling_an_owner_revokes_their_admin_tokens,
     policy_can_require_registered_owners,
     a_reason_text_is_not_a_machine_cause,
+    a_disabled_owners_keys_cannot_be_revived,
 );
 
 fn body(name: &str, owner: &str, env: &str) -> Value {
@@ -382,5 +383,38 @@ async fn a_reason_text_is_not_a_machine_cause(b: Backend) {
         "REVOKED",
         "revoked before"
     );
+    s.stop().await;
+}
+
+/// Under `on_owner_disabled = "suspend"`, a disabled owner's keys, including one already
+/// suspended for an overdue rotation, can be neither resumed nor rotated into a live
+/// successor.
+async fn a_disabled_owners_keys_cannot_be_revived(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (status, v) = s
+        .call(
+            reqwest::Method::PUT,
+            "/v1/policy",
+            Some(&s.admin),
+            Some(json!({"policy": "[environments.prod]\non_owner_disabled = \"suspend\"\nrotation_period = \"2d\"\non_rotation_overdue = \"suspend\"\n"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (overdue, overdue_secret) = s.create_key(body("o1", "judy@example.com", "prod")).await;
+    s.clock.advance(time::Duration::days(3));
+    let (st, _) = s.post("/v1/enforce", json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let (live, _) = s.create_key(body("o2", "judy@example.com", "prod")).await;
+    let (status, v) = disable(&s, "judy@example.com").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["keys"].as_array().unwrap().len(), 2, "both are held: {v}");
+    for id in [&overdue, &live] {
+        let (st, v) = s.post(&format!("/v1/keys/{id}/rotate"), json!({})).await;
+        assert_ne!(st, StatusCode::CREATED, "{v}");
+        let (st, v) = s.post(&format!("/v1/keys/{id}/resume"), json!({})).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert_eq!(v["error"]["code"], "OWNER_DISABLED", "{v}");
+    }
+    assert_eq!(s.verify_code(&overdue_secret).await, "OWNER_DISABLED");
     s.stop().await;
 }

@@ -158,13 +158,12 @@ impl Store {
         let lock = i32::try_from(lock)
             .map_err(|_| crate::StoreError::Corrupt(format!("lock id {lock} is not an int4")))?;
         let mut conn = self.pool.acquire().await?.detach();
-        let got: bool = sqlx::query(
-            "SELECT pg_try_advisory_lock(hashtext(current_schema()), $1) AS got",
-        )
-            .bind(lock)
-            .fetch_one(&mut conn)
-            .await?
-            .try_get("got")?;
+        let got: bool =
+            sqlx::query("SELECT pg_try_advisory_lock(hashtext(current_schema()), $1) AS got")
+                .bind(lock)
+                .fetch_one(&mut conn)
+                .await?
+                .try_get("got")?;
         if got {
             Ok(Some(Leadership { conn: Some(conn) }))
         } else {

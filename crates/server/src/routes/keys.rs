@@ -472,6 +472,20 @@ async fn change_state(
         if action == Action::Revoke && key.state == KeyState::Revoked {
             return Ok(Json(key_view(&key, now, None)));
         }
+        // A disabled owner's key stays held: enable the owner first.
+        if action == Action::Resume
+            && app
+                .store
+                .get_owner(&key.owner)
+                .await?
+                .is_some_and(|o| o.status != "active")
+        {
+            return Err(ApiError::invalid(
+                codes::OWNER_DISABLED,
+                "owner",
+                "this key's owner is disabled; enable the owner before resuming their keys",
+            ));
+        }
         let before = key.effective_state(now);
         let after = lifecycle::transition(&key, action, now)
             .map_err(|e| ApiError::InvalidState(e.to_string()))?;
@@ -587,6 +601,19 @@ pub async fn rotate_key(
         let now = app.now();
         lifecycle::transition(&old, Action::Rotate, now)
             .map_err(|e| ApiError::InvalidState(e.to_string()))?;
+        // A successor is a new key: not for an owner who was offboarded.
+        if app
+            .store
+            .get_owner(&old.owner)
+            .await?
+            .is_some_and(|o| o.status != "active")
+        {
+            return Err(ApiError::invalid(
+                codes::OWNER_DISABLED,
+                "owner",
+                "this key's owner is disabled; no successor can be issued to them",
+            ));
+        }
         let parsed = key_format::generate(
             &mut rand::rngs::OsRng,
             &app.config.key_prefix,

@@ -248,6 +248,13 @@ pub(crate) async fn change_status(
                     OnOwnerDisabled::Suspend if key.state == KeyState::Active => {
                         KeyState::Suspended
                     }
+                    // Already suspended (for a reason of its own): held now because the
+                    // owner is gone, so that it cannot be resumed or rotated out of it.
+                    OnOwnerDisabled::Suspend
+                        if key.state_cause != Some(StateCause::OwnerDisabled) =>
+                    {
+                        KeyState::Suspended
+                    }
                     OnOwnerDisabled::Suspend => return None,
                 };
                 let mut next = key.clone();
