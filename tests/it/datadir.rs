@@ -98,3 +98,28 @@ async fn database_files_are_private() {
     }
     s.stop().await;
 }
+
+/// Two servers with their own data directories but one SQLite database (given with
+/// `--database-url sqlite://…`): the second refuses too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_sqlite_file_outside_the_data_dirs_is_locked_too() {
+    let shared = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", shared.path().join("kw.db").display());
+    let u = url.clone();
+    let s = TestServer::start_with(Backend::Sqlite, |c| c.database_url = Some(u)).await;
+    let other = tempfile::tempdir().unwrap();
+    let mut config = s.config.clone();
+    config.data_dir = other.path().join("data");
+    config.database_url = Some(url);
+    match keywarden_server::start(config, s.clock.clone()).await {
+        Ok(second) => {
+            second.shutdown().await;
+            panic!("a second server started on the same SQLite file");
+        }
+        Err(e) => assert!(
+            e.to_string().contains("in use by another keywarden server"),
+            "{e}"
+        ),
+    }
+    s.stop().await;
+}

@@ -116,6 +116,11 @@ async fn forward_auth_maps_requests_to_scopes(b: Backend) {
 
     let a = call(with("POST", "/deploy/app?force=1")).await;
     assert_eq!((a.status, a.code.as_str()), (StatusCode::OK, "VALID"));
+    // The scheme is case-insensitive (RFC 9110), as on every other route.
+    let mut h = with("POST", "/deploy/app");
+    h[3].1 = format!("BEARER {key}");
+    let a = call(h).await;
+    assert_eq!((a.status, a.code.as_str()), (StatusCode::OK, "VALID"));
     assert_eq!(a.key_id.as_deref(), Some(id.as_str()));
     assert_eq!(a.owner.as_deref(), Some("alice@example.com"));
     let mut h = with("POST", "/deploy/app");

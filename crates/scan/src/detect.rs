@@ -235,7 +235,9 @@ pub fn entropy(s: &[u8]) -> f64 {
 
 /// An absolute file path (`PWD=/home/ci/build/app`, `password_file: /run/secrets/db`):
 /// a place, or a reference to where a secret is kept, not a secret. Segments of
-/// letters, digits, `.`, `_` and `-` under a leading `/` or `~/`, at least two of them.
+/// letters, digits, `.`, `_` and `-` under a leading `/` or `~/`, at least two of them,
+/// one a lower-case word of three letters or more (`home`, `run`, `etc`): base64 that
+/// happens to start with `/` has none.
 fn is_file_path(s: &str) -> bool {
     let rest = s
         .strip_prefix("~/")
@@ -247,6 +249,9 @@ fn is_file_path(s: &str) -> bool {
             p.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         })
+        && segments
+            .iter()
+            .any(|p| p.len() >= 3 && p.bytes().all(|b| b.is_ascii_lowercase()))
 }
 
 /// Examples, templates and references that look like secrets but are not.
@@ -362,6 +367,11 @@ mod tests {
             d.scan(b"PWD=Zk3/Qx9m+Tb7Lw2vNc8R").len(),
             1,
             "not a path: a secret with a slash in it"
+        );
+        assert_eq!(
+            d.scan(b"api_key = \"/9jQx4AAQSkZJRg/Tb7Lw2vNc8R\"").len(),
+            1,
+            "base64 that starts with a slash is still a secret"
         );
     }
 

@@ -159,6 +159,28 @@ thread_local! {
 /// refreshes its copy of the record (about once per cache lifetime per worker), so
 /// `last_used_at` is exact to within that lifetime at no cost to each request.
 fn mark_used(app: &SharedState, t: &TokenRecord) {
+    // At most one write per token per interval, however the workers' copies churn
+    // (several tokens taking turns on one worker refresh its copy on every request).
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+    static MARKED: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<KeyId, std::time::Instant>>,
+    > = std::sync::LazyLock::new(Default::default);
+    {
+        let Ok(mut marked) = MARKED.lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if marked
+            .get(&t.id)
+            .is_some_and(|at| now.duration_since(*at) < EVERY)
+        {
+            return;
+        }
+        if marked.len() >= 10_000 {
+            marked.clear();
+        }
+        marked.insert(t.id.clone(), now);
+    }
     let store = app.store.clone();
     let id = t.id.clone();
     let now = app.now();

@@ -39,8 +39,8 @@ pub enum BootstrapError {
     #[error("audit signing key {0}: expected 64 hex characters (an Ed25519 seed)")]
     SigningKeyInvalid(String),
     #[error(
-        "data directory {path} is in use by another keywarden server ({holder}); stop it, \
-         or give this one its own --data-dir"
+        "{path} is in use by another keywarden server ({holder}); stop it, or give this \
+         one its own --data-dir (and database)"
     )]
     DataDirInUse { path: String, holder: String },
     #[error("lock file {path}: {source}")]
@@ -109,7 +109,19 @@ pub fn record_listen(dir: &Path, addr: std::net::SocketAddr) -> Result<(), Boots
 }
 
 pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, BootstrapError> {
-    let path = dir.join(LOCK_FILE);
+    lock_at(dir, dir.join(LOCK_FILE))
+}
+
+/// The same lock beside a SQLite database kept outside the data directory
+/// (`--database-url sqlite://…`), so that servers with different data directories cannot
+/// share that database either.
+pub fn lock_database(db: &Path) -> Result<DataDirLock, BootstrapError> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".serve.lock");
+    lock_at(db, std::path::PathBuf::from(name))
+}
+
+fn lock_at(dir: &Path, path: std::path::PathBuf) -> Result<DataDirLock, BootstrapError> {
     let io = |source| BootstrapError::LockFile {
         path: path.display().to_string(),
         source,

@@ -297,7 +297,7 @@ pub struct RunningServer {
     alerts: JoinHandle<()>,
     sync: JoinHandle<()>,
     /// Released when the server has stopped (SQLite only).
-    data_lock: Option<bootstrap::DataDirLock>,
+    data_locks: Vec<bootstrap::DataDirLock>,
 }
 
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer, StartError> {
@@ -305,14 +305,19 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     // Several nodes share a PostgreSQL database by design; a SQLite database belongs to
     // one server.
     let sqlite_file = keywarden_store::sqlite_file(&config.database_url());
-    let data_lock = match &sqlite_file {
-        Some(db) => {
-            let lock = bootstrap::lock_data_dir(&config.data_dir)?;
-            bootstrap::protect_database_file(db)?;
-            Some(lock)
+    let mut data_locks = Vec::new();
+    if let Some(db) = &sqlite_file {
+        data_locks.push(bootstrap::lock_data_dir(&config.data_dir)?);
+        let outside = db
+            .parent()
+            .and_then(|p| p.canonicalize().ok())
+            .zip(config.data_dir.canonicalize().ok())
+            .is_none_or(|(a, b)| a != b);
+        if outside {
+            data_locks.push(bootstrap::lock_database(db)?);
         }
-        None => None,
-    };
+        bootstrap::protect_database_file(db)?;
+    }
     keywarden_core::key_format::validate_prefix(&config.key_prefix)
         .map_err(bootstrap::BootstrapError::from)?;
     let hasher = bootstrap::load_hasher(&config.data_dir, config.pepper.as_deref())?;
@@ -347,7 +352,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         source,
     })?;
     bootstrap::record_listen(&config.data_dir, addr)?;
-    if let Some(lock) = &data_lock {
+    for lock in &data_locks {
         lock.record(Some(addr))
             .map_err(|source| bootstrap::BootstrapError::LockFile {
                 path: lock.path().display().to_string(),
@@ -413,7 +418,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         dispatcher,
         alerts,
         sync,
-        data_lock,
+        data_locks,
     })
 }
 
@@ -444,7 +449,7 @@ impl RunningServer {
             tracing::error!(error = %e, "usage writer task failed");
         }
         self.state.store.close().await;
-        drop(self.data_lock);
+        drop(self.data_locks);
         tracing::info!("keywarden stopped");
     }
 }

@@ -301,7 +301,8 @@ impl Store {
     /// Events after `seq`, oldest first.
     pub async fn key_events_after(&self, seq: i64, limit: u32) -> Result<Vec<KeyEvent>> {
         let rows = sqlx::query(&format!(
-            "SELECT {KEY_EVENT_COLUMNS} FROM key_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+            "SELECT {KEY_EVENT_COLUMNS} FROM key_events WHERE seq > $1 \
+             AND seq <= (SELECT seq FROM audit_head WHERE id = 1) ORDER BY seq LIMIT $2"
         ))
         .bind(seq)
         .bind(i64::from(limit))
@@ -333,9 +334,12 @@ impl Store {
 
     /// The highest seq in the outbox (0 when empty).
     pub async fn key_events_head(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS head FROM key_events")
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT COALESCE(MAX(seq), 0) AS head FROM key_events \
+             WHERE seq <= (SELECT seq FROM audit_head WHERE id = 1)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         Ok(row.try_get("head")?)
     }
 }

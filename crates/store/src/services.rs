@@ -194,10 +194,15 @@ impl Store {
         if taken {
             return Ok(false);
         }
-        let head: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS head FROM key_events")
-            .fetch_one(&mut **tx)
-            .await?
-            .try_get("head")?;
+        // Rows past the audit head were written around keywarden (see
+        // `check_nothing_past_head`): never a service's starting point, never sent.
+        let head: i64 = sqlx::query(
+            "SELECT COALESCE(MAX(seq), 0) AS head FROM key_events \
+             WHERE seq <= (SELECT seq FROM audit_head WHERE id = 1)",
+        )
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get("head")?;
         sqlx::query(&format!(
             "INSERT INTO services ({SERVICE_COLUMNS}) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
@@ -328,7 +333,8 @@ impl Store {
         let mut made = 0;
         for s in services {
             let events = sqlx::query(&format!(
-                "SELECT {} FROM key_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                "SELECT {} FROM key_events WHERE seq > $1 \
+                 AND seq <= (SELECT seq FROM audit_head WHERE id = 1) ORDER BY seq LIMIT $2",
                 crate::audit::KEY_EVENT_COLUMNS
             ))
             .bind(s.fanout_seq)

@@ -59,6 +59,7 @@ impl Store {
     /// Records that a token was presented at `at` (never moving it back). A use, not a
     /// state change: no audit entry.
     pub async fn mark_token_used(&self, id: &KeyId, at: OffsetDateTime) -> Result<()> {
+        let _turn = self.write_turn().await;
         sqlx::query(
             "UPDATE admin_tokens SET last_used_at = $1 WHERE id = $2 \
              AND (last_used_at IS NULL OR last_used_at < $1)",
