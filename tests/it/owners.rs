@@ -15,6 +15,7 @@ on_both_backends!(
     policy_can_require_registered_owners,
     a_reason_text_is_not_a_machine_cause,
     a_disabled_owners_keys_cannot_be_revived,
+    the_enforcer_takes_keys_a_disable_missed,
 );
 
 fn body(name: &str, owner: &str, env: &str) -> Value {
@@ -416,5 +417,39 @@ async fn a_disabled_owners_keys_cannot_be_revived(b: Backend) {
         assert_eq!(v["error"]["code"], "OWNER_DISABLED", "{v}");
     }
     assert_eq!(s.verify_code(&overdue_secret).await, "OWNER_DISABLED");
+    s.stop().await;
+}
+
+/// A disabled owner whose key is still live (left by an older node, or by a migration
+/// that merged two spellings of the owner): the plan shows it and the next pass revokes
+/// it, as disabling would have.
+async fn the_enforcer_takes_keys_a_disable_missed(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (id, secret) = s.create_key(body("k1", "kim@example.com", "prod")).await;
+    s.sql(&[
+        "INSERT INTO owners (identity, display_name, status, manager, created_at, updated_at) \
+             VALUES ('kim@example.com', 'Kim', 'disabled', NULL, 0, 0)",
+    ])
+    .await;
+    let (st, plan) = s.get("/v1/enforce/plan").await;
+    assert_eq!(st, StatusCode::OK);
+    let got: Vec<(&str, &str, &str)> = plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["key_id"].as_str().unwrap(),
+                a["action"].as_str().unwrap(),
+                a["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(id.as_str(), "revoke", "OWNER_DISABLED")], "{plan}");
+    let (st, v) = s.post("/v1/enforce", json!({})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(s.verify_code(&secret).await, "OWNER_DISABLED");
+    let (_, v) = s.get("/v1/enforce/plan").await;
+    assert_eq!(v["actions"], json!([]), "taken once: {v}");
     s.stop().await;
 }

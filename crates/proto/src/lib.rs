@@ -679,7 +679,7 @@ pub struct EnforcementAction {
     pub name: String,
     pub owner: String,
     pub environment: String,
-    /// `expire`, `suspend` or `notify`.
+    /// `expire`, `suspend`, `revoke` (keys of disabled owners) or `notify`.
     pub action: String,
     /// `TTL_EXPIRED`, `ROTATION_GRACE_ENDED`, `IDLE_EXPIRED`, `ROTATION_OVERDUE`,
     /// `EXPIRES_SOON`, `POLICY_VIOLATION`.

@@ -8,9 +8,10 @@
 
 use std::time::Duration;
 
+use keywarden_core::lifecycle::OWNER_DISABLED;
 use keywarden_core::lifecycle::{expiry_due, idle_due, last_activity, ExpiryReason};
 use keywarden_core::model::{Actor, KeyRecord, KeyState, StateCause};
-use keywarden_core::policy::{check_existing, OnRotationOverdue, Policy};
+use keywarden_core::policy::{check_existing, OnOwnerDisabled, OnRotationOverdue, Policy};
 use keywarden_store::{KeyFilter, StateFilter};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -37,7 +38,7 @@ pub fn actor() -> Actor {
 #[derive(Debug, Clone)]
 pub struct Action {
     pub key: KeyRecord,
-    /// `expire`, `suspend` or `notify`.
+    /// `expire`, `suspend`, `revoke` (keys of disabled owners) or `notify`.
     pub action: &'static str,
     pub reason: &'static str,
     /// When the rule was broken (the key's end).
@@ -72,6 +73,20 @@ async fn due(
         .into_iter()
         .filter_map(|k| decide(k, at))
         .collect();
+    // Keys of offboarded owners that something left live: held as disabling would have.
+    for key in app.store.keys_of_disabled_owners(limit).await? {
+        let action = match policy.1.rules_for(&key.environment).on_owner_disabled {
+            OnOwnerDisabled::Revoke => "revoke",
+            OnOwnerDisabled::Suspend => "suspend",
+        };
+        actions.push(Action {
+            due_at: at,
+            key,
+            action,
+            reason: OWNER_DISABLED,
+            detail: None,
+        });
+    }
     let cutoff = at - policy.1.min_idle_expiry();
     for key in app.store.keys_unused_since(cutoff, at, limit).await? {
         let expiry = policy.1.rules_for(&key.environment).idle_expiry;
@@ -257,13 +272,35 @@ pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
                 "key.suspended",
                 format!("key:{}", key.id),
                 Some(action.reason.to_owned()),
-                json!({"state": {"before": "active", "after": "suspended"},
+                json!({"state": {"before": key.state.as_str(), "after": "suspended"},
                        "due_at": action.due_at.unix_timestamp(),
                        "violations": action.detail}),
             );
             if app.store.update_key_state(&held, &entry).await? {
                 app.keys.evict(&key.id);
                 tracing::info!(key_id = %key.id, reason = action.reason, "key suspended");
+                done.push(action);
+            }
+            continue;
+        }
+        if action.action == "revoke" {
+            let mut gone = key.clone();
+            gone.state = KeyState::Revoked;
+            gone.state_reason = Some(action.reason.to_owned());
+            gone.state_cause = StateCause::from_code(action.reason);
+            gone.state_changed_at = Some(now);
+            let entry = audit_entry(
+                actor(),
+                now,
+                "key.revoked",
+                format!("key:{}", key.id),
+                Some(action.reason.to_owned()),
+                json!({"state": {"before": key.state.as_str(), "after": "revoked"},
+                       "owner": key.owner}),
+            );
+            if app.store.update_key_state(&gone, &entry).await? {
+                app.keys.evict(&key.id);
+                tracing::info!(key_id = %key.id, reason = action.reason, "key revoked");
                 done.push(action);
             }
             continue;

@@ -256,6 +256,23 @@ impl Store {
         rows.iter().map(key_from_row).collect()
     }
 
+    /// Live keys (active or suspended) whose owner is disabled or deleted but which are
+    /// not yet held for it: left by an older node, a migration that merged spellings of
+    /// an owner, or any path that missed the disable. The enforcer takes them.
+    pub async fn keys_of_disabled_owners(&self, limit: u32) -> Result<Vec<KeyRecord>> {
+        let _folding = self.fold_lock.read().await;
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE state IN ('active', 'suspended') \
+             AND (state_cause IS NULL OR state_cause <> 'OWNER_DISABLED') \
+             AND owner IN (SELECT identity FROM owners WHERE status <> 'active') \
+             ORDER BY id LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
     /// Active, unexpired keys whose last stored use (or creation, if never used) is at or
     /// before `cutoff`, longest unused first, with unfolded usage applied: the caller
     /// judges each against its environment's idle rule.
