@@ -211,28 +211,33 @@ async fn trail_of_nine(b: Backend) -> (TestServer, tempfile::TempDir) {
 const DATA_COLUMNS: &str =
     "time, actor, actor_name, source_ip, user_agent, request_id, action, target, reason, details, prev_hash, hash";
 
+/// The SQL that writes `e` into `audit_events` behind the server's back.
+fn insert_sql(e: &SealedEntry) -> String {
+    let q = |v: &str| format!("'{}'", v.replace('\'', "''"));
+    let opt = |v: &Option<String>| v.as_deref().map_or("NULL".to_owned(), q);
+    format!(
+        "INSERT INTO audit_events (seq, {DATA_COLUMNS}) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
+        e.seq,
+        keywarden_core::clock::to_millis(e.entry.time),
+        q(&e.entry.actor.id),
+        q(&e.entry.actor.name),
+        opt(&e.entry.actor.source_ip),
+        opt(&e.entry.actor.user_agent),
+        opt(&e.entry.actor.request_id),
+        q(&e.entry.action),
+        q(&e.entry.target),
+        opt(&e.entry.reason),
+        q(&e.entry.details),
+        q(&to_hex(&e.prev_hash)),
+        q(&to_hex(&e.hash)),
+    )
+}
+
 /// Writes the chain `entries` over the table and the head, as a careful forger would.
 async fn rewrite(s: &TestServer, entries: &[SealedEntry]) {
     let mut sql = vec!["DELETE FROM audit_events".to_owned()];
     for e in entries {
-        let q = |v: &str| format!("'{}'", v.replace('\'', "''"));
-        let opt = |v: &Option<String>| v.as_deref().map_or("NULL".to_owned(), q);
-        sql.push(format!(
-            "INSERT INTO audit_events (seq, {DATA_COLUMNS}) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
-            e.seq,
-            keywarden_core::clock::to_millis(e.entry.time),
-            q(&e.entry.actor.id),
-            q(&e.entry.actor.name),
-            opt(&e.entry.actor.source_ip),
-            opt(&e.entry.actor.user_agent),
-            opt(&e.entry.actor.request_id),
-            q(&e.entry.action),
-            q(&e.entry.target),
-            opt(&e.entry.reason),
-            q(&e.entry.details),
-            q(&to_hex(&e.prev_hash)),
-            q(&to_hex(&e.hash)),
-        ));
+        sql.push(insert_sql(e));
     }
     let last = entries.last().unwrap();
     sql.push(format!(
@@ -1023,27 +1028,7 @@ async fn forged_entry_past_the_head_is_named_and_quarantined(b: Backend) {
     forged_entry.action = "key.created".to_owned();
     forged_entry.target = "key:forged0000000000".to_owned();
     let forged = SealedEntry::seal(last.seq + 1, forged_entry, last.hash);
-    let mut sql = Vec::new();
-    let q = |v: &str| format!("'{}'", v.replace('\'', "''"));
-    let opt = |v: &Option<String>| v.as_deref().map_or("NULL".to_owned(), q);
-    sql.push(format!(
-        "INSERT INTO audit_events (seq, {DATA_COLUMNS}) VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {})",
-        forged.seq,
-        keywarden_core::clock::to_millis(forged.entry.time),
-        q(&forged.entry.actor.id),
-        q(&forged.entry.actor.name),
-        opt(&forged.entry.actor.source_ip),
-        opt(&forged.entry.actor.user_agent),
-        opt(&forged.entry.actor.request_id),
-        q(&forged.entry.action),
-        q(&forged.entry.target),
-        opt(&forged.entry.reason),
-        q(&forged.entry.details),
-        q(&to_hex(&forged.prev_hash)),
-        q(&to_hex(&forged.hash)),
-    ));
-    let refs: Vec<&str> = sql.iter().map(String::as_str).collect();
-    s.sql(&refs).await;
+    s.sql(&[&insert_sql(&forged)]).await;
 
     let (rc, brk, v) = verify(&s, &[]).await;
     assert_eq!(

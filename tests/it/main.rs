@@ -1,4 +1,4 @@
-//! The one integration-test binary (see DESIGN.md): real servers on free ports, real
+//! The one integration-test binary (see ARCHITECTURE.md): real servers on free ports, real
 //! SQLite and PostgreSQL, real HTTP.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

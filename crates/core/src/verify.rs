@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use crate::model::{KeyRecord, KeyState, StateCause};
 use crate::scope::{any_covers, Scope};
 
-/// DESIGN.md's closed set. Some codes belong to later features (rate limits, idle expiry,
+/// The closed set of verify codes. Some codes belong to later features (rate limits, idle expiry,
 /// owner registry); they are part of the contract from day one so clients can match on them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VerifyCode {

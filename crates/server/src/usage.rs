@@ -1,6 +1,6 @@
 //! The usage pipeline: verify handlers enqueue events; one writer drains the queue on a
 //! short tick and writes each drain as one batch. Waking a writer per event costs a large
-//! share of throughput (DESIGN.md); a tick of a few milliseconds does not. The same task
+//! share of throughput (docs/benchmarks.md); a tick of a few milliseconds does not. The same task
 //! folds the logged usage into the keys' stats every few seconds (see the store's
 //! `usage_sqlite`), so appends and folds never overlap.
 
