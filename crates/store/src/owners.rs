@@ -37,18 +37,12 @@ impl Store {
     /// Registers an owner, or updates the name and manager of a registered one.
     pub async fn put_owner(&self, o: &Owner, audit: &AuditEntry) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(&format!(
-            "INSERT INTO owners ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (identity) DO UPDATE SET display_name = excluded.display_name, \
-             manager = excluded.manager, updated_at = excluded.updated_at"
-        ))
-        .bind(&o.identity)
-        .bind(&o.display_name)
-        .bind(&o.status)
-        .bind(&o.manager)
-        .bind(ms(o.created_at))
-        .bind(ms(o.updated_at))
-        .execute(&mut **tx)
+        insert_owner(
+            &mut tx,
+            o,
+            "DO UPDATE SET display_name = excluded.display_name, \
+             manager = excluded.manager, updated_at = excluded.updated_at",
+        )
         .await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await
@@ -116,18 +110,7 @@ impl Store {
     ) -> Result<Option<(Vec<KeyRecord>, Vec<String>)>> {
         let mut tx = self.begin_write().await?;
         if let Some(o) = register {
-            sqlx::query(&format!(
-                "INSERT INTO owners ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (identity) DO NOTHING"
-            ))
-            .bind(&o.identity)
-            .bind(&o.display_name)
-            .bind(&o.status)
-            .bind(&o.manager)
-            .bind(ms(o.created_at))
-            .bind(ms(o.updated_at))
-            .execute(&mut **tx)
-            .await?;
+            insert_owner(&mut tx, o, "DO NOTHING").await?;
         }
         let done = sqlx::query(
             "UPDATE owners SET status = $1, updated_at = $2 WHERE identity = $3 AND status <> $1",
@@ -191,4 +174,25 @@ impl Store {
         tx.commit().await?;
         Ok(Some((changed, tokens)))
     }
+}
+
+/// Inserts `o`; `on_conflict` says what an existing row of the same identity gets.
+async fn insert_owner(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    o: &Owner,
+    on_conflict: &str,
+) -> Result<()> {
+    sqlx::query(&format!(
+        "INSERT INTO owners ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (identity) {on_conflict}"
+    ))
+    .bind(&o.identity)
+    .bind(&o.display_name)
+    .bind(&o.status)
+    .bind(&o.manager)
+    .bind(ms(o.created_at))
+    .bind(ms(o.updated_at))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
