@@ -8,19 +8,17 @@
 //! The API suites in `tests/it` run against both (`on_both_backends!`).
 
 mod audit;
-mod audit_sqlite;
 mod cluster;
+mod fold;
 mod keys;
 mod owners;
 mod policies;
 mod rows;
 mod services;
 mod shadow;
-mod sqlite_reads;
+mod sqlite;
 mod tokens;
 mod usage;
-mod usage_pending;
-mod usage_sqlite;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -106,9 +104,9 @@ impl std::ops::DerefMut for WriteTx {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
-    usage_sqlite: Option<usage_sqlite::SqliteUsageSink>,
-    audit_sqlite: Option<audit_sqlite::SqliteAuditReader>,
-    key_reads: Option<std::sync::Arc<sqlite_reads::SqlitePointReads>>,
+    usage_sqlite: Option<sqlite::usage::SqliteUsageSink>,
+    audit_sqlite: Option<sqlite::audit::SqliteAuditReader>,
+    key_reads: Option<std::sync::Arc<sqlite::point_reads::SqlitePointReads>>,
     /// This process's writers take turns on SQLite (see [`Store::write_turn`]).
     sqlite_writer: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
     /// Readers of usage stats hold it shared while they read the tables and the pending
@@ -204,9 +202,9 @@ impl Store {
                 SQLITE_MIGRATIONS.run(&pool).await?;
                 let path = sqlite_path(&url)?;
                 (
-                    Some(usage_sqlite::SqliteUsageSink::open(&path)?),
-                    Some(audit_sqlite::SqliteAuditReader::open(&path)?),
-                    Some(std::sync::Arc::new(sqlite_reads::SqlitePointReads::open(
+                    Some(sqlite::usage::SqliteUsageSink::open(&path)?),
+                    Some(sqlite::audit::SqliteAuditReader::open(&path)?),
+                    Some(std::sync::Arc::new(sqlite::point_reads::SqlitePointReads::open(
                         &path,
                     )?)),
                 )

@@ -6,8 +6,8 @@ use keywarden_core::KeyId;
 use sqlx::Row;
 
 use crate::rows::{decode_error, ms, Params};
-use crate::usage_pending::{KeyDelta, LoggedEvent, Pending};
-use crate::usage_sqlite::lock;
+use crate::fold::{KeyDelta, LoggedEvent, Pending};
+use crate::sqlite::usage::lock;
 use crate::{Backend, Result, Store};
 
 const USAGE_COLUMNS: &str =

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::audit::RawAuditRow;
 use crate::rows::{decode_error, Param};
-use crate::usage_sqlite::lock;
+use crate::sqlite::usage::lock;
 use crate::{Result, StoreError};
 
 #[derive(Clone)]

@@ -20,7 +20,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::rows::{decode_error, ms};
 use crate::usage::UPSERT_SUBJECT_TAIL;
-use crate::usage_pending::{LoggedEvent, Pending, HEADS_CACHED};
+use crate::fold::{LoggedEvent, Pending, HEADS_CACHED};
 use crate::{Result, StoreError};
 
 #[derive(Clone)]
