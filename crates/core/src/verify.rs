@@ -7,7 +7,7 @@ use std::str::FromStr;
 use time::OffsetDateTime;
 
 use crate::model::{KeyRecord, KeyState, StateCause};
-use crate::scope::{any_covers, Scope};
+use crate::scope::Scope;
 
 /// The closed set of verify codes. Some codes belong to later features (rate limits, idle expiry,
 /// owner registry); they are part of the contract from day one so clients can match on them.
@@ -95,15 +95,6 @@ pub struct VerifyRequest {
     pub environments: Option<Vec<String>>,
 }
 
-/// Judges an authenticated key (its hash already matched) against a request, except for
-/// usage caps, which the store decides atomically after this passes.
-///
-/// Order: terminal states first (so a revoked key always says REVOKED), then time, then
-/// reversible state, then the request's fit (environment, source, scope).
-pub fn decide(key: &KeyRecord, req: &VerifyRequest, now: OffsetDateTime) -> Result<(), VerifyCode> {
-    decide_with(key, req, now, None, |scope| any_covers(&key.scopes, scope))
-}
-
 /// The idle rule for a verify: how long an active key may go unused, and the latest use
 /// this node has seen, which a cached record may not show yet.
 #[derive(Debug, Clone, Copy)]
@@ -112,7 +103,13 @@ pub struct Idle {
     pub last_seen: Option<OffsetDateTime>,
 }
 
-/// [`decide`], and an active key unused for `idle.expiry` answers IDLE_EXPIRED, whether
+/// Judges an authenticated key (its hash already matched) against a request, except for
+/// usage caps, which the store decides atomically after this passes.
+///
+/// Order: terminal states first (so a revoked key always says REVOKED), then time, then
+/// reversible state, then the request's fit (environment, source, scope).
+///
+/// With `idle`, an active key unused for `idle.expiry` answers IDLE_EXPIRED, whether
 /// or not the enforcer has recorded it yet. The key's granted scopes are checked by
 /// `covers`: the verify cache keeps them packed next to its answer (`scope::pack`),
 /// where reading them costs no cache lines of their own.
@@ -188,7 +185,12 @@ mod tests {
     use super::*;
     use crate::hashing::KeyHash;
     use crate::key_format::KeyId;
+    use crate::scope::any_covers;
     use time::macros::datetime;
+
+    fn decide(key: &KeyRecord, req: &VerifyRequest, now: OffsetDateTime) -> Result<(), VerifyCode> {
+        decide_with(key, req, now, None, |scope| any_covers(&key.scopes, scope))
+    }
 
     fn key() -> KeyRecord {
         KeyRecord {

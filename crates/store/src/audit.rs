@@ -14,10 +14,11 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::rows::{ms, Params};
-use crate::{Result, Store, StoreError};
+use crate::rows::{column_names, ms, Columns, Params};
+use crate::{Engine, Result, Store, StoreError};
 
-const COLUMNS: &str = "seq, time, actor, actor_name, source_ip, user_agent, request_id, action, \
+pub(crate) const COLUMNS: &str =
+    "seq, time, actor, actor_name, source_ip, user_agent, request_id, action, \
     target, reason, details, prev_hash, hash";
 
 /// Which entries to read. Every filter is optional.
@@ -81,7 +82,7 @@ fn stored_hash(s: Option<String>) -> ChainHash {
     s.as_deref().and_then(from_hex).unwrap_or([0xff; 32])
 }
 
-/// One stored row, as either driver reads it.
+/// One stored row, decoded.
 pub(crate) struct RawAuditRow {
     pub seq: i64,
     pub time: i64,
@@ -122,26 +123,29 @@ impl RawAuditRow {
     }
 }
 
-fn entry_from_row(r: &AnyRow) -> Result<SealedEntry> {
+/// The one decoder of audit rows, for either driver (see [`Columns`]).
+pub(crate) fn entry_from_row(r: &impl Columns) -> Result<SealedEntry> {
     Ok(RawAuditRow {
-        seq: r.try_get("seq")?,
-        time: r.try_get("time")?,
-        actor: r.try_get("actor")?,
-        actor_name: r.try_get("actor_name")?,
-        source_ip: r.try_get("source_ip")?,
-        user_agent: r.try_get("user_agent")?,
-        request_id: r.try_get("request_id")?,
-        action: r.try_get("action")?,
-        target: r.try_get("target")?,
-        reason: r.try_get("reason")?,
-        details: r.try_get("details")?,
-        prev_hash: r.try_get("prev_hash")?,
-        hash: r.try_get("hash")?,
+        seq: r.int("seq")?,
+        time: r.int("time")?,
+        actor: r.text("actor")?,
+        actor_name: r.text("actor_name")?,
+        source_ip: r.opt_text("source_ip")?,
+        user_agent: r.opt_text("user_agent")?,
+        request_id: r.opt_text("request_id")?,
+        action: r.text("action")?,
+        target: r.text("target")?,
+        reason: r.opt_text("reason")?,
+        details: r.text("details")?,
+        prev_hash: r.opt_text("prev_hash")?,
+        hash: r.opt_text("hash")?,
     }
     .sealed())
 }
 
-/// Appends `e` to the chain inside `tx`.
+pub(crate) static AUDIT_COLUMN_NAMES: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(|| column_names(COLUMNS));
+
 /// Appends `e` to the chain inside `tx`; returns its seq.
 pub(crate) async fn append(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -317,18 +321,18 @@ impl Store {
         key_id: &str,
         events: &[&str],
     ) -> Result<Option<KeyEvent>> {
-        let list = events
-            .iter()
-            .map(|e| format!("'{}'", e.replace('\'', "")))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_EVENT_COLUMNS} FROM key_events WHERE key_id = $1 AND event IN ({list}) \
-             ORDER BY seq DESC LIMIT 1"
-        ))
-        .bind(key_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let mut p = Params::new(self.backend());
+        let key = p.push_text(key_id);
+        let list: Vec<String> = events.iter().map(|e| p.push_text(*e)).collect();
+        if list.is_empty() {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT {KEY_EVENT_COLUMNS} FROM key_events WHERE key_id = {key} AND event IN ({}) \
+             ORDER BY seq DESC LIMIT 1",
+            list.join(", ")
+        );
+        let row = p.bind(sqlx::query(&sql)).fetch_optional(&self.pool).await?;
         row.as_ref().map(key_event_from_row).transpose()
     }
 
@@ -455,7 +459,7 @@ impl Store {
         cursor: Option<i64>,
         limit: u32,
     ) -> Result<(Vec<SealedEntry>, Option<i64>)> {
-        let mut p = Params::new(self.backend);
+        let mut p = Params::new(self.backend());
         let mut clauses: Vec<String> = Vec::new();
         if let Some(t) = &filter.target {
             clauses.push(format!("target = {}", p.push_text(t)));
@@ -500,9 +504,9 @@ impl Store {
             "SELECT {COLUMNS} FROM audit_events {where_clause} ORDER BY seq {dir} LIMIT {}",
             u64::from(limit) + 1
         );
-        let mut entries = match &self.audit_sqlite {
-            Some(reader) => reader.query(sql, p.values).await?,
-            None => {
+        let mut entries = match &self.engine {
+            Engine::Sqlite(e) => e.audit.query(sql, p.values).await?,
+            Engine::Postgres(_) => {
                 let rows = p.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
                 rows.iter()
                     .map(entry_from_row)

@@ -1,14 +1,11 @@
 //! Several nodes on one PostgreSQL database: learning of changes made by other nodes
 //! (LISTEN/NOTIFY plus a replay from the last seen seq), and running background jobs on
-//! one node at a time (session advisory locks).
+//! one node at a time (session advisory locks, `postgres::Engine::try_lock_job`).
 
-use sqlx::{Connection, Row};
+use sqlx::Row;
 
-use crate::{Backend, Result, Store};
-
-/// The NOTIFY channel: a trigger on `audit_events` (migration 0011) announces every
-/// entry's seq.
-pub const CHANNEL: &str = "keywarden_changes";
+use crate::postgres::{ChangeListener, CHANNEL};
+use crate::{Engine, Result, Store};
 
 /// What changed after a seq: what nodes must drop from their caches.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,33 +27,15 @@ impl Changes {
 /// How many changes one read takes at most; the rest come with the next.
 const BATCH: i64 = 10_000;
 
-/// Notifications from other nodes (PostgreSQL only).
-pub struct ChangeListener(sqlx::postgres::PgListener);
-
-impl ChangeListener {
-    /// Waits for the next notification. An error means the connection was lost: make a
-    /// new listener, and replay from the last seen seq, since notifications sent while it
-    /// was down are gone.
-    pub async fn recv(&mut self) -> Result<()> {
-        self.0.recv().await?;
-        Ok(())
-    }
-}
-
 /// The right to run a background job on this node, for as long as it is held.
-pub struct Leadership {
-    /// PostgreSQL: the connection holding the session advisory lock. It is detached from
-    /// the pool, so dropping it closes it and releases the lock; a node that dies releases
-    /// it the same way.
-    conn: Option<sqlx::AnyConnection>,
-}
+pub struct Leadership(Option<crate::postgres::JobLock>);
 
 impl Leadership {
-    /// Whether the lock is still held (its connection still answers).
+    /// Whether the lock is still held. SQLite has one node, which always leads.
     pub async fn alive(&mut self) -> bool {
-        match &mut self.conn {
+        match &mut self.0 {
             None => true,
-            Some(c) => c.ping().await.is_ok(),
+            Some(lock) => lock.alive().await,
         }
     }
 }
@@ -133,12 +112,10 @@ impl Store {
 
     /// Listens for other nodes' changes; `None` on SQLite (one node).
     pub async fn listen_changes(&self) -> Result<Option<ChangeListener>> {
-        let Some(url) = self.postgres_url.as_deref() else {
-            return Ok(None);
-        };
-        let mut l = sqlx::postgres::PgListener::connect(url).await?;
-        l.listen(CHANNEL).await?;
-        Ok(Some(ChangeListener(l)))
+        match &self.engine {
+            Engine::Sqlite(_) => Ok(None),
+            Engine::Postgres(e) => Ok(Some(e.listen(CHANNEL).await?)),
+        }
     }
 
     /// Wakes this process's waiters (dispatcher, event streams) for a change another node
@@ -148,27 +125,10 @@ impl Store {
     }
 
     /// Tries to become the one node running job `lock`. SQLite: always (one node).
-    /// Advisory locks are per database, so the lock is keyed by the schema too: two
-    /// deployments in separate schemas of one database (and parallel test servers) each
-    /// run their own jobs instead of waiting on each other's.
     pub async fn try_lead(&self, lock: i64) -> Result<Option<Leadership>> {
-        if self.backend == Backend::Sqlite {
-            return Ok(Some(Leadership { conn: None }));
-        }
-        let lock = i32::try_from(lock)
-            .map_err(|_| crate::StoreError::Corrupt(format!("lock id {lock} is not an int4")))?;
-        let mut conn = self.pool.acquire().await?.detach();
-        let got: bool =
-            sqlx::query("SELECT pg_try_advisory_lock(hashtext(current_schema()), $1) AS got")
-                .bind(lock)
-                .fetch_one(&mut conn)
-                .await?
-                .try_get("got")?;
-        if got {
-            Ok(Some(Leadership { conn: Some(conn) }))
-        } else {
-            let _ = conn.close().await;
-            Ok(None)
+        match &self.engine {
+            Engine::Sqlite(_) => Ok(Some(Leadership(None))),
+            Engine::Postgres(e) => Ok(e.try_lock_job(lock).await?.map(|l| Leadership(Some(l)))),
         }
     }
 }

@@ -1,8 +1,13 @@
-//! Usage stats written to the log but not yet folded into `key_usage` and `key_subjects`
-//! (SQLite). Folding every event as it comes costs several random b-tree writes per
-//! event, more than the rest of a verify; folding a few seconds of events at once, in key
-//! order, costs one write per key and page. Until then readers add this overlay to what
-//! the tables hold, so reads stay as fresh as the log.
+//! The fold rule: how usage events become a key's stats (`uses`, `last_used_at`,
+//! `last_used_from`, subjects), written once here for both backends and mirrored in SQL by
+//! [`newest_use_wins_sql!`].
+//!
+//! PostgreSQL folds each batch as it writes it ([`Pending::of_batch`]). SQLite keeps the
+//! events not yet folded into `key_usage` and `key_subjects` in a [`Pending`] overlay:
+//! folding every event as it comes costs several random b-tree writes per event, more
+//! than the rest of a verify; folding a few seconds of events at once, in key order, costs
+//! one write per key and page. Until then readers add the overlay to what the tables hold
+//! (through [`StatsView`]), so reads stay as fresh as the log.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -76,6 +81,15 @@ impl<'a> LoggedEvent<'a> {
 }
 
 impl Pending {
+    /// One batch's events folded by themselves.
+    pub fn of_batch(events: &[UsageEvent]) -> Self {
+        let mut folded = Self::default();
+        for e in events {
+            folded.add(&LoggedEvent::of(0, e));
+        }
+        folded
+    }
+
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
@@ -97,10 +111,9 @@ impl Pending {
         if !e.counted {
             d.uses += 1;
         }
-        // The same rule as the fold's SQL: the newest use wins, ties to the later event.
-        if d.last_at.is_none_or(|t| e.time >= t) {
+        if newest_use_wins(d.last_at, e.time) {
             d.last_at = Some(e.time);
-            d.last_from = e.source_ip.or(d.last_from);
+            d.last_from = e.source_ip;
         }
         if let Some(s) = e.subject {
             match d.subjects.iter_mut().find(|(known, _, _)| known == s) {
@@ -161,10 +174,96 @@ impl Pending {
 fn apply(d: &KeyDelta, key: &mut KeyRecord) {
     key.uses += u64::try_from(d.uses).unwrap_or(0);
     if let Some(at) = d.last_at {
-        let at = from_millis(at);
-        if key.last_used_at.is_none_or(|stored| at >= stored) {
-            key.last_used_at = Some(at);
+        if newest_use_wins(key.last_used_at.map(to_millis), at) {
+            key.last_used_at = Some(from_millis(at));
             key.last_used_from = d.last_from.map(|ip| ip.to_string());
+        }
+    }
+}
+
+/// The fold rule for the last use: a use replaces the one recorded when it is at least as
+/// recent (ties go to the later event), and `last_used_at` and `last_used_from` always
+/// describe that same use, so a newest use without an address clears the address.
+pub(crate) fn newest_use_wins(recorded_at: Option<i64>, at: i64) -> bool {
+    recorded_at.is_none_or(|recorded| at >= recorded)
+}
+
+/// [`newest_use_wins`] in SQL, for the upserts that fold stats into `key_usage`: true when
+/// the use at `$at` (NULL: no use) replaces the one recorded at `$recorded`.
+macro_rules! newest_use_wins_sql {
+    ($recorded:literal, $at:literal) => {
+        concat!(
+            "(",
+            $at,
+            " IS NOT NULL AND (",
+            $recorded,
+            " IS NULL OR ",
+            $at,
+            " >= ",
+            $recorded,
+            "))"
+        )
+    };
+}
+pub(crate) use newest_use_wins_sql;
+
+/// The SET clauses that fold a use at `$at` from `$from` into the last use recorded in
+/// `$recorded_at` and `$recorded_from`, by [`newest_use_wins`].
+macro_rules! fold_last_use_sql {
+    ($recorded_at:literal, $recorded_from:literal, $at:literal, $from:literal) => {
+        concat!(
+            "last_used_from = CASE WHEN ",
+            $crate::fold::newest_use_wins_sql!($recorded_at, $at),
+            " THEN ",
+            $from,
+            " ELSE ",
+            $recorded_from,
+            " END, last_used_at = CASE WHEN ",
+            $crate::fold::newest_use_wins_sql!($recorded_at, $at),
+            " THEN ",
+            $at,
+            " ELSE ",
+            $recorded_at,
+            " END"
+        )
+    };
+}
+pub(crate) use fold_last_use_sql;
+
+/// Usage stats as readers see them: the tables, plus on SQLite the overlay of what is
+/// not folded into them yet. Holding a view keeps folds out, so the two agree; it is the
+/// only way for such readers to reach the overlay.
+pub(crate) enum StatsView<'a> {
+    /// PostgreSQL: every batch is folded as it is written.
+    Folded,
+    Overlay(crate::sqlite::StableStats<'a>),
+}
+
+impl StatsView<'_> {
+    /// Adds what is not folded yet to keys read from the tables.
+    pub fn apply(&self, keys: &mut [KeyRecord]) -> crate::Result<()> {
+        match self {
+            Self::Folded => Ok(()),
+            Self::Overlay(s) => s.with_pending(|p| keys.iter_mut().for_each(|k| p.apply_to(k))),
+        }
+    }
+
+    pub fn merge_subjects(
+        &self,
+        key_id: &KeyId,
+        stored: Vec<Subject>,
+    ) -> crate::Result<Vec<Subject>> {
+        match self {
+            Self::Folded => Ok(stored),
+            Self::Overlay(s) => s.with_pending(|p| p.merge_subjects(key_id, stored)),
+        }
+    }
+
+    /// The key's newest event if it is not folded yet.
+    pub fn pending_head(&self, key_id: &KeyId) -> crate::Result<Option<i64>> {
+        match self {
+            Self::Folded => Ok(None),
+            Self::Overlay(s) => s.with_pending(|p| p.head(key_id)),
         }
     }
 }

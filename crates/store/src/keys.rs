@@ -7,9 +7,9 @@ use sqlx::Row;
 use time::OffsetDateTime;
 
 use crate::rows::{
-    insert_audit, json, key_from_row, ms, opt_ms, Params, KEY_COLUMNS, KEY_FROM, STAMP_SQL,
+    insert_audit, json, key_from_row, ms, opt_ms, Params, KEY_COLUMNS, KEY_FROM, STAMP_SQL_ONE_NODE,
 };
-use crate::{Result, Store};
+use crate::{Engine, Result, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StateFilter {
@@ -57,79 +57,53 @@ impl Store {
     }
 
     pub async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>> {
-        if let Some(key) = self.point_read_key(id)? {
-            return Ok(key);
-        }
-        let _folding = self.fold_lock.read().await;
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE id = $1"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        let mut key = row.as_ref().map(key_from_row).transpose()?;
-        if let Some(k) = key.as_mut() {
-            self.with_pending(|p| {
-                if let Some(p) = p {
-                    p.apply_to(k);
+        match &self.engine {
+            Engine::Postgres(e) => e.get_key(id).await,
+            Engine::Sqlite(e) => {
+                if let Some(key) = e.point_read_key(id)? {
+                    return Ok(key);
                 }
-            })?;
+                let view = self.stats_view().await;
+                let row = sqlx::query(&format!(
+                    "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE id = $1"
+                ))
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+                let mut key: Vec<KeyRecord> = row
+                    .as_ref()
+                    .map(key_from_row)
+                    .transpose()?
+                    .into_iter()
+                    .collect();
+                view.apply(&mut key)?;
+                Ok(key.pop())
+            }
         }
-        Ok(key)
     }
 
     /// What tells a cached copy of the key apart from the stored one, for the verify
     /// cache to renew an entry with one small read instead of loading the key again.
     pub async fn key_stamp(&self, id: &KeyId) -> Result<Option<KeyStamp>> {
-        if let Some(reads) = &self.key_reads {
-            if let Some(read) = reads.get_stamp(id.as_str()) {
-                return read;
-            }
-        }
-        let row = sqlx::query(STAMP_SQL)
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            Ok(KeyStamp {
-                version: row.try_get(0)?,
-                last_used_at: row.try_get::<Option<i64>, _>(1)?.map(from_millis),
-            })
-        })
-        .transpose()
-    }
-
-    /// SQLite: the key read on this thread, without waiting for a fold step (verify's
-    /// cache misses must not queue behind one). A step that ended during the read may
-    /// have moved the key's usage from the overlay into the tables after the read saw
-    /// them, so the read is retried; a step still running is told apart by the key's
-    /// `last_seq`. `None`: read through the pool.
-    fn point_read_key(&self, id: &KeyId) -> Result<Option<Option<KeyRecord>>> {
-        let Some(reads) = &self.key_reads else {
-            return Ok(None);
-        };
-        for _ in 0..3 {
-            let Some(folds_before) = self.with_pending(|p| p.map(|p| p.folds))? else {
-                return Ok(None);
-            };
-            let Some(read) = reads.get_key(id.as_str()) else {
-                return Ok(None);
-            };
-            let Some((mut key, folded_upto)) = read? else {
-                return Ok(Some(None));
-            };
-            let consistent = self.with_pending(|p| match p {
-                Some(p) if p.folds == folds_before => {
-                    p.apply_unfolded(&mut key, folded_upto);
-                    true
+        match &self.engine {
+            Engine::Postgres(e) => e.key_stamp(id).await,
+            Engine::Sqlite(e) => {
+                if let Some(read) = e.point_read_stamp(id) {
+                    return read;
                 }
-                _ => false,
-            })?;
-            if consistent {
-                return Ok(Some(Some(key)));
+                let row = sqlx::query(STAMP_SQL_ONE_NODE)
+                    .bind(id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|row| {
+                    Ok(KeyStamp {
+                        version: row.try_get(0)?,
+                        last_used_at: row.try_get::<Option<i64>, _>(1)?.map(from_millis),
+                    })
+                })
+                .transpose()
             }
         }
-        Ok(None)
     }
 
     /// Newest first. `after` is the `seq` cursor returned by the previous page.
@@ -140,7 +114,7 @@ impl Store {
         limit: u32,
         after: Option<i64>,
     ) -> Result<(Vec<KeyRecord>, Option<i64>)> {
-        let mut p = Params::new(self.backend);
+        let mut p = Params::new(self.backend());
         let mut clauses: Vec<String> = Vec::new();
         if let Some(env) = &filter.environment {
             clauses.push(format!("environment = {}", p.push_text(env)));
@@ -185,7 +159,7 @@ impl Store {
             "SELECT {KEY_COLUMNS} FROM {KEY_FROM} {where_clause} ORDER BY seq DESC LIMIT {}",
             u64::from(limit) + 1
         );
-        let _folding = self.fold_lock.read().await;
+        let view = self.stats_view().await;
         let rows = p.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
         let mut keys = Vec::with_capacity(rows.len());
         let mut last_seq = None;
@@ -193,11 +167,7 @@ impl Store {
             keys.push(key_from_row(row)?);
             last_seq = Some(row.try_get::<i64, _>("seq")?);
         }
-        self.with_pending(|p| {
-            if let Some(p) = p {
-                keys.iter_mut().for_each(|k| p.apply_to(k));
-            }
-        })?;
+        view.apply(&mut keys)?;
         let next = if rows.len() > limit as usize {
             last_seq
         } else {
@@ -244,7 +214,7 @@ impl Store {
         now: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<KeyRecord>> {
-        let _folding = self.fold_lock.read().await;
+        let view = self.stats_view().await;
         let rows = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE state IN ('active', 'suspended') \
              AND expires_at <= $1 ORDER BY expires_at, id LIMIT $2"
@@ -253,14 +223,16 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(key_from_row).collect()
+        let mut keys = rows.iter().map(key_from_row).collect::<Result<Vec<_>>>()?;
+        view.apply(&mut keys)?;
+        Ok(keys)
     }
 
     /// Live keys (active or suspended) whose owner is disabled or deleted but which are
     /// not yet held for it: left by an older node, a migration that merged spellings of
     /// an owner, or any path that missed the disable. The enforcer takes them.
     pub async fn keys_of_disabled_owners(&self, limit: u32) -> Result<Vec<KeyRecord>> {
-        let _folding = self.fold_lock.read().await;
+        let view = self.stats_view().await;
         let rows = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE state IN ('active', 'suspended') \
              AND (state_cause IS NULL OR state_cause <> 'OWNER_DISABLED') \
@@ -270,7 +242,9 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(key_from_row).collect()
+        let mut keys = rows.iter().map(key_from_row).collect::<Result<Vec<_>>>()?;
+        view.apply(&mut keys)?;
+        Ok(keys)
     }
 
     /// Active, unexpired keys whose last stored use (or creation, if never used) is at or
@@ -282,7 +256,7 @@ impl Store {
         now: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<KeyRecord>> {
-        let _folding = self.fold_lock.read().await;
+        let view = self.stats_view().await;
         let rows = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE state = 'active' AND expires_at > $1 \
              AND COALESCE(key_usage.last_used_at, keys.created_at) <= $2 \
@@ -294,11 +268,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let mut keys = rows.iter().map(key_from_row).collect::<Result<Vec<_>>>()?;
-        self.with_pending(|p| {
-            if let Some(p) = p {
-                keys.iter_mut().for_each(|k| p.apply_to(k));
-            }
-        })?;
+        view.apply(&mut keys)?;
         Ok(keys)
     }
 
@@ -312,7 +282,7 @@ impl Store {
         expiring_by: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<KeyRecord>> {
-        let mut p = Params::new(self.backend);
+        let mut p = Params::new(self.backend());
         let now_p = p.push_int(ms(now));
         let mut either = Vec::new();
         if let Some(t) = created_by {
@@ -330,9 +300,11 @@ impl Store {
             either.join(" OR "),
             limit
         );
-        let _folding = self.fold_lock.read().await;
+        let view = self.stats_view().await;
         let rows = p.bind(sqlx::query(&sql)).fetch_all(&self.pool).await?;
-        rows.iter().map(key_from_row).collect()
+        let mut keys = rows.iter().map(key_from_row).collect::<Result<Vec<_>>>()?;
+        view.apply(&mut keys)?;
+        Ok(keys)
     }
 
     /// Counts one use against a key's cap, atomically in the database so that concurrent
@@ -345,26 +317,27 @@ impl Store {
     /// read-only file) never reached the caller, so a cap could answer VALID without
     /// being spent. An explicit transaction makes the commit's failure an error.
     pub async fn consume_use(&self, id: &KeyId) -> Result<Option<u64>> {
-        let mut tx = self.begin_quiet_write().await?;
-        let row = sqlx::query(
-            "UPDATE keys SET uses = uses + 1 WHERE id = $1 AND max_uses IS NOT NULL \
-             AND uses < max_uses RETURNING max_uses - uses AS remaining",
-        )
-        .bind(id.as_str())
-        .fetch_optional(&mut **tx)
-        .await?;
-        tx.commit().await?;
-        match row {
-            Some(row) => {
-                let remaining: i64 = row.try_get("remaining")?;
-                Ok(Some(u64::try_from(remaining).unwrap_or(0)))
+        let remaining = match &self.engine {
+            Engine::Postgres(e) => e.consume_use(id).await?,
+            Engine::Sqlite(_) => {
+                let mut tx = self.begin_quiet_write().await?;
+                let row = sqlx::query(
+                    "UPDATE keys SET uses = uses + 1 WHERE id = $1 AND max_uses IS NOT NULL \
+                     AND uses < max_uses RETURNING max_uses - uses AS remaining",
+                )
+                .bind(id.as_str())
+                .fetch_optional(&mut **tx)
+                .await?;
+                tx.commit().await?;
+                row.map(|row| row.try_get::<i64, _>("remaining"))
+                    .transpose()?
             }
-            None => Ok(None),
-        }
+        };
+        Ok(remaining.map(|r| u64::try_from(r).unwrap_or(0)))
     }
 
     pub async fn subjects(&self, id: &KeyId) -> Result<Vec<Subject>> {
-        let _folding = self.fold_lock.read().await;
+        let view = self.stats_view().await;
         let rows = sqlx::query(
             "SELECT subject, first_seen, last_seen FROM key_subjects WHERE key_id = $1 \
              ORDER BY first_seen, subject",
@@ -382,10 +355,7 @@ impl Store {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        self.with_pending(|p| match p {
-            Some(p) => p.merge_subjects(id, stored),
-            None => stored,
-        })
+        view.merge_subjects(id, stored)
     }
 }
 

@@ -1,11 +1,16 @@
 //! keywarden-store: the only crate that knows SQL.
 //!
-//! One implementation serves both backends through sqlx's `Any` driver: the queries use
-//! `$N` placeholders and types both SQLite and PostgreSQL share (BIGINT unix milliseconds,
-//! TEXT, JSON as TEXT), so the dialects differ only in `migrations/{sqlite,postgres}`,
-//! except for usage: on SQLite it goes through its own sink (`usage_sqlite`), an
-//! append-only log read per key by its `prev_seq` chain; PostgreSQL indexes it by key.
-//! The API suites in `tests/it` run against both (`on_both_backends!`).
+//! A [`Store`] is an sqlx `Any` pool for the SQL both backends share (`$N` placeholders,
+//! types both have: BIGINT unix milliseconds, TEXT, JSON as TEXT) and an [`Engine`] for
+//! what differs, so each difference is a `match` the compiler checks:
+//! - `sqlite/`: usage goes to an append-only log through its own connection and is folded
+//!   into the keys' stats every few seconds ([`fold`] holds the rule and the overlay of
+//!   what is not folded yet); verify's key reads and bulk audit reads go through rusqlite.
+//! - `postgres/`: verify's hot paths (key reads, use caps, usage batches) through sqlx's
+//!   native driver with prepared statements; LISTEN/NOTIFY and advisory locks.
+//!
+//! Migrations live in `migrations/{sqlite,postgres}`. The store's own tests in
+//! `crates/store/tests` and the API suites in `tests/it` run against both backends.
 
 mod audit;
 mod cluster;
@@ -13,6 +18,7 @@ mod fold;
 mod keys;
 mod owners;
 mod policies;
+mod postgres;
 mod rows;
 mod services;
 mod shadow;
@@ -29,10 +35,11 @@ use sqlx::{AnyPool, Connection, Executor};
 pub use audit::{
     ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder, KeyEvent, Quarantined,
 };
-pub use cluster::{ChangeListener, Changes, Leadership, CHANNEL};
+pub use cluster::{Changes, Leadership};
 pub use keys::{KeyFilter, KeyStamp, StateFilter};
 pub use owners::Owner;
 pub use policies::StoredPolicy;
+pub use postgres::{ChangeListener, CHANNEL};
 pub use services::{
     AlertFilter, AlertRecord, DeliveryOutcome, DeliveryRecord, DueDelivery, NewAlert, ServiceRecord,
 };
@@ -103,21 +110,17 @@ impl std::ops::DerefMut for WriteTx {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
-    backend: Backend,
-    usage_sqlite: Option<sqlite::usage::SqliteUsageSink>,
-    audit_sqlite: Option<sqlite::audit::SqliteAuditReader>,
-    key_reads: Option<std::sync::Arc<sqlite::point_reads::SqlitePointReads>>,
-    /// This process's writers take turns on SQLite (see [`Store::write_turn`]).
-    sqlite_writer: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
-    /// Readers of usage stats hold it shared while they read the tables and the pending
-    /// overlay; a fold holds it exclusively from its commit until the overlay is cleared,
-    /// so no reader counts a use twice or not at all.
-    fold_lock: std::sync::Arc<tokio::sync::RwLock<()>>,
+    engine: Engine,
     /// Counts this process's committed writes, so the dispatcher and event streams wake
     /// on a change instead of polling for it.
     changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
-    /// For LISTEN, which needs a connection of its own (PostgreSQL only).
-    postgres_url: Option<String>,
+}
+
+/// What one backend does differently from the other.
+#[derive(Debug, Clone)]
+pub(crate) enum Engine {
+    Sqlite(std::sync::Arc<sqlite::Engine>),
+    Postgres(std::sync::Arc<postgres::Engine>),
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -160,7 +163,8 @@ impl Store {
         let pool = AnyPoolOptions::new()
             .max_connections(match backend {
                 Backend::Sqlite => 8,
-                Backend::Postgres => 16,
+                // Verify's hot paths have the engine's own pool (`postgres/`).
+                Backend::Postgres => 8,
             })
             .acquire_timeout(Duration::from_secs(10))
             .after_release(|conn, _| {
@@ -197,51 +201,40 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        let (usage_sqlite, audit_sqlite, key_reads) = match backend {
+        let engine = match backend {
             Backend::Sqlite => {
                 SQLITE_MIGRATIONS.run(&pool).await?;
-                let path = sqlite_path(&url)?;
-                (
-                    Some(sqlite::usage::SqliteUsageSink::open(&path)?),
-                    Some(sqlite::audit::SqliteAuditReader::open(&path)?),
-                    Some(std::sync::Arc::new(sqlite::point_reads::SqlitePointReads::open(
-                        &path,
-                    )?)),
-                )
+                Engine::Sqlite(std::sync::Arc::new(sqlite::Engine::open(&sqlite_path(
+                    &url,
+                )?)?))
             }
             Backend::Postgres => {
                 POSTGRES_MIGRATIONS.run(&pool).await?;
-                (None, None, None)
+                Engine::Postgres(std::sync::Arc::new(postgres::Engine::connect(&url).await?))
             }
         };
         let store = Self {
             pool,
-            backend,
-            usage_sqlite,
-            audit_sqlite,
-            key_reads,
-            sqlite_writer: (backend == Backend::Sqlite).then(std::sync::Arc::default),
-            fold_lock: std::sync::Arc::default(),
+            engine,
             changes: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
-            postgres_url: (backend == Backend::Postgres).then(|| url.clone()),
         };
         store.seal_unchained_audit().await?;
         Ok(store)
     }
 
     pub fn backend(&self) -> Backend {
-        self.backend
+        match self.engine {
+            Engine::Sqlite(_) => Backend::Sqlite,
+            Engine::Postgres(_) => Backend::Postgres,
+        }
     }
 
-    /// On SQLite, this process's turn to write. SQLite lets one writer in at a time and
-    /// makes the others poll with growing sleeps (up to 100 ms each), which put the p99
-    /// of audited changes near 100 ms under concurrent writes; waiting on an in-process
-    /// queue instead wakes the next writer as soon as the last one commits. `busy_timeout`
-    /// still covers other processes. `None` on PostgreSQL, which queues writers itself.
+    /// On SQLite, this process's turn to write (see `sqlite::Engine::write_turn`); `None`
+    /// on PostgreSQL, which queues writers itself.
     pub(crate) async fn write_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        match &self.sqlite_writer {
-            Some(m) => Some(m.clone().lock_owned().await),
-            None => None,
+        match &self.engine {
+            Engine::Sqlite(e) => Some(e.write_turn().await),
+            Engine::Postgres(_) => None,
         }
     }
 
@@ -259,9 +252,9 @@ impl Store {
     /// wait for.
     async fn begin_quiet_write(&self) -> Result<WriteTx> {
         let turn = self.write_turn().await;
-        let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
+        let tx = match self.engine {
+            Engine::Sqlite(_) => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Engine::Postgres(_) => self.pool.begin().await?,
         };
         Ok(WriteTx {
             tx,
@@ -282,5 +275,8 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+        if let Engine::Postgres(e) = &self.engine {
+            e.close().await;
+        }
     }
 }

@@ -38,8 +38,9 @@ fn key_id(what: &str, s: &str) -> Result<KeyId> {
     KeyId::parse(s).map_err(|e| decode_error(what, e))
 }
 
-/// Columns by name, from either driver: keys decode the same from sqlx's rows and from
-/// rusqlite's (the SQLite point reads on verify's cache misses, `sqlite_reads`).
+/// Columns by name, from any driver: keys and audit entries decode the same from sqlx's
+/// rows (Any and native PostgreSQL) and from rusqlite's (SQLite point reads and bulk audit
+/// reads), through one decoder each.
 pub(crate) trait Columns {
     fn text(&self, col: &str) -> Result<String>;
     fn opt_text(&self, col: &str) -> Result<Option<String>>;
@@ -62,30 +63,62 @@ impl Columns for AnyRow {
     }
 }
 
-/// A rusqlite row of a statement that selects [`KEY_COLUMNS`] first, read by position.
-/// rusqlite finds a column by name by scanning them all with `strlen` and a compare,
-/// which for 28 columns took a quarter of a verify cache miss's CPU.
-pub(crate) struct KeyColumns<'r, 's>(pub &'r rusqlite::Row<'s>);
-
-static KEY_COLUMN_NAMES: std::sync::LazyLock<Vec<&'static str>> =
-    std::sync::LazyLock::new(|| KEY_COLUMNS.split(',').map(str::trim).collect());
-
-impl KeyColumns<'_, '_> {
-    /// The position of the first column after [`KEY_COLUMNS`].
-    pub fn after() -> usize {
-        KEY_COLUMN_NAMES.len()
+impl Columns for sqlx::postgres::PgRow {
+    fn text(&self, col: &str) -> Result<String> {
+        Ok(self.try_get(col)?)
     }
-
-    fn get<T: rusqlite::types::FromSql>(&self, col: &str) -> Result<T> {
-        let at = KEY_COLUMN_NAMES
-            .iter()
-            .position(|name| *name == col)
-            .ok_or_else(|| decode_error(col, "not among KEY_COLUMNS"))?;
-        self.0.get(at).map_err(|e| decode_error(col, e))
+    fn opt_text(&self, col: &str) -> Result<Option<String>> {
+        Ok(self.try_get(col)?)
+    }
+    fn int(&self, col: &str) -> Result<i64> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
+        Ok(self.try_get(col)?)
     }
 }
 
-impl Columns for KeyColumns<'_, '_> {
+/// A rusqlite row of a statement that selects `names` first, read by position.
+/// rusqlite finds a column by name by scanning them all with `strlen` and a compare,
+/// which for the 28 key columns took a quarter of a verify cache miss's CPU.
+pub(crate) struct ByPosition<'r, 's> {
+    pub row: &'r rusqlite::Row<'s>,
+    pub names: &'static [&'static str],
+}
+
+/// The names of a column list written as `a, b, c`.
+pub(crate) fn column_names(list: &'static str) -> Vec<&'static str> {
+    list.split(',').map(str::trim).collect()
+}
+
+pub(crate) static KEY_COLUMN_NAMES: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(|| column_names(KEY_COLUMNS));
+
+impl<'r, 's> ByPosition<'r, 's> {
+    /// A row of a statement that selects [`KEY_COLUMNS`] first.
+    pub fn key(row: &'r rusqlite::Row<'s>) -> Self {
+        Self {
+            row,
+            names: &KEY_COLUMN_NAMES,
+        }
+    }
+
+    /// The position of the first column after `names`.
+    pub fn after(&self) -> usize {
+        self.names.len()
+    }
+
+    fn get<T: rusqlite::types::FromSql>(&self, col: &str) -> Result<T> {
+        let at = self
+            .names
+            .iter()
+            .position(|name| *name == col)
+            .ok_or_else(|| decode_error(col, "not among the selected columns"))?;
+        self.row.get(at).map_err(|e| decode_error(col, e))
+    }
+}
+
+impl Columns for ByPosition<'_, '_> {
     fn text(&self, col: &str) -> Result<String> {
         self.get(col)
     }

@@ -440,17 +440,6 @@ impl Store {
         .is_some())
     }
 
-    /// The earliest time an open webhook delivery falls due, if any.
-    pub async fn next_delivery_at(&self) -> Result<Option<OffsetDateTime>> {
-        let row = sqlx::query(
-            "SELECT MIN(d.next_at) AS next FROM deliveries d JOIN services s ON s.id = d.service_id \
-             WHERE d.state IN ('pending', 'failing') AND s.webhook_url IS NOT NULL",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get::<Option<i64>, _>("next")?.map(from_millis))
-    }
-
     /// Records the answer to one attempt. Does nothing to a delivery that is no longer
     /// open (an ack may have confirmed it meanwhile).
     pub async fn record_delivery(
@@ -587,17 +576,5 @@ impl Store {
         }
         let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(alert_from_row).collect()
-    }
-
-    /// The event `seq` of the outbox, if it is there.
-    pub async fn key_event(&self, seq: i64) -> Result<Option<KeyEvent>> {
-        let row = sqlx::query(&format!(
-            "SELECT {} FROM key_events WHERE seq = $1",
-            crate::audit::KEY_EVENT_COLUMNS
-        ))
-        .bind(seq)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(key_event_from_row).transpose()
     }
 }

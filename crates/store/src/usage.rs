@@ -5,10 +5,9 @@ use keywarden_core::model::UsageEvent;
 use keywarden_core::KeyId;
 use sqlx::Row;
 
-use crate::rows::{decode_error, ms, Params};
-use crate::fold::{KeyDelta, LoggedEvent, Pending};
-use crate::sqlite::usage::lock;
-use crate::{Backend, Result, Store};
+use crate::fold::{fold_last_use_sql, StatsView};
+use crate::rows::decode_error;
+use crate::{Engine, Result, Store};
 
 const USAGE_COLUMNS: &str =
     "u.seq, u.key_id, u.time, u.code, u.source_ip, u.scope, u.environment, \
@@ -18,9 +17,6 @@ const USAGE_COLUMNS: &str =
 /// readers of key stats) for milliseconds, not a large share of the queue's capacity.
 pub const FOLD_CHUNK: usize = 2_000;
 
-/// Rows per INSERT statement: 9 parameters each stays far below both backends' limits.
-const ROWS_PER_INSERT: usize = 100;
-
 #[derive(Debug, Clone)]
 pub struct StoredUsage {
     pub seq: i64,
@@ -29,12 +25,16 @@ pub struct StoredUsage {
 
 /// Follows `VALUES (key_id, batched_uses, last_used_at, last_used_from), …`. Every SET
 /// expression sees the row as it was before the update, on both backends.
-pub(crate) const UPSERT_KEY_USAGE_TAIL: &str = "ON CONFLICT (key_id) DO UPDATE SET \
-    batched_uses = key_usage.batched_uses + excluded.batched_uses, \
-    last_used_from = CASE WHEN excluded.last_used_at >= key_usage.last_used_at \
-    THEN excluded.last_used_from ELSE key_usage.last_used_from END, \
-    last_used_at = CASE WHEN excluded.last_used_at >= key_usage.last_used_at \
-    THEN excluded.last_used_at ELSE key_usage.last_used_at END";
+pub(crate) const UPSERT_KEY_USAGE_TAIL: &str = concat!(
+    "ON CONFLICT (key_id) DO UPDATE SET \
+     batched_uses = key_usage.batched_uses + excluded.batched_uses, ",
+    fold_last_use_sql!(
+        "key_usage.last_used_at",
+        "key_usage.last_used_from",
+        "excluded.last_used_at",
+        "excluded.last_used_from"
+    )
+);
 
 pub(crate) const UPSERT_SUBJECT_TAIL: &str = "ON CONFLICT (key_id, subject) DO UPDATE SET \
     last_seen = CASE WHEN excluded.last_seen > key_subjects.last_seen THEN excluded.last_seen \
@@ -50,10 +50,10 @@ impl Store {
         if events.is_empty() {
             return (events, Ok(()));
         }
-        match &self.usage_sqlite {
-            Some(sink) => {
-                let sink = sink.clone();
-                let turn = self.write_turn().await;
+        match &self.engine {
+            Engine::Sqlite(engine) => {
+                let sink = engine.usage.clone();
+                let turn = engine.write_turn().await;
                 match tokio::task::spawn_blocking(move || {
                     let _turn = turn;
                     let r = sink.append(&events);
@@ -65,8 +65,8 @@ impl Store {
                     Err(e) => (Vec::new(), Err(decode_error("usage writer thread", e))),
                 }
             }
-            None => {
-                let r = self.record_usage_sql(&events).await;
+            Engine::Postgres(engine) => {
+                let r = engine.record_usage(&events).await;
                 (events, r)
             }
         }
@@ -76,11 +76,12 @@ impl Store {
     /// stats; true when no fold is left in progress. SQLite only: on PostgreSQL batches
     /// are folded as they are written, and this does nothing.
     pub async fn fold_usage_step(&self, max_keys: usize) -> Result<bool> {
-        let Some(sink) = self.usage_sqlite.clone() else {
+        let Engine::Sqlite(engine) = &self.engine else {
             return Ok(true);
         };
-        let _readers_wait = self.fold_lock.write().await;
-        let turn = self.write_turn().await;
+        let _readers_wait = engine.exclude_readers().await;
+        let turn = engine.write_turn().await;
+        let sink = engine.usage.clone();
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
             sink.fold_step(max_keys)
@@ -99,120 +100,27 @@ impl Store {
 
     /// Keys with usage logged and not folded yet (0 on PostgreSQL).
     pub fn unfolded_keys(&self) -> usize {
-        self.with_pending(|p| p.map_or(0, |p| p.keys.len()))
-            .unwrap_or(0)
+        match &self.engine {
+            Engine::Sqlite(e) => e.usage.pending_keys().unwrap_or(0),
+            Engine::Postgres(_) => 0,
+        }
     }
 
     /// Whether a fold has started and not finished (false on PostgreSQL).
     pub fn folding(&self) -> bool {
-        self.usage_sqlite
-            .as_ref()
-            .is_some_and(|s| s.folding().unwrap_or(false))
-    }
-
-    /// Runs `f` on the overlay of unfolded usage (`None` on PostgreSQL). Callers that
-    /// combine it with stats read from the tables hold `fold_lock` shared around both.
-    pub(crate) fn with_pending<R>(&self, f: impl FnOnce(Option<&Pending>) -> R) -> Result<R> {
-        match &self.usage_sqlite {
-            Some(sink) => Ok(f(Some(&*lock(&sink.pending)?))),
-            None => Ok(f(None)),
+        match &self.engine {
+            Engine::Sqlite(e) => e.usage.folding().unwrap_or(false),
+            Engine::Postgres(_) => false,
         }
     }
 
-    async fn record_usage_sql(&self, events: &[UsageEvent]) -> Result<()> {
-        let mut tx = self.begin_quiet_write().await?;
-        for chunk in events.chunks(ROWS_PER_INSERT) {
-            let mut p = Params::new(self.backend);
-            let mut tuples = Vec::with_capacity(chunk.len());
-            for e in chunk {
-                let cols = [
-                    e.key_id
-                        .as_ref()
-                        .map_or_else(|| "NULL".to_owned(), |k| p.push_text(k.as_str())),
-                    p.push_int(ms(e.time)),
-                    p.push_text(e.code.as_str()),
-                    e.source_ip
-                        .map_or_else(|| "NULL".to_owned(), |ip| p.push_text(ip.to_string())),
-                    opt_text(&mut p, &e.scope),
-                    opt_text(&mut p, &e.environment),
-                    opt_text(&mut p, &e.subject),
-                    opt_text(&mut p, &e.user_agent),
-                    p.push_int(i64::from(e.counted)),
-                ];
-                tuples.push(format!("({})", cols.join(", ")));
-            }
-            let sql = format!(
-                "INSERT INTO usage_events (key_id, time, code, source_ip, scope, environment, \
-                 subject, user_agent, counted) VALUES {}",
-                tuples.join(", ")
-            );
-            p.bind(sqlx::query(&sql)).execute(&mut **tx).await?;
+    /// Usage stats as readers see them (see [`StatsView`]): hold it across the read of
+    /// the tables and the use of the view.
+    pub(crate) async fn stats_view(&self) -> StatsView<'_> {
+        match &self.engine {
+            Engine::Sqlite(e) => StatsView::Overlay(e.stable_stats().await),
+            Engine::Postgres(_) => StatsView::Folded,
         }
-        // The same fold rule as SQLite's overlay, applied to this batch alone. Keys with
-        // only denied events (no use) get no stats row, so unknown ids leave no trace here.
-        let mut folded = Pending::default();
-        for e in events {
-            folded.add(&LoggedEvent::of(0, e));
-        }
-        let mut used: Vec<(&KeyId, &KeyDelta)> = folded
-            .keys
-            .iter()
-            .filter(|(_, d)| d.last_at.is_some())
-            .collect();
-        used.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for chunk in used.chunks(ROWS_PER_INSERT) {
-            let mut p = Params::new(self.backend);
-            let rows: Vec<String> = chunk
-                .iter()
-                .map(|(id, d)| {
-                    format!(
-                        "({}, {}, {}, {})",
-                        p.push_text(id.as_str()),
-                        p.push_int(d.uses),
-                        p.push_int(d.last_at.unwrap_or_default()),
-                        d.last_from
-                            .map_or_else(|| "NULL".to_owned(), |ip| p.push_text(ip.to_string())),
-                    )
-                })
-                .collect();
-            let sql = format!(
-                "INSERT INTO key_usage (key_id, batched_uses, last_used_at, last_used_from) \
-                 VALUES {} {UPSERT_KEY_USAGE_TAIL}",
-                rows.join(", ")
-            );
-            p.bind(sqlx::query(&sql)).execute(&mut **tx).await?;
-        }
-        let subjects: Vec<(&str, &str, i64, i64)> = used
-            .iter()
-            .flat_map(|(id, d)| {
-                d.subjects
-                    .iter()
-                    .map(|(s, first, last)| (id.as_str(), s.as_str(), *first, *last))
-            })
-            .collect();
-        for chunk in subjects.chunks(ROWS_PER_INSERT) {
-            let mut p = Params::new(self.backend);
-            let rows: Vec<String> = chunk
-                .iter()
-                .map(|(id, subject, first, last)| {
-                    format!(
-                        "({}, {}, {}, {})",
-                        p.push_text(*id),
-                        p.push_text(*subject),
-                        p.push_int(*first),
-                        p.push_int(*last),
-                    )
-                })
-                .collect();
-            let sql = format!(
-                "INSERT INTO key_subjects (key_id, subject, first_seen, last_seen) VALUES {} \
-                 {UPSERT_SUBJECT_TAIL}",
-                rows.join(", ")
-            );
-            p.bind(sqlx::query(&sql)).execute(&mut **tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Usage events of one key, newest first. `cursor` is the previous page's
@@ -224,8 +132,8 @@ impl Store {
         cursor: Option<i64>,
     ) -> Result<(Vec<StoredUsage>, Option<i64>)> {
         let fetch = i64::from(limit) + 1;
-        let rows = match self.backend {
-            Backend::Postgres => {
+        let rows = match &self.engine {
+            Engine::Postgres(_) => {
                 let sql = format!(
                     "SELECT {USAGE_COLUMNS} FROM usage_events u WHERE u.key_id = $1 \
                      AND u.seq <= $2 ORDER BY u.seq DESC LIMIT $3"
@@ -238,7 +146,7 @@ impl Store {
                     .await?
             }
             // No per-key index on SQLite: walk the key's chain of prev_seq from its head.
-            Backend::Sqlite => {
+            Engine::Sqlite(_) => {
                 let start = match cursor {
                     Some(c) => Some(c),
                     None => self.usage_head(id).await?,
@@ -292,8 +200,8 @@ impl Store {
 
     /// The newest event of a key: pending in the overlay, else as last folded.
     async fn usage_head(&self, id: &KeyId) -> Result<Option<i64>> {
-        let _folding = self.fold_lock.read().await;
-        if let Some(head) = self.with_pending(|p| p.and_then(|p| p.head(id)))? {
+        let view = self.stats_view().await;
+        if let Some(head) = view.pending_head(id)? {
             return Ok(Some(head));
         }
         let row = sqlx::query("SELECT last_seq FROM key_usage WHERE key_id = $1")
@@ -312,12 +220,5 @@ impl Store {
             .fetch_one(&self.pool)
             .await?
             .try_get("n")?)
-    }
-}
-
-fn opt_text(p: &mut Params, v: &Option<String>) -> String {
-    match v {
-        Some(s) => p.push_text(s.as_str()),
-        None => "NULL".to_owned(),
     }
 }

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use keywarden_core::audit_chain::SealedEntry;
 use rusqlite::{Connection, OpenFlags};
 
-use crate::audit::RawAuditRow;
-use crate::rows::{decode_error, Param};
+use crate::audit::{entry_from_row, AUDIT_COLUMN_NAMES};
+use crate::rows::{decode_error, ByPosition, Param};
 use crate::sqlite::usage::lock;
 use crate::{Result, StoreError};
 
@@ -58,24 +58,10 @@ impl SqliteAuditReader {
                 .map_err(err)?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().map_err(err)? {
-                out.push(
-                    RawAuditRow {
-                        seq: r.get(0).map_err(err)?,
-                        time: r.get(1).map_err(err)?,
-                        actor: r.get(2).map_err(err)?,
-                        actor_name: r.get(3).map_err(err)?,
-                        source_ip: r.get(4).map_err(err)?,
-                        user_agent: r.get(5).map_err(err)?,
-                        request_id: r.get(6).map_err(err)?,
-                        action: r.get(7).map_err(err)?,
-                        target: r.get(8).map_err(err)?,
-                        reason: r.get(9).map_err(err)?,
-                        details: r.get(10).map_err(err)?,
-                        prev_hash: r.get(11).map_err(err)?,
-                        hash: r.get(12).map_err(err)?,
-                    }
-                    .sealed(),
-                );
+                out.push(entry_from_row(&ByPosition {
+                    row: r,
+                    names: &AUDIT_COLUMN_NAMES,
+                })?);
             }
             Ok(out)
         })

@@ -22,7 +22,7 @@ use keywarden_core::model::KeyRecord;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use crate::rows::{
-    decode_error, key_from_row, KeyColumns, KEY_COLUMNS, KEY_FROM, STAMP_SQL_ONE_NODE,
+    decode_error, key_from_row, ByPosition, KEY_COLUMNS, KEY_FROM, STAMP_SQL_ONE_NODE,
 };
 use crate::{KeyStamp, Result};
 
@@ -73,8 +73,9 @@ impl SqlitePointReads {
         self.read(|conn| {
             conn.prepare_cached(&self.sql).and_then(|mut stmt| {
                 stmt.query_row([id], |row| {
-                    let folded_upto = row.get::<_, Option<i64>>(KeyColumns::after())?;
-                    Ok(key_from_row(&KeyColumns(row)).map(|k| (k, folded_upto)))
+                    let cols = ByPosition::key(row);
+                    let folded_upto = row.get::<_, Option<i64>>(cols.after())?;
+                    Ok(key_from_row(&cols).map(|k| (k, folded_upto)))
                 })
                 .optional()
             })

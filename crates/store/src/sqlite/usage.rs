@@ -18,9 +18,10 @@ use keywarden_core::model::UsageEvent;
 use keywarden_core::KeyId;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use crate::fold::fold_last_use_sql;
+use crate::fold::{LoggedEvent, Pending, HEADS_CACHED};
 use crate::rows::{decode_error, ms};
 use crate::usage::UPSERT_SUBJECT_TAIL;
-use crate::fold::{LoggedEvent, Pending, HEADS_CACHED};
 use crate::{Result, StoreError};
 
 #[derive(Clone)]
@@ -44,27 +45,28 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
         .map_err(|_| StoreError::Corrupt("usage sink lock poisoned".to_owned()))
 }
 
-const FOLD_KEY: &str = "INSERT INTO key_usage (key_id, batched_uses, last_used_at, last_used_from, \
-    last_seq) SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1) \
-    ON CONFLICT (key_id) DO UPDATE SET \
-    batched_uses = key_usage.batched_uses + excluded.batched_uses, \
-    last_used_from = CASE WHEN excluded.last_used_at IS NOT NULL AND (key_usage.last_used_at IS NULL \
-    OR excluded.last_used_at >= key_usage.last_used_at) THEN excluded.last_used_from \
-    ELSE key_usage.last_used_from END, \
-    last_used_at = CASE WHEN excluded.last_used_at IS NOT NULL AND (key_usage.last_used_at IS NULL \
-    OR excluded.last_used_at >= key_usage.last_used_at) THEN excluded.last_used_at \
-    ELSE key_usage.last_used_at END, \
-    last_seq = MAX(COALESCE(key_usage.last_seq, 0), excluded.last_seq)";
+const FOLD_KEY: &str = concat!(
+    "INSERT INTO key_usage (key_id, batched_uses, last_used_at, last_used_from, last_seq) \
+     SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1) \
+     ON CONFLICT (key_id) DO UPDATE SET \
+     batched_uses = key_usage.batched_uses + excluded.batched_uses, ",
+    fold_last_use_sql!(
+        "key_usage.last_used_at",
+        "key_usage.last_used_from",
+        "excluded.last_used_at",
+        "excluded.last_used_from"
+    ),
+    ", last_seq = MAX(COALESCE(key_usage.last_seq, 0), excluded.last_seq)"
+);
 
 /// [`FOLD_KEY`] for a key whose stats row exists, which after its first fold every key's
 /// does: one descent into `key_usage` instead of the existence check in `keys`, the
 /// insert's conflict and then the update. Same parameters, same rules.
-const FOLD_KNOWN_KEY: &str = "UPDATE key_usage SET batched_uses = batched_uses + ?2, \
-    last_used_from = CASE WHEN ?3 IS NOT NULL AND (last_used_at IS NULL OR ?3 >= last_used_at) \
-    THEN ?4 ELSE last_used_from END, \
-    last_used_at = CASE WHEN ?3 IS NOT NULL AND (last_used_at IS NULL OR ?3 >= last_used_at) \
-    THEN ?3 ELSE last_used_at END, \
-    last_seq = MAX(COALESCE(last_seq, 0), ?5) WHERE key_id = ?1";
+const FOLD_KNOWN_KEY: &str = concat!(
+    "UPDATE key_usage SET batched_uses = batched_uses + ?2, ",
+    fold_last_use_sql!("last_used_at", "last_used_from", "?3", "?4"),
+    ", last_seq = MAX(COALESCE(last_seq, 0), ?5) WHERE key_id = ?1"
+);
 
 impl SqliteUsageSink {
     /// Opens the database file the pool already created and migrated, and rebuilds the
@@ -246,6 +248,11 @@ impl SqliteUsageSink {
             pending.folded_heads.insert(id, d.head);
         }
         Ok(last_chunk)
+    }
+
+    /// How many keys have usage not folded yet.
+    pub fn pending_keys(&self) -> Result<usize> {
+        Ok(lock(&self.pending)?.keys.len())
     }
 
     /// Whether a fold has started and not finished.
