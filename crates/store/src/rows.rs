@@ -81,7 +81,9 @@ impl KeyColumns<'_, '_> {
             .iter()
             .position(|name| *name == col)
             .ok_or_else(|| decode_error(col, "not among KEY_COLUMNS"))?;
-        self.0.get(at).map_err(|e| decode_error(col, e))
+        self.0
+            .get(at)
+            .map_err(|e| StoreError::rusqlite(col.to_owned(), e))
     }
 }
 

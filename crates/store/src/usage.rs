@@ -5,10 +5,10 @@ use keywarden_core::model::UsageEvent;
 use keywarden_core::KeyId;
 use sqlx::Row;
 
-use crate::rows::{decode_error, ms, Params};
 use crate::fold::{KeyDelta, LoggedEvent, Pending};
+use crate::rows::{decode_error, ms, Params};
 use crate::sqlite::usage::lock;
-use crate::{Backend, Result, Store};
+use crate::{Backend, Result, Store, StoreError};
 
 const USAGE_COLUMNS: &str =
     "u.seq, u.key_id, u.time, u.code, u.source_ip, u.scope, u.environment, \
@@ -62,7 +62,10 @@ impl Store {
                 .await
                 {
                     Ok(done) => done,
-                    Err(e) => (Vec::new(), Err(decode_error("usage writer thread", e))),
+                    Err(e) => (
+                        Vec::new(),
+                        Err(StoreError::Internal(format!("usage writer thread: {e}"))),
+                    ),
                 }
             }
             None => {
@@ -86,7 +89,7 @@ impl Store {
             sink.fold_step(max_keys)
         })
         .await
-        .map_err(|e| decode_error("usage fold thread", e))?
+        .map_err(|e| StoreError::Internal(format!("usage fold thread: {e}")))?
     }
 
     /// Folds all logged usage into the keys' stats.

@@ -18,9 +18,9 @@ use keywarden_core::model::UsageEvent;
 use keywarden_core::KeyId;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::rows::{decode_error, ms};
-use crate::usage::UPSERT_SUBJECT_TAIL;
 use crate::fold::{LoggedEvent, Pending, HEADS_CACHED};
+use crate::rows::ms;
+use crate::usage::UPSERT_SUBJECT_TAIL;
 use crate::{Result, StoreError};
 
 #[derive(Clone)]
@@ -36,12 +36,12 @@ impl std::fmt::Debug for SqliteUsageSink {
 }
 
 fn err(e: rusqlite::Error) -> StoreError {
-    decode_error("sqlite usage write", e)
+    StoreError::rusqlite("sqlite usage write", e)
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
     m.lock()
-        .map_err(|_| StoreError::Corrupt("usage sink lock poisoned".to_owned()))
+        .map_err(|_| StoreError::Internal("usage sink lock poisoned".to_owned()))
 }
 
 const FOLD_KEY: &str = "INSERT INTO key_usage (key_id, batched_uses, last_used_at, last_used_from, \
