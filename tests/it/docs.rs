@@ -271,3 +271,24 @@ async fn the_readme_tour_runs() {
     }
     s.stop().await;
 }
+
+/// `docs/errors.md` lists every error code with the status the server answers it with,
+/// and no code the server does not have.
+#[test]
+fn the_error_code_table_matches_the_server() {
+    let page = repo_file("docs/errors.md");
+    let mut listed = Vec::new();
+    for line in page.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if let [_, code, status, ..] = cells.as_slice() {
+            if let Some(code) = code.strip_prefix('`').and_then(|c| c.strip_suffix('`')) {
+                listed.push((code.to_owned(), status.parse::<u16>().expect(code)));
+            }
+        }
+    }
+    let table: Vec<(String, u16)> = keywarden_proto::ErrorCode::ALL
+        .iter()
+        .map(|c| (c.as_str().to_owned(), c.status()))
+        .collect();
+    assert_eq!(listed, table, "docs/errors.md and ErrorCode::ALL differ");
+}

@@ -10,6 +10,7 @@ mod cluster;
 mod connections;
 mod datadir;
 mod docs;
+mod errors;
 mod faults;
 mod gateway;
 mod harness;

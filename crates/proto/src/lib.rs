@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
+mod error_code;
+
+pub use error_code::ErrorCode;
+
 /// A secret on the wire (a new key or token). Debug never shows it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
@@ -30,6 +34,9 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// A stable machine-readable code, e.g. `SCOPE_INVALID`.
+    // A string, not an `ErrorCode`: a client still reads an answer with a code newer than
+    // itself.
+    #[schema(value_type = ErrorCode)]
     pub code: String,
     pub message: String,
     /// Every field that failed validation, when there were several.
@@ -39,6 +46,7 @@ pub struct ErrorDetail {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct Violation {
+    #[schema(value_type = ErrorCode)]
     pub code: String,
     pub field: String,
     pub message: String,
@@ -713,67 +721,4 @@ pub struct ApplyPolicyRequest {
 pub struct Health {
     pub status: String,
     pub version: String,
-}
-
-/// Error codes the API uses; stable strings clients may match on.
-pub mod codes {
-    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
-    pub const FORBIDDEN: &str = "FORBIDDEN";
-    pub const KEY_NOT_FOUND: &str = "KEY_NOT_FOUND";
-    pub const TOKEN_NOT_FOUND: &str = "TOKEN_NOT_FOUND";
-    pub const ROUTE_NOT_FOUND: &str = "ROUTE_NOT_FOUND";
-    pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
-    pub const MALFORMED_JSON: &str = "MALFORMED_JSON";
-    pub const INVALID_BODY: &str = "INVALID_BODY";
-    pub const UNKNOWN_FIELD: &str = "UNKNOWN_FIELD";
-    pub const UNSUPPORTED_MEDIA_TYPE: &str = "UNSUPPORTED_MEDIA_TYPE";
-    /// A field, path segment or query parameter holds one of our keys (or admin tokens).
-    /// The answer names the field, never the value.
-    pub const SECRET_IN_FIELD: &str = "SECRET_IN_FIELD";
-    /// A path segment is not valid percent-encoded UTF-8.
-    pub const INVALID_PATH: &str = "INVALID_PATH";
-    /// The request line's URI is longer than the server reads (8 KiB).
-    pub const URI_TOO_LONG: &str = "URI_TOO_LONG";
-    /// A request the server could not read, refused before any route saw it.
-    pub const INVALID_REQUEST: &str = "INVALID_REQUEST";
-    /// The request took too long to arrive.
-    pub const REQUEST_TIMEOUT: &str = "REQUEST_TIMEOUT";
-    /// The request's headers are larger than the server reads.
-    pub const HEADERS_TOO_LARGE: &str = "HEADERS_TOO_LARGE";
-    /// The server cannot take the request now (overloaded or shutting down).
-    pub const UNAVAILABLE: &str = "UNAVAILABLE";
-    pub const BODY_TOO_LARGE: &str = "BODY_TOO_LARGE";
-    pub const INVALID_QUERY: &str = "INVALID_QUERY";
-    pub const INVALID_CURSOR: &str = "INVALID_CURSOR";
-    pub const VALIDATION_FAILED: &str = "VALIDATION_FAILED";
-    pub const SCOPE_INVALID: &str = "SCOPE_INVALID";
-    pub const CIDR_INVALID: &str = "CIDR_INVALID";
-    pub const DURATION_INVALID: &str = "DURATION_INVALID";
-    pub const TTL_TOO_LONG: &str = "TTL_TOO_LONG";
-    pub const FIELD_INVALID: &str = "FIELD_INVALID";
-    pub const KEY_ID_INVALID: &str = "KEY_ID_INVALID";
-    pub const INVALID_STATE: &str = "INVALID_STATE";
-    pub const CONFLICT: &str = "CONFLICT";
-    pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
-    pub const INTERNAL: &str = "INTERNAL";
-    pub const AUDIT_ENTRY_NOT_FOUND: &str = "AUDIT_ENTRY_NOT_FOUND";
-    pub const ARCHIVE_MISMATCH: &str = "ARCHIVE_MISMATCH";
-    /// Rows past the audit trail's recorded head: audited writes are refused until
-    /// `POST /v1/audit/quarantine` moves them out.
-    /// The environment's policy requires the owner to be registered first.
-    pub const POLICY_OWNER_NOT_REGISTERED: &str = "POLICY_OWNER_NOT_REGISTERED";
-    pub const AUDIT_TRAIL_TAMPERED: &str = "AUDIT_TRAIL_TAMPERED";
-    pub const POLICY_INVALID: &str = "POLICY_INVALID";
-    pub const OWNER_NOT_FOUND: &str = "OWNER_NOT_FOUND";
-    pub const OWNER_DISABLED: &str = "OWNER_DISABLED";
-    pub const SERVICE_NOT_FOUND: &str = "SERVICE_NOT_FOUND";
-    pub const WEBHOOK_URL_INVALID: &str = "WEBHOOK_URL_INVALID";
-    pub const ROUTE_NOT_MAPPED: &str = "ROUTE_NOT_MAPPED";
-    /// `/v1/auth`: the headers the caller's gateway kind carries the client's method and
-    /// URI in are missing, sent twice or unreadable; or the caller has no kind.
-    pub const GATEWAY_HEADERS_MISSING: &str = "GATEWAY_HEADERS_MISSING";
-    pub const GATEWAY_HEADERS_INVALID: &str = "GATEWAY_HEADERS_INVALID";
-    pub const GATEWAY_UNKNOWN: &str = "GATEWAY_UNKNOWN";
-    pub const PATH_REJECTED: &str = "PATH_REJECTED";
-    pub const KEY_MISSING: &str = "KEY_MISSING";
 }

@@ -13,7 +13,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use keywarden_core::key_format;
-use keywarden_proto::codes;
+use keywarden_proto::ErrorCode;
 use serde::de::{self, DeserializeOwned, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::error::Category;
 
@@ -69,8 +69,8 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match read_json(req, state).await? {
             Some(v) => Ok(Self(v)),
-            None => Err(ApiError::bad_request(
-                codes::INVALID_BODY,
+            None => Err(ApiError::coded(
+                ErrorCode::InvalidBody,
                 "a JSON body is required",
             )),
         }
@@ -106,12 +106,11 @@ async fn read_json<S: Send + Sync, T: DeserializeOwned + KeyFields>(
     let bytes = Bytes::from_request(req, state).await.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::Coded {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                code: codes::BODY_TOO_LARGE,
+                code: ErrorCode::BodyTooLarge,
                 message: "request body is larger than 64 KiB".to_owned(),
             }
         } else {
-            ApiError::bad_request(codes::INVALID_BODY, "could not read the request body")
+            ApiError::coded(ErrorCode::InvalidBody, "could not read the request body")
         }
     })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -119,16 +118,15 @@ async fn read_json<S: Send + Sync, T: DeserializeOwned + KeyFields>(
     }
     if !is_json {
         return Err(ApiError::Coded {
-            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            code: codes::UNSUPPORTED_MEDIA_TYPE,
+            code: ErrorCode::UnsupportedMediaType,
             message: "expected `Content-Type: application/json`".to_owned(),
         });
     }
     // serde reads a struct from an array of its fields in order too: `[]` would be an
     // empty revoke request.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::bad_request(
-            codes::INVALID_BODY,
+        return Err(ApiError::coded(
+            ErrorCode::InvalidBody,
             "the request body must be a JSON object (`{…}`), not an array or a bare value",
         ));
     }
@@ -138,11 +136,11 @@ async fn read_json<S: Send + Sync, T: DeserializeOwned + KeyFields>(
     serde_json::from_slice(&bytes).map(Some).map_err(|e| {
         let message = redact_quoted(&e.to_string());
         let code = match e.classify() {
-            Category::Data if message.contains("unknown field") => codes::UNKNOWN_FIELD,
-            Category::Data => codes::INVALID_BODY,
-            Category::Syntax | Category::Eof | Category::Io => codes::MALFORMED_JSON,
+            Category::Data if message.contains("unknown field") => ErrorCode::UnknownField,
+            Category::Data => ErrorCode::InvalidBody,
+            Category::Syntax | Category::Eof | Category::Io => ErrorCode::MalformedJson,
         };
-        ApiError::bad_request(code, message)
+        ApiError::coded(code, message)
     })
 }
 
@@ -150,7 +148,7 @@ async fn read_json<S: Send + Sync, T: DeserializeOwned + KeyFields>(
 /// parameter), never the value.
 pub(crate) fn secret_in_field(field: &str, what: &str) -> ApiError {
     ApiError::Validation(vec![violation(
-        codes::SECRET_IN_FIELD,
+        ErrorCode::SecretInField,
         field,
         format!(
             "this {what} holds a keywarden key or admin token, which is accepted only where \
@@ -342,7 +340,7 @@ where
 }
 
 fn query_rejection(r: QueryRejection) -> ApiError {
-    ApiError::bad_request(codes::INVALID_QUERY, r.body_text())
+    ApiError::coded(ErrorCode::InvalidQuery, r.body_text())
 }
 
 /// serde quotes offending string values in its messages (`invalid type: string "…"`); a

@@ -21,12 +21,12 @@ use axum::response::{IntoResponse, Response};
 use keywarden_core::key_format::find_key;
 use keywarden_core::model::TokenRecord;
 use keywarden_core::role::Permission;
-use keywarden_proto::codes;
+use keywarden_proto::ErrorCode;
 
 use futures_util::future::{ready, BoxFuture, Either, Ready, Then};
 use futures_util::FutureExt;
 
-use crate::error::{error_response, ApiError};
+use crate::error::{error_response, respond, ApiError};
 use crate::extract::{redact_quoted, secret_in_field};
 
 /// The longest path and query read (hyper itself refuses request lines over 64 KiB).
@@ -99,8 +99,8 @@ pub(crate) fn check_uri(uri: &Uri, route: Option<&str>) -> Result<(), ApiError> 
         }
         if let Some(name) = param {
             if std::str::from_utf8(&decoded).is_err() {
-                return Err(ApiError::bad_request(
-                    codes::INVALID_PATH,
+                return Err(ApiError::coded(
+                    ErrorCode::InvalidPath,
                     format!("path parameter `{name}` is not UTF-8 once percent-decoded"),
                 ));
             }
@@ -224,8 +224,7 @@ where
             .is_some_and(|p| p.as_str().len() > MAX_URI);
         if too_long {
             return Either::Left(ready(Ok(error_response(
-                StatusCode::URI_TOO_LONG,
-                codes::URI_TOO_LONG,
+                ErrorCode::UriTooLong,
                 format!("the path and query are longer than {MAX_URI} bytes"),
                 vec![],
             ))));
@@ -288,7 +287,7 @@ async fn rewrite(resp: Response, scim: bool, ours: bool) -> Response {
     let mut out = if scim {
         scim_error(status, message)
     } else {
-        error_response(status, code, message, vec![])
+        respond(status, code, message, vec![])
     };
     // Keep what the answer said besides its body (Allow, Retry-After, request id).
     for (name, value) in &parts.headers {
@@ -300,28 +299,28 @@ async fn rewrite(resp: Response, scim: bool, ours: bool) -> Response {
 }
 
 /// The code and a default message for an error status that came without our body.
-fn describe(status: StatusCode) -> (&'static str, &'static str) {
+fn describe(status: StatusCode) -> (ErrorCode, &'static str) {
     match status {
-        StatusCode::UNAUTHORIZED => (codes::UNAUTHENTICATED, "authentication required"),
-        StatusCode::FORBIDDEN => (codes::FORBIDDEN, "not allowed"),
-        StatusCode::NOT_FOUND => (codes::ROUTE_NOT_FOUND, "no such route"),
+        StatusCode::UNAUTHORIZED => (ErrorCode::Unauthenticated, "authentication required"),
+        StatusCode::FORBIDDEN => (ErrorCode::Forbidden, "not allowed"),
+        StatusCode::NOT_FOUND => (ErrorCode::RouteNotFound, "no such route"),
         StatusCode::METHOD_NOT_ALLOWED => (
-            codes::METHOD_NOT_ALLOWED,
+            ErrorCode::MethodNotAllowed,
             "method not allowed on this route",
         ),
-        StatusCode::REQUEST_TIMEOUT => (codes::REQUEST_TIMEOUT, "the request took too long"),
-        StatusCode::PAYLOAD_TOO_LARGE => (codes::BODY_TOO_LARGE, "the request body is too large"),
-        StatusCode::URI_TOO_LONG => (codes::URI_TOO_LONG, "the URI is too long"),
+        StatusCode::REQUEST_TIMEOUT => (ErrorCode::RequestTimeout, "the request took too long"),
+        StatusCode::PAYLOAD_TOO_LARGE => (ErrorCode::BodyTooLarge, "the request body is too large"),
+        StatusCode::URI_TOO_LONG => (ErrorCode::UriTooLong, "the URI is too long"),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-            (codes::UNSUPPORTED_MEDIA_TYPE, "unsupported content type")
+            (ErrorCode::UnsupportedMediaType, "unsupported content type")
         }
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
-            codes::HEADERS_TOO_LARGE,
+            ErrorCode::HeadersTooLarge,
             "the request headers are too large",
         ),
-        StatusCode::SERVICE_UNAVAILABLE => (codes::UNAVAILABLE, "unavailable; try again"),
-        s if s.is_server_error() => (codes::INTERNAL, "internal error"),
-        _ => (codes::INVALID_REQUEST, "the request could not be read"),
+        StatusCode::SERVICE_UNAVAILABLE => (ErrorCode::Unavailable, "unavailable; try again"),
+        s if s.is_server_error() => (ErrorCode::Internal, "internal error"),
+        _ => (ErrorCode::InvalidRequest, "the request could not be read"),
     }
 }
 
@@ -401,7 +400,7 @@ mod tests {
         let k = key();
         let field = |e: ApiError| match e {
             ApiError::Validation(v) => v[0].field.clone(),
-            other => format!("{other:?}"),
+            other => other.code().as_str().to_owned(),
         };
         let check = |uri: String, route: Option<&str>| {
             check_uri(&uri.parse::<Uri>().unwrap(), route).map_err(field)
@@ -427,6 +426,6 @@ mod tests {
         );
         assert!(check("/v1/keys/%FF".to_owned(), Some("/v1/keys/{id}"))
             .unwrap_err()
-            .contains("INVALID_PATH"));
+            .eq("INVALID_PATH"));
     }
 }

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod dispatch;
 pub mod enforcer;
+pub mod errlog;
 pub mod error;
 pub mod extract;
 pub mod guard;
@@ -25,12 +26,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{Request, StatusCode};
+use axum::http::Request;
 use axum::routing::get;
 use axum::{Json, Router};
 use keywarden_core::clock::Clock;
 use keywarden_core::PlainKey;
-use keywarden_proto::codes;
+use keywarden_proto::ErrorCode;
 use keywarden_store::Store;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -221,17 +222,11 @@ pub fn router(state: SharedState) -> Router {
             get(move || async move { Json((*doc).clone()) }),
         )
         .fallback(|| async {
-            error_response(
-                StatusCode::NOT_FOUND,
-                codes::ROUTE_NOT_FOUND,
-                "no such route".to_owned(),
-                vec![],
-            )
+            error_response(ErrorCode::RouteNotFound, "no such route".to_owned(), vec![])
         })
         .method_not_allowed_fallback(|| async {
             error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                codes::METHOD_NOT_ALLOWED,
+                ErrorCode::MethodNotAllowed,
                 "method not allowed on this route".to_owned(),
                 vec![],
             )
@@ -251,19 +246,21 @@ pub fn router(state: SharedState) -> Router {
     } else {
         router
     };
-    router
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-            |_: Box<dyn std::any::Any + Send>| {
-                error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    codes::INTERNAL,
-                    "internal error".to_owned(),
-                    vec![],
-                )
-            },
-        ))
+    // Outermost first. A panic's answer is made inside the request id layers, so it
+    // carries the id, and the 5xx log outside them all reads the id from the answer. One
+    // `Router::layer` for the four: each call boxes the service again, which costs every
+    // request an allocation for the clone and one for the future.
+    router.layer(
+        tower::ServiceBuilder::new()
+            .layer(errlog::ServerErrorLogLayer)
+            .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                |_: Box<dyn std::any::Any + Send>| {
+                    error_response(ErrorCode::Internal, "internal error".to_owned(), vec![])
+                },
+            )),
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +269,8 @@ pub enum StartError {
     Bootstrap(#[from] bootstrap::BootstrapError),
     #[error("store: {0}")]
     Store(#[from] keywarden_store::StoreError),
+    #[error("policy: {0}")]
+    Policy(String),
     #[error("outbound HTTP client: {0}")]
     Outbound(#[from] outbound::OutboundError),
     #[error("cannot listen on {addr}: {source}")]
@@ -373,10 +372,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let state: SharedState = Arc::new(AppState::new(store, hasher, clock, config, signer, links));
     // Verify reads the cached policy; load the stored one before the first request.
     if let Err(e) = state.policy().await {
-        return Err(StartError::Store(match e {
-            error::ApiError::Store(e) => e,
-            other => keywarden_store::StoreError::Corrupt(other.to_string()),
-        }));
+        return Err(match e {
+            error::ApiError::Store(e) => StartError::Store(e),
+            other => StartError::Policy(other.to_string()),
+        });
     }
     let (stop_jobs, stop_jobs_rx) = watch::channel(false);
     let expiry = tokio::spawn(enforcer::run(

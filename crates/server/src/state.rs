@@ -104,13 +104,10 @@ impl AppState {
                 Ok(p) => (stored.version, p),
                 // It parsed when applied; refusing to issue beats issuing unchecked.
                 Err(e) => {
-                    tracing::error!(version = stored.version, error = %e, "stored policy no longer parses");
-                    return Err(crate::error::ApiError::Store(
-                        keywarden_store::StoreError::Corrupt(format!(
-                            "policy version {} cannot be read",
-                            stored.version
-                        )),
-                    ));
+                    return Err(crate::error::ApiError::internal(format!(
+                        "stored policy version {} no longer parses: {e}",
+                        stored.version
+                    )));
                 }
             },
         };

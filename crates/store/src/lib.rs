@@ -14,6 +14,7 @@
 
 mod audit;
 mod cluster;
+mod error;
 mod fold;
 mod keys;
 mod owners;
@@ -46,28 +47,7 @@ pub use services::{
 pub use shadow::ShadowKey;
 pub use usage::FOLD_CHUNK;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("stored data is invalid: {0}")]
-    Corrupt(String),
-    /// Rows sit in the audit trail (or the key event outbox) past the head the store
-    /// recorded: written around keywarden. Audited writes refuse to chain onto them.
-    #[error(
-        "the audit trail holds entries past its recorded head (seq {head}, found up to \
-         {found}): they were written around keywarden; nothing was changed. Run \
-         `keywarden audit verify` to see them and `keywarden audit quarantine` to move them \
-         out of the trail"
-    )]
-    AuditPastHead { head: i64, found: i64 },
-    #[error("unsupported database url: expected sqlite://PATH (a file) or postgres://")]
-    UnsupportedUrl,
-}
-
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+pub use error::{DriverError, Result, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

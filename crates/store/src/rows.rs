@@ -114,7 +114,9 @@ impl<'r, 's> ByPosition<'r, 's> {
             .iter()
             .position(|name| *name == col)
             .ok_or_else(|| decode_error(col, "not among the selected columns"))?;
-        self.row.get(at).map_err(|e| decode_error(col, e))
+        self.row
+            .get(at)
+            .map_err(|e| StoreError::rusqlite(col.to_owned(), e))
     }
 }
 

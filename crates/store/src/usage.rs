@@ -7,7 +7,7 @@ use sqlx::Row;
 
 use crate::fold::{fold_last_use_sql, StatsView};
 use crate::rows::decode_error;
-use crate::{Engine, Result, Store};
+use crate::{Engine, Result, Store, StoreError};
 
 const USAGE_COLUMNS: &str =
     "u.seq, u.key_id, u.time, u.code, u.source_ip, u.scope, u.environment, \
@@ -62,7 +62,10 @@ impl Store {
                 .await
                 {
                     Ok(done) => done,
-                    Err(e) => (Vec::new(), Err(decode_error("usage writer thread", e))),
+                    Err(e) => (
+                        Vec::new(),
+                        Err(StoreError::Internal(format!("usage writer thread: {e}"))),
+                    ),
                 }
             }
             Engine::Postgres(engine) => {
@@ -87,7 +90,7 @@ impl Store {
             sink.fold_step(max_keys)
         })
         .await
-        .map_err(|e| decode_error("usage fold thread", e))?
+        .map_err(|e| StoreError::Internal(format!("usage fold thread: {e}")))?
     }
 
     /// Folds all logged usage into the keys' stats.

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::Json;
 use keywarden_core::role::Permission;
-use keywarden_proto::{codes, AlertList, AlertView, ErrorBody};
+use keywarden_proto::{AlertList, AlertView, ErrorBody, ErrorCode};
 use keywarden_store::{AlertFilter, AlertRecord};
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -63,8 +63,8 @@ pub async fn list_alerts(
         .as_deref()
         .map(|s| {
             OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| {
-                ApiError::bad_request(
-                    codes::INVALID_QUERY,
+                ApiError::coded(
+                    ErrorCode::InvalidQuery,
                     "since must be an RFC 3339 time, e.g. 2026-06-01T12:00:00Z",
                 )
             })

@@ -10,8 +10,8 @@ use axum::Json;
 use keywarden_core::audit_chain::{from_hex, to_hex, SealedEntry};
 use keywarden_core::role::Permission;
 use keywarden_proto::{
-    codes, ArchiveRequest, ArchiveView, AuditChainView, AuditEntryView, AuditPage,
-    CheckpointRequest, CheckpointView, ErrorBody, QuarantineView,
+    ArchiveRequest, ArchiveView, AuditChainView, AuditEntryView, AuditPage, CheckpointRequest,
+    CheckpointView, ErrorBody, ErrorCode, QuarantineView,
 };
 use keywarden_store::{ArchiveOutcome, ArchiveRecord, AuditFilter, AuditOrder, Store};
 use serde::Deserialize;
@@ -67,8 +67,8 @@ fn archive_view(a: &ArchiveRecord) -> ArchiveView {
 fn parse_time(field: &str, v: Option<&str>) -> Result<Option<OffsetDateTime>, ApiError> {
     v.map(|s| {
         OffsetDateTime::parse(s, &Rfc3339).map_err(|_| {
-            ApiError::bad_request(
-                codes::INVALID_QUERY,
+            ApiError::coded(
+                ErrorCode::InvalidQuery,
                 format!("{field} must be an RFC 3339 time such as 2026-11-01T00:00:00Z"),
             )
         })
@@ -107,8 +107,8 @@ impl AuditQuery {
     fn filter(&self) -> Result<AuditFilter, ApiError> {
         let target = match (&self.key, &self.target) {
             (Some(_), Some(_)) => {
-                return Err(ApiError::bad_request(
-                    codes::INVALID_QUERY,
+                return Err(ApiError::coded(
+                    ErrorCode::InvalidQuery,
                     "give key or target, not both",
                 ))
             }
@@ -117,8 +117,8 @@ impl AuditQuery {
         };
         for (name, v) in [("actor", &self.actor), ("action", &self.action)] {
             if v.as_ref().is_some_and(|v| v.is_empty() || v.len() > 256) {
-                return Err(ApiError::bad_request(
-                    codes::INVALID_QUERY,
+                return Err(ApiError::coded(
+                    ErrorCode::InvalidQuery,
                     format!("{name} must be 1-256 characters"),
                 ));
             }
@@ -136,8 +136,8 @@ impl AuditQuery {
         match self.order.as_deref() {
             None | Some("asc") => Ok(AuditOrder::OldestFirst),
             Some("desc") => Ok(AuditOrder::NewestFirst),
-            Some(_) => Err(ApiError::bad_request(
-                codes::INVALID_QUERY,
+            Some(_) => Err(ApiError::coded(
+                ErrorCode::InvalidQuery,
                 "order must be asc or desc",
             )),
         }
@@ -155,8 +155,8 @@ pub async fn list_audit(
 ) -> Result<Json<AuditPage>, ApiError> {
     principal.require(Permission::AuditRead)?;
     if q.format.is_some() {
-        return Err(ApiError::bad_request(
-            codes::INVALID_QUERY,
+        return Err(ApiError::coded(
+            ErrorCode::InvalidQuery,
             "format applies to /v1/audit/export",
         ));
     }
@@ -202,17 +202,14 @@ fn write_page(format: Format, entries: &[SealedEntry], header: bool) -> Result<B
     match format {
         Format::Jsonl => {
             for e in entries {
-                serde_json::to_writer(&mut out, &entry_view(e)).map_err(|e| {
-                    ApiError::Store(keywarden_store::StoreError::Corrupt(e.to_string()))
-                })?;
+                serde_json::to_writer(&mut out, &entry_view(e))
+                    .map_err(|e| ApiError::internal(format!("audit export: {e}")))?;
                 out.push(b'\n');
             }
         }
         Format::Csv => {
             let mut w = csv::Writer::from_writer(&mut out);
-            let csv_err = |e: csv::Error| {
-                ApiError::Store(keywarden_store::StoreError::Corrupt(e.to_string()))
-            };
+            let csv_err = |e: csv::Error| ApiError::internal(format!("audit export: {e}"));
             if header {
                 w.write_record(CSV_HEADER).map_err(csv_err)?;
             }
@@ -239,9 +236,8 @@ fn write_page(format: Format, entries: &[SealedEntry], header: bool) -> Result<B
                 w.write_record(cells.iter().map(|c| c.as_bytes()))
                     .map_err(csv_err)?;
             }
-            w.flush().map_err(|e| {
-                ApiError::Store(keywarden_store::StoreError::Corrupt(e.to_string()))
-            })?;
+            w.flush()
+                .map_err(|e| ApiError::internal(format!("audit export: {e}")))?;
             drop(w);
         }
     }
@@ -287,22 +283,22 @@ pub async fn export_audit(
         None | Some("jsonl") => Format::Jsonl,
         Some("csv") => Format::Csv,
         Some(_) => {
-            return Err(ApiError::bad_request(
-                codes::INVALID_QUERY,
+            return Err(ApiError::coded(
+                ErrorCode::InvalidQuery,
                 "format must be jsonl or csv",
             ))
         }
     };
     if q.limit.is_some() || q.order.is_some() {
-        return Err(ApiError::bad_request(
-            codes::INVALID_QUERY,
+        return Err(ApiError::coded(
+            ErrorCode::InvalidQuery,
             "an export is the whole range, oldest first: limit and order do not apply",
         ));
     }
     let after = match q.cursor.as_deref() {
         None => None,
         Some(c) => Some(c.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-            ApiError::bad_request(codes::INVALID_CURSOR, "cursor must be a seq (0 or more)")
+            ApiError::coded(ErrorCode::InvalidCursor, "cursor must be a seq (0 or more)")
         })?),
     };
     let start = ExportCursor {
@@ -377,8 +373,7 @@ pub async fn create_checkpoint(
             Some(e) => (e.seq, e.hash),
             None => {
                 return Err(ApiError::Coded {
-                    status: StatusCode::NOT_FOUND,
-                    code: codes::AUDIT_ENTRY_NOT_FOUND,
+                    code: ErrorCode::AuditEntryNotFound,
                     message: format!("no live audit entry with seq {seq}"),
                 })
             }
@@ -411,14 +406,14 @@ pub async fn archive_audit(
     let mut v = Vec::new();
     if req.first_seq < 1 {
         v.push(violation(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "first_seq",
             "must be 1 or more",
         ));
     }
     if req.last_seq < req.first_seq {
         v.push(violation(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "last_seq",
             "must not be below first_seq",
         ));
@@ -426,14 +421,14 @@ pub async fn archive_audit(
     let last_hash = from_hex(&req.last_hash);
     if last_hash.is_none() {
         v.push(violation(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "last_hash",
             "must be 64 hex characters",
         ));
     }
     if from_hex(&req.file_sha256).is_none() {
         v.push(violation(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "file_sha256",
             "must be 64 hex characters",
         ));
@@ -467,8 +462,7 @@ pub async fn archive_audit(
         by: actor.id,
     };
     let mismatch = |message: String| ApiError::Coded {
-        status: StatusCode::CONFLICT,
-        code: codes::ARCHIVE_MISMATCH,
+        code: ErrorCode::ArchiveMismatch,
         message,
     };
     match app.store.archive_audit(&request, &entry).await? {

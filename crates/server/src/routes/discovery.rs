@@ -7,7 +7,7 @@ use axum::Json;
 use keywarden_core::key_format::{self, ADMIN_ENV};
 use keywarden_core::role::Permission;
 use keywarden_proto::{
-    codes, ErrorBody, IdentifiedKey, IdentifyRequest, IdentifyResponse, ImportShadowKeys,
+    ErrorBody, ErrorCode, IdentifiedKey, IdentifyRequest, IdentifyResponse, ImportShadowKeys,
     ShadowImportResult, ShadowKeyList, ShadowKeyView,
 };
 use keywarden_store::ShadowKey;
@@ -34,7 +34,7 @@ pub async fn identify(
     principal.require(Permission::KeysRead)?;
     if req.keys.len() > MAX_BATCH {
         return Err(ApiError::invalid(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "keys",
             format!("at most {MAX_BATCH} per request"),
         ));
@@ -101,7 +101,7 @@ pub async fn import_shadow_keys(
     let mut v = Vec::new();
     if req.shadows.len() > MAX_BATCH {
         v.push(violation(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "shadows",
             format!("at most {MAX_BATCH} per request"),
         ));
@@ -111,21 +111,21 @@ pub async fn import_shadow_keys(
     for (i, s) in req.shadows.iter().enumerate() {
         if s.fingerprint.len() != 64 || !s.fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
             v.push(violation(
-                codes::FIELD_INVALID,
+                ErrorCode::FieldInvalid,
                 &format!("shadows[{i}].fingerprint"),
                 "64 hex characters (SHA-256 of the secret)",
             ));
         }
         if !text_ok(&s.kind, 64) || !text_ok(&s.severity, 16) {
             v.push(violation(
-                codes::FIELD_INVALID,
+                ErrorCode::FieldInvalid,
                 &format!("shadows[{i}].kind"),
                 "kind (1-64) and severity (1-16 characters), no control characters",
             ));
         }
         if !text_ok(&s.location, 1024) || s.line < 0 {
             v.push(violation(
-                codes::FIELD_INVALID,
+                ErrorCode::FieldInvalid,
                 &format!("shadows[{i}].location"),
                 "1-1024 characters, no control characters; line not negative",
             ));

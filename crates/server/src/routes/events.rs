@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keywarden_core::role::Permission;
 use keywarden_core::webhook::{category, parse_categories};
-use keywarden_proto::{codes, ErrorBody, EventPage, EventView};
+use keywarden_proto::{ErrorBody, ErrorCode, EventPage, EventView};
 use keywarden_store::KeyEvent;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -118,21 +118,24 @@ pub async fn events(
         .and_then(|v| v.to_str().ok())
         .map(|v| {
             v.trim().parse::<i64>().map_err(|_| {
-                ApiError::bad_request(codes::INVALID_QUERY, "Last-Event-ID must be an event seq")
+                ApiError::coded(
+                    ErrorCode::InvalidQuery,
+                    "Last-Event-ID must be an event seq",
+                )
             })
         })
         .transpose()?;
     let after = q.after.or(last_event_id).unwrap_or(0);
     if after < 0 {
-        return Err(ApiError::bad_request(
-            codes::INVALID_QUERY,
+        return Err(ApiError::coded(
+            ErrorCode::InvalidQuery,
             "after must not be negative",
         ));
     }
     let limit = super::parse_limit(q.limit)?;
     let only = q
         .events
-        .map(|e| parse_categories(&[e]).map_err(|m| ApiError::bad_request(codes::INVALID_QUERY, m)))
+        .map(|e| parse_categories(&[e]).map_err(|m| ApiError::coded(ErrorCode::InvalidQuery, m)))
         .transpose()?;
     let wait = match q.wait.as_deref() {
         None => Duration::from_secs(30),
@@ -141,8 +144,8 @@ pub async fn events(
             .and_then(|d| Duration::try_from(d).ok())
             .filter(|d| *d <= MAX_WAIT)
             .ok_or_else(|| {
-                ApiError::bad_request(
-                    codes::INVALID_QUERY,
+                ApiError::coded(
+                    ErrorCode::InvalidQuery,
                     "wait must be a duration from 0s to 60s, e.g. 30s",
                 )
             })?,

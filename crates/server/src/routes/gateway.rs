@@ -28,7 +28,7 @@ use keywarden_core::gateway::{GatewayKind, Need};
 use keywarden_core::model::Actor;
 use keywarden_core::role::Permission;
 use keywarden_core::verify::{VerifyCode, VerifyRequest};
-use keywarden_proto::{codes, VerifyResponse};
+use keywarden_proto::{ErrorCode, VerifyResponse};
 
 use crate::auth::{authenticate_token, client_ip, header_text};
 use crate::error::ApiError;
@@ -111,21 +111,21 @@ async fn decide(
             scope: None,
             environment: None,
         },
-        None => return Ok(refusal(StatusCode::FORBIDDEN, codes::GATEWAY_UNKNOWN)),
+        None => return Ok(refusal(ErrorCode::GatewayUnknown)),
         Some(kind) => match original_request(kind, method, uri, headers) {
             Ok((method, uri)) => map.need(&method, &uri),
-            Err(code) => return Ok(refusal(StatusCode::FORBIDDEN, code)),
+            Err(code) => return Ok(refusal(code)),
         },
     };
     let (scope, environment) = match need {
         Need::Key { scope, environment } => (scope.cloned(), environment.map(str::to_owned)),
         Need::Unmapped => {
-            return Ok(refusal(StatusCode::FORBIDDEN, codes::ROUTE_NOT_MAPPED));
+            return Ok(refusal(ErrorCode::RouteNotMapped));
         }
-        Need::Suspicious => return Ok(refusal(StatusCode::FORBIDDEN, codes::PATH_REJECTED)),
+        Need::Suspicious => return Ok(refusal(ErrorCode::PathRejected)),
     };
     let Some(key) = presented_key(headers) else {
-        return Ok(refusal(StatusCode::UNAUTHORIZED, codes::KEY_MISSING));
+        return Ok(refusal(ErrorCode::KeyMissing));
     };
     let ask = VerifyRequest {
         scope,
@@ -187,7 +187,7 @@ fn original_request(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-) -> Result<(String, String), &'static str> {
+) -> Result<(String, String), ErrorCode> {
     let (method_header, uri_header) = match kind {
         GatewayKind::Nginx => ("x-original-method", "x-original-uri"),
         GatewayKind::Traefik => ("x-forwarded-method", "x-forwarded-uri"),
@@ -195,7 +195,7 @@ fn original_request(
             // Envoy appends the original path to `path_prefix` and keeps the method.
             let below = uri.path().strip_prefix("/v1/auth").unwrap_or("");
             if below.is_empty() {
-                return Err(codes::GATEWAY_HEADERS_MISSING);
+                return Err(ErrorCode::GatewayHeadersMissing);
             }
             let uri = match uri.query() {
                 Some(q) => format!("{below}?{q}"),
@@ -206,34 +206,30 @@ fn original_request(
     };
     let method = exactly_one(headers, method_header, 16)?;
     if !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-        return Err(codes::GATEWAY_HEADERS_INVALID);
+        return Err(ErrorCode::GatewayHeadersInvalid);
     }
     let uri = exactly_one(headers, uri_header, MAX_ORIGINAL_URI)?;
     Ok((method.to_owned(), uri.to_owned()))
 }
 
 /// The one value of `name`: present once, visible ASCII, at most `max` bytes.
-fn exactly_one<'h>(
-    headers: &'h HeaderMap,
-    name: &str,
-    max: usize,
-) -> Result<&'h str, &'static str> {
+fn exactly_one<'h>(headers: &'h HeaderMap, name: &str, max: usize) -> Result<&'h str, ErrorCode> {
     let mut values = headers.get_all(name).iter();
     let Some(value) = values.next() else {
-        return Err(codes::GATEWAY_HEADERS_MISSING);
+        return Err(ErrorCode::GatewayHeadersMissing);
     };
     if values.next().is_some() {
-        return Err(codes::GATEWAY_HEADERS_INVALID);
+        return Err(ErrorCode::GatewayHeadersInvalid);
     }
     let text = value
         .to_str()
-        .map_err(|_| codes::GATEWAY_HEADERS_INVALID)?
+        .map_err(|_| ErrorCode::GatewayHeadersInvalid)?
         .trim();
     if text.is_empty() {
-        return Err(codes::GATEWAY_HEADERS_MISSING);
+        return Err(ErrorCode::GatewayHeadersMissing);
     }
     if text.len() > max || text.bytes().any(|b| b.is_ascii_control()) {
-        return Err(codes::GATEWAY_HEADERS_INVALID);
+        return Err(ErrorCode::GatewayHeadersInvalid);
     }
     Ok(text)
 }
@@ -282,12 +278,14 @@ fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
-fn refusal(status: StatusCode, code: &str) -> Response {
+/// A refusal before any key is judged, in the verify answer's shape; its status is the
+/// code's.
+fn refusal(code: ErrorCode) -> Response {
     let mut headers = HeaderMap::new();
-    put(&mut headers, CODE, code);
+    put(&mut headers, CODE, code.as_str());
     let body = VerifyResponse {
         valid: false,
-        code: code.to_owned(),
+        code: code.as_str().to_owned(),
         key_id: None,
         owner: None,
         environment: None,
@@ -295,5 +293,5 @@ fn refusal(status: StatusCode, code: &str) -> Response {
         expires_at: None,
         remaining_uses: None,
     };
-    (status, headers, Json(body)).into_response()
+    (crate::error::status_of(code), headers, Json(body)).into_response()
 }

@@ -16,8 +16,8 @@ use keywarden_core::role::Permission;
 use keywarden_core::scope::Scope;
 use keywarden_core::{validate, KeyRecord};
 use keywarden_proto::{
-    codes, CreateKeyRequest, CreatedKey, ErrorBody, KeyList, KeyView, RotateRequest, RotatedKey,
-    Secret, StateChangeRequest, UsageEventView, UsageList, Violation,
+    CreateKeyRequest, CreatedKey, ErrorBody, ErrorCode, KeyList, KeyView, RotateRequest,
+    RotatedKey, Secret, StateChangeRequest, UsageEventView, UsageList, Violation,
 };
 use keywarden_store::{KeyFilter, StateFilter};
 use serde::Deserialize;
@@ -59,7 +59,7 @@ pub async fn create_key(
     match app.store.get_owner(&spec.owner).await? {
         Some(o) if o.status != "active" => {
             return Err(ApiError::invalid(
-                codes::OWNER_DISABLED,
+                ErrorCode::OwnerDisabled,
                 "owner",
                 "this owner is disabled; keys cannot be issued to them",
             ));
@@ -70,7 +70,7 @@ pub async fn create_key(
             .require_registered_owner =>
         {
             return Err(ApiError::invalid(
-                codes::POLICY_OWNER_NOT_REGISTERED,
+                ErrorCode::PolicyOwnerNotRegistered,
                 "owner",
                 format!(
                     "the policy for `{}` requires a registered owner; register them first \
@@ -86,7 +86,7 @@ pub async fn create_key(
         &app.config.key_prefix,
         &spec.environment,
     )
-    .map_err(|e| ApiError::invalid(codes::FIELD_INVALID, "environment", e.to_string()))?;
+    .map_err(|e| ApiError::invalid(ErrorCode::FieldInvalid, "environment", e.to_string()))?;
     let record = spec.issue(&parsed, &app.hasher, principal.actor().id, now);
     let entry = audit(
         principal.actor(),
@@ -173,7 +173,7 @@ pub fn validate_create(
     let mut v: Vec<Violation> = Vec::new();
     let mut field = |r: Result<(), validate::FieldError>| {
         if let Err(e) = r {
-            v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
+            v.push(violation(ErrorCode::FieldInvalid, &e.field, e.message));
         }
     };
     field(validate::name("name", &req.name));
@@ -188,7 +188,7 @@ pub fn validate_create(
     }
     if req.systems.len() > MAX_SYSTEMS {
         v.push(violation(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "systems",
             format!("at most {MAX_SYSTEMS} systems"),
         ));
@@ -197,14 +197,14 @@ pub fn validate_create(
     let mut scopes = Vec::new();
     if req.scopes.is_empty() {
         v.push(violation(
-            codes::SCOPE_INVALID,
+            ErrorCode::ScopeInvalid,
             "scopes",
             "at least one scope is required (least privilege: name what the key may do)",
         ));
     }
     if req.scopes.len() > MAX_SCOPES {
         v.push(violation(
-            codes::SCOPE_INVALID,
+            ErrorCode::ScopeInvalid,
             "scopes",
             format!("at most {MAX_SCOPES} scopes"),
         ));
@@ -212,7 +212,7 @@ pub fn validate_create(
     for s in &req.scopes {
         match Scope::granted(s) {
             Ok(s) => scopes.push(s),
-            Err(e) => v.push(violation(codes::SCOPE_INVALID, "scopes", e.to_string())),
+            Err(e) => v.push(violation(ErrorCode::ScopeInvalid, "scopes", e.to_string())),
         }
     }
     scopes.sort();
@@ -221,7 +221,7 @@ pub fn validate_create(
     let mut cidrs = Vec::new();
     if req.allowed_cidrs.len() > MAX_CIDRS {
         v.push(violation(
-            codes::CIDR_INVALID,
+            ErrorCode::CidrInvalid,
             "allowed_cidrs",
             format!("at most {MAX_CIDRS} CIDRs"),
         ));
@@ -230,7 +230,7 @@ pub fn validate_create(
         match parse_cidr(c) {
             Some(net) => cidrs.push(net),
             None => v.push(violation(
-                codes::CIDR_INVALID,
+                ErrorCode::CidrInvalid,
                 "allowed_cidrs",
                 format!("invalid CIDR {:?}: expected e.g. 10.0.0.0/8, 2001:db8::/32 or a single address", c.chars().take(64).collect::<String>()),
             )),
@@ -241,19 +241,19 @@ pub fn validate_create(
 
     if req.max_uses == Some(0) {
         v.push(violation(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "max_uses",
             "must be at least 1 (1 makes a one-time key)",
         ));
     }
     if req.max_uses.is_some_and(|m| i64::try_from(m).is_err()) {
-        v.push(violation(codes::FIELD_INVALID, "max_uses", "too large"));
+        v.push(violation(ErrorCode::FieldInvalid, "max_uses", "too large"));
     }
 
     let expires_at = match (&req.ttl, req.expires_at) {
         (Some(_), Some(_)) => {
             v.push(violation(
-                codes::FIELD_INVALID,
+                ErrorCode::FieldInvalid,
                 "ttl",
                 "give either ttl or expires_at, not both",
             ));
@@ -262,7 +262,7 @@ pub fn validate_create(
         (Some(ttl), None) => match parse_duration(ttl) {
             Ok(d) if d <= time::Duration::ZERO => {
                 v.push(violation(
-                    codes::DURATION_INVALID,
+                    ErrorCode::DurationInvalid,
                     "ttl",
                     "must be longer than zero",
                 ));
@@ -270,7 +270,7 @@ pub fn validate_create(
             }
             Ok(d) if d > max_ttl => {
                 v.push(violation(
-                    codes::TTL_TOO_LONG,
+                    ErrorCode::TtlTooLong,
                     "ttl",
                     format!(
                         "at most {}",
@@ -281,13 +281,13 @@ pub fn validate_create(
             }
             Ok(d) => Some(now + d),
             Err(e) => {
-                v.push(violation(codes::DURATION_INVALID, "ttl", e.to_string()));
+                v.push(violation(ErrorCode::DurationInvalid, "ttl", e.to_string()));
                 None
             }
         },
         (None, Some(at)) if at <= now => {
             v.push(violation(
-                codes::FIELD_INVALID,
+                ErrorCode::FieldInvalid,
                 "expires_at",
                 "must be in the future",
             ));
@@ -295,7 +295,7 @@ pub fn validate_create(
         }
         (None, Some(at)) if at > now + max_ttl => {
             v.push(violation(
-                codes::TTL_TOO_LONG,
+                ErrorCode::TtlTooLong,
                 "expires_at",
                 format!(
                     "at most {} from now",
@@ -319,9 +319,14 @@ pub fn validate_create(
     // The TTL limit was checked above, with the field the caller used.
     for p in check_issue(rules, &ask)
         .into_iter()
-        .filter(|p| p.code != codes::TTL_TOO_LONG)
+        .filter(|p| p.code != ErrorCode::TtlTooLong.as_str())
     {
-        v.push(violation(p.code, p.field, p.message));
+        // The policy's codes are in the table too (`policy_codes_are_in_the_table`).
+        v.push(Violation {
+            code: p.code.to_owned(),
+            field: p.field.to_owned(),
+            message: p.message,
+        });
     }
     let (Some(expires_at), true) = (expires_at, v.is_empty()) else {
         return Err(ApiError::Validation(v));
@@ -397,7 +402,7 @@ pub async fn list_keys(
         .map(|s| {
             s.parse::<KeyState>()
                 .map(StateFilter::from)
-                .map_err(|e| ApiError::bad_request(codes::INVALID_QUERY, e.to_string()))
+                .map_err(|e| ApiError::coded(ErrorCode::InvalidQuery, e.to_string()))
         })
         .transpose()?;
     let filter = KeyFilter {
@@ -481,7 +486,7 @@ async fn change_state(
                 .is_some_and(|o| o.status != "active")
         {
             return Err(ApiError::invalid(
-                codes::OWNER_DISABLED,
+                ErrorCode::OwnerDisabled,
                 "owner",
                 "this key's owner is disabled; enable the owner before resuming their keys",
             ));
@@ -584,11 +589,12 @@ pub async fn rotate_key(
     let grace = match body.grace.as_deref() {
         None => app.config.default_rotation_grace,
         Some(g) => {
-            let d = parse_duration(g)
-                .map_err(|e| ApiError::invalid(codes::DURATION_INVALID, "grace", e.to_string()))?;
+            let d = parse_duration(g).map_err(|e| {
+                ApiError::invalid(ErrorCode::DurationInvalid, "grace", e.to_string())
+            })?;
             if d > time::Duration::days(30) {
                 return Err(ApiError::invalid(
-                    codes::DURATION_INVALID,
+                    ErrorCode::DurationInvalid,
                     "grace",
                     "at most 30d",
                 ));
@@ -609,7 +615,7 @@ pub async fn rotate_key(
             .is_some_and(|o| o.status != "active")
         {
             return Err(ApiError::invalid(
-                codes::OWNER_DISABLED,
+                ErrorCode::OwnerDisabled,
                 "owner",
                 "this key's owner is disabled; no successor can be issued to them",
             ));

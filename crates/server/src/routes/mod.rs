@@ -14,15 +14,15 @@ pub mod verify;
 
 use keywarden_core::model::{Actor, AuditEntry};
 use keywarden_core::KeyId;
-use keywarden_proto::codes;
+use keywarden_proto::ErrorCode;
 use time::OffsetDateTime;
 
 use crate::error::ApiError;
 
 pub fn parse_key_id(id: &str) -> Result<KeyId, ApiError> {
     KeyId::parse(id).map_err(|_| {
-        ApiError::bad_request(
-            codes::KEY_ID_INVALID,
+        ApiError::coded(
+            ErrorCode::KeyIdInvalid,
             "key ids are 16 base62 characters, e.g. 7Hq2Lx9aKf3Tzp1M",
         )
     })
@@ -50,7 +50,7 @@ pub fn audit(
 pub fn reason(r: Option<String>) -> Result<Option<String>, ApiError> {
     match r {
         Some(r) if r.len() > 512 || r.chars().any(char::is_control) => Err(ApiError::invalid(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "reason",
             "at most 512 characters, no control characters",
         )),
@@ -62,8 +62,8 @@ pub fn reason(r: Option<String>) -> Result<Option<String>, ApiError> {
 pub fn parse_cursor(c: Option<&str>) -> Result<Option<i64>, ApiError> {
     c.map(|c| {
         c.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            ApiError::bad_request(
-                codes::INVALID_CURSOR,
+            ApiError::coded(
+                ErrorCode::InvalidCursor,
                 "cursor must come from a previous page's next_cursor",
             )
         })
@@ -75,8 +75,8 @@ pub fn parse_limit(l: Option<u32>) -> Result<u32, ApiError> {
     match l {
         None => Ok(100),
         Some(n @ 1..=1000) => Ok(n),
-        Some(_) => Err(ApiError::bad_request(
-            codes::INVALID_QUERY,
+        Some(_) => Err(ApiError::coded(
+            ErrorCode::InvalidQuery,
             "limit must be between 1 and 1000",
         )),
     }

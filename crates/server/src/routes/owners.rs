@@ -3,7 +3,6 @@
 //! each key's environment.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::Json;
 use keywarden_core::lifecycle::OWNER_DISABLED;
 use keywarden_core::model::{Actor, KeyRecord, KeyState, StateCause};
@@ -11,7 +10,8 @@ use keywarden_core::policy::OnOwnerDisabled;
 use keywarden_core::role::Permission;
 use keywarden_core::validate;
 use keywarden_proto::{
-    codes, ErrorBody, OwnerList, OwnerStatusChange, OwnerView, PutOwnerRequest, StateChangeRequest,
+    ErrorBody, ErrorCode, OwnerList, OwnerStatusChange, OwnerView, PutOwnerRequest,
+    StateChangeRequest,
 };
 use keywarden_store::Owner;
 use serde_json::json;
@@ -36,8 +36,7 @@ fn view(o: Owner) -> OwnerView {
 
 pub(crate) fn not_found(identity: &str) -> ApiError {
     ApiError::Coded {
-        status: StatusCode::NOT_FOUND,
-        code: codes::OWNER_NOT_FOUND,
+        code: ErrorCode::OwnerNotFound,
         message: format!(
             "no owner {:?} is registered",
             identity.chars().take(64).collect::<String>()
@@ -59,13 +58,13 @@ pub async fn put_owner(
     req.manager = req.manager.as_deref().map(validate::canonical_owner);
     let mut v = Vec::new();
     if let Err(e) = validate::owner(&req.identity) {
-        v.push(violation(codes::FIELD_INVALID, "identity", e.message));
+        v.push(violation(ErrorCode::FieldInvalid, "identity", e.message));
     }
     if let Err(e) = validate::display_name("display_name", &req.display_name) {
-        v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
+        v.push(violation(ErrorCode::FieldInvalid, &e.field, e.message));
     }
     if let Some(Err(e)) = req.manager.as_deref().map(validate::owner) {
-        v.push(violation(codes::FIELD_INVALID, "manager", e.message));
+        v.push(violation(ErrorCode::FieldInvalid, "manager", e.message));
     }
     if !v.is_empty() {
         return Err(ApiError::Validation(v));

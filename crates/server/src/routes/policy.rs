@@ -5,7 +5,7 @@ use axum::Json;
 use keywarden_core::policy::Policy;
 use keywarden_core::role::Permission;
 use keywarden_proto::{
-    codes, ApplyPolicyRequest, EnforcementAction, EnforcementReport, ErrorBody, PolicyView,
+    ApplyPolicyRequest, EnforcementAction, EnforcementReport, ErrorBody, ErrorCode, PolicyView,
 };
 use keywarden_store::StoredPolicy;
 use serde::Deserialize;
@@ -66,7 +66,7 @@ pub async fn put_policy(
     principal.require(Permission::PolicyWrite)?;
     if req.policy.len() > MAX_POLICY_LEN {
         return Err(ApiError::invalid(
-            codes::POLICY_INVALID,
+            ErrorCode::PolicyInvalid,
             "policy",
             format!("at most {MAX_POLICY_LEN} bytes"),
         ));
@@ -74,7 +74,7 @@ pub async fn put_policy(
     if let Err(e) = Policy::from_toml(&req.policy) {
         return Err(ApiError::Validation(
             e.0.into_iter()
-                .map(|p| violation(codes::POLICY_INVALID, "policy", p))
+                .map(|p| violation(ErrorCode::PolicyInvalid, "policy", p))
                 .collect(),
         ));
     }
@@ -116,7 +116,7 @@ pub async fn plan_policy(
     principal.require(Permission::PolicyRead)?;
     if req.policy.len() > MAX_POLICY_LEN {
         return Err(ApiError::invalid(
-            codes::POLICY_INVALID,
+            ErrorCode::PolicyInvalid,
             "policy",
             format!("at most {MAX_POLICY_LEN} bytes"),
         ));
@@ -124,7 +124,7 @@ pub async fn plan_policy(
     let candidate = Policy::from_toml(&req.policy).map_err(|e| {
         ApiError::Validation(
             e.0.into_iter()
-                .map(|p| violation(codes::POLICY_INVALID, "policy", p))
+                .map(|p| violation(ErrorCode::PolicyInvalid, "policy", p))
                 .collect(),
         )
     })?;
@@ -174,8 +174,8 @@ pub async fn enforce_plan(
     let at = match q.at.as_deref() {
         None => app.now(),
         Some(s) => OffsetDateTime::parse(s, &Rfc3339).map_err(|_| {
-            ApiError::bad_request(
-                codes::INVALID_QUERY,
+            ApiError::coded(
+                ErrorCode::InvalidQuery,
                 "at must be an RFC 3339 time such as 2027-01-01T00:00:00Z",
             )
         })?,

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::audit;
 use super::owners::change_status;
 use crate::auth::Principal;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCause};
 use crate::state::SharedState;
 
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
@@ -27,16 +27,20 @@ const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
 const PATCH_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 
 /// A SCIM answer: `application/scim+json`, errors in SCIM's own shape.
-pub struct Scim(StatusCode, Value);
+pub struct Scim(StatusCode, Value, Option<ErrorCause>);
 
 impl IntoResponse for Scim {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.0,
             [(header::CONTENT_TYPE, "application/scim+json")],
             self.1.to_string(),
         )
-            .into_response()
+            .into_response();
+        if let Some(cause) = self.2 {
+            resp.extensions_mut().insert(cause);
+        }
+        resp
     }
 }
 
@@ -49,20 +53,17 @@ fn error(status: StatusCode, scim_type: Option<&str>, detail: impl Into<String>)
     if let Some(t) = scim_type {
         body["scimType"] = json!(t);
     }
-    Scim(status, body)
+    Scim(status, body, None)
 }
 
 impl From<ApiError> for Scim {
     fn from(e: ApiError) -> Self {
-        let status = e.status();
         let detail = match &e {
-            ApiError::Store(_) => "the key store is unavailable; nothing was changed".to_owned(),
+            ApiError::Store(_) | ApiError::Internal(_) => e.public_message(),
             other => other.to_string(),
         };
-        if let ApiError::Store(s) = &e {
-            tracing::error!(error = %s, "scim: store operation failed");
-        }
-        error(status, None, detail)
+        let Scim(status, body, _) = error(e.status(), None, detail);
+        Scim(status, body, e.cause())
     }
 }
 
@@ -303,7 +304,7 @@ pub async fn create_user(
     }
     let active = body.get("active").and_then(as_bool);
     let owner = apply(&app, &principal, owner, None, active).await?;
-    Ok(Scim(StatusCode::CREATED, user(&owner)))
+    Ok(Scim(StatusCode::CREATED, user(&owner), None))
 }
 
 pub async fn get_user(
@@ -312,7 +313,11 @@ pub async fn get_user(
     Path(id): Path<String>,
 ) -> Result<Scim, Scim> {
     require(&principal).await?;
-    Ok(Scim(StatusCode::OK, user(&live_owner(&app, &id).await?)))
+    Ok(Scim(
+        StatusCode::OK,
+        user(&live_owner(&app, &id).await?),
+        None,
+    ))
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -378,6 +383,7 @@ pub async fn list_users(
             "itemsPerPage": page.len(),
             "Resources": page,
         }),
+        None,
     ))
 }
 
@@ -403,7 +409,7 @@ pub async fn replace_user(
     let display = Some(display_name(&body, &owner.identity));
     let active = body.get("active").and_then(as_bool);
     let owner = apply(&app, &principal, owner, display, active).await?;
-    Ok(Scim(StatusCode::OK, user(&owner)))
+    Ok(Scim(StatusCode::OK, user(&owner), None))
 }
 
 pub async fn patch_user(
@@ -455,7 +461,7 @@ pub async fn patch_user(
         }
     }
     let owner = apply(&app, &principal, owner, display, active).await?;
-    Ok(Scim(StatusCode::OK, user(&owner)))
+    Ok(Scim(StatusCode::OK, user(&owner), None))
 }
 
 pub async fn delete_user(

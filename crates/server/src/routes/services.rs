@@ -12,8 +12,8 @@ use keywarden_core::role::Permission;
 use keywarden_core::webhook::{category, parse_categories, DEFAULT_CATEGORIES};
 use keywarden_core::{base62, KeyRecord};
 use keywarden_proto::{
-    codes, AckRequest, AckResponse, CreateServiceRequest, CreatedService, DeliveryView, ErrorBody,
-    PropagationView, Secret, ServiceList, ServiceTestResult, ServiceView,
+    AckRequest, AckResponse, CreateServiceRequest, CreatedService, DeliveryView, ErrorBody,
+    ErrorCode, PropagationView, Secret, ServiceList, ServiceTestResult, ServiceView,
 };
 use keywarden_store::{DeliveryRecord, ServiceRecord};
 use serde_json::json;
@@ -37,8 +37,7 @@ pub const STATE_EVENTS: [&str; 6] = [
 
 fn not_found(id: &str) -> ApiError {
     ApiError::Coded {
-        status: StatusCode::NOT_FOUND,
-        code: codes::SERVICE_NOT_FOUND,
+        code: ErrorCode::ServiceNotFound,
         message: format!("no service {:?}", id.chars().take(64).collect::<String>()),
     }
 }
@@ -151,7 +150,7 @@ pub async fn create_service(
     let mut v = Vec::new();
     if !valid_name(&req.name) {
         v.push(violation(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "name",
             "1-64 characters: letters, digits, `.`, `_`, `-`",
         ));
@@ -161,7 +160,7 @@ pub async fn create_service(
         Some(list) => parse_categories(list),
     };
     let events = events.unwrap_or_else(|e| {
-        v.push(violation(codes::FIELD_INVALID, "events", e));
+        v.push(violation(ErrorCode::FieldInvalid, "events", e));
         Vec::new()
     });
     let webhook_url = match req.webhook_url.as_deref().map(str::trim) {
@@ -169,7 +168,7 @@ pub async fn create_service(
         Some(u) => match reqwest::Url::parse(u) {
             Err(e) => {
                 v.push(violation(
-                    codes::WEBHOOK_URL_INVALID,
+                    ErrorCode::WebhookUrlInvalid,
                     "webhook_url",
                     format!("not a URL: {e}"),
                 ));
@@ -178,7 +177,7 @@ pub async fn create_service(
             Ok(url) => match app.outbound.check_url(&url) {
                 Err(e) => {
                     v.push(violation(
-                        codes::WEBHOOK_URL_INVALID,
+                        ErrorCode::WebhookUrlInvalid,
                         "webhook_url",
                         e.to_string(),
                     ));
@@ -186,7 +185,7 @@ pub async fn create_service(
                 }
                 Ok(()) if u.len() > 2048 => {
                     v.push(violation(
-                        codes::WEBHOOK_URL_INVALID,
+                        ErrorCode::WebhookUrlInvalid,
                         "webhook_url",
                         "at most 2048 characters",
                     ));
@@ -215,11 +214,7 @@ pub async fn create_service(
         acked_seq: 0,
     };
     let secret = service_secret(&app, &record.id, &record.secret_salt, record.pepper_version)
-        .ok_or_else(|| {
-            ApiError::Store(keywarden_store::StoreError::Corrupt(
-                "the current pepper cannot derive a signing secret".into(),
-            ))
-        })?;
+        .ok_or_else(|| ApiError::internal("the current pepper cannot derive a signing secret"))?;
     let entry = audit(
         principal.actor(),
         now,
@@ -366,7 +361,7 @@ pub async fn ack_service(
     principal.require(Permission::Events)?;
     if req.seq < 0 {
         return Err(ApiError::invalid(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "seq",
             "must not be negative",
         ));
@@ -374,7 +369,7 @@ pub async fn ack_service(
     let head = app.store.key_events_head().await?;
     if req.seq > head {
         return Err(ApiError::invalid(
-            codes::FIELD_INVALID,
+            ErrorCode::FieldInvalid,
             "seq",
             format!("no event {} yet: the latest is {head}", req.seq),
         ));

@@ -7,7 +7,7 @@ use keywarden_core::duration::parse_duration;
 use keywarden_core::role::{Permission, Role};
 use keywarden_core::validate;
 use keywarden_proto::{
-    codes, CreateTokenRequest, CreatedToken, ErrorBody, Secret, TokenList, TokenView,
+    CreateTokenRequest, CreatedToken, ErrorBody, ErrorCode, Secret, TokenList, TokenView,
 };
 use serde_json::json;
 
@@ -33,36 +33,40 @@ pub async fn create_token(
     let now = app.now();
     let mut v = Vec::new();
     if let Err(e) = validate::name("name", &req.name) {
-        v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
+        v.push(violation(ErrorCode::FieldInvalid, &e.field, e.message));
     }
     if let Some(Err(e)) = req.owner.as_deref().map(validate::owner) {
-        v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
+        v.push(violation(ErrorCode::FieldInvalid, &e.field, e.message));
     }
     let role = match req.role.parse::<Role>() {
         Ok(r) => Some(r),
         Err(e) => {
-            v.push(violation(codes::FIELD_INVALID, "role", e.to_string()));
+            v.push(violation(ErrorCode::FieldInvalid, "role", e.to_string()));
             None
         }
     };
     if let Some(envs) = &req.environments {
         if role.is_some_and(|r| !matches!(r, Role::Issuer | Role::Verifier)) {
             v.push(violation(
-                codes::FIELD_INVALID,
+                ErrorCode::FieldInvalid,
                 "environments",
                 "only issuer and verifier tokens are limited to environments",
             ));
         }
         if envs.is_empty() {
             v.push(violation(
-                codes::FIELD_INVALID,
+                ErrorCode::FieldInvalid,
                 "environments",
                 "give at least one environment, or leave it out for all",
             ));
         }
         for e in envs {
             if let Err(e) = validate::environment(e) {
-                v.push(violation(codes::FIELD_INVALID, "environments", e.message));
+                v.push(violation(
+                    ErrorCode::FieldInvalid,
+                    "environments",
+                    e.message,
+                ));
             }
         }
     }
@@ -70,7 +74,7 @@ pub async fn create_token(
     let expires_at = match req.ttl.as_deref().map(parse_duration).transpose() {
         Ok(Some(d)) if d <= time::Duration::ZERO => {
             v.push(violation(
-                codes::DURATION_INVALID,
+                ErrorCode::DurationInvalid,
                 "ttl",
                 "must be longer than zero",
             ));
@@ -78,7 +82,7 @@ pub async fn create_token(
         }
         Ok(Some(d)) if max_ttl.is_some_and(|m| d > m) => {
             v.push(violation(
-                codes::TTL_TOO_LONG,
+                ErrorCode::TtlTooLong,
                 "ttl",
                 format!(
                     "is longer than the policy's max_token_ttl of {}",
@@ -90,7 +94,7 @@ pub async fn create_token(
         // Without a TTL a token lives as long as the policy allows, or forever.
         Ok(d) => d.or(max_ttl).map(|d| now + d),
         Err(e) => {
-            v.push(violation(codes::DURATION_INVALID, "ttl", e.to_string()));
+            v.push(violation(ErrorCode::DurationInvalid, "ttl", e.to_string()));
             None
         }
     };
@@ -112,7 +116,7 @@ pub async fn create_token(
         owner: req.owner.clone(),
     };
     let (record, secret) = new_token(&app.hasher, &app.config.key_prefix, spec, now)
-        .map_err(|e| ApiError::invalid(codes::FIELD_INVALID, "token", e.to_string()))?;
+        .map_err(|e| ApiError::invalid(ErrorCode::FieldInvalid, "token", e.to_string()))?;
     let entry = audit(
         principal.actor(),
         now,

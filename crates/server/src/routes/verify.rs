@@ -15,7 +15,7 @@ use keywarden_core::role::Permission;
 use keywarden_core::scope::Scope;
 use keywarden_core::verify::{decide_with, Idle, VerifyCode, VerifyRequest};
 use keywarden_core::{validate, KeyId};
-use keywarden_proto::{codes, ErrorBody, VerifyRequest as WireRequest, VerifyResponse};
+use keywarden_proto::{ErrorBody, ErrorCode, VerifyRequest as WireRequest, VerifyResponse};
 use time::OffsetDateTime;
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -102,11 +102,7 @@ pub(crate) async fn judge(
     };
     // No verdict leaves without its usage event queued. A full queue means the store has
     // stalled: wait up to a second, then fail closed rather than answer unrecorded.
-    let unavailable = |message: &str| ApiError::Coded {
-        status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        code: codes::STORE_UNAVAILABLE,
-        message: message.to_owned(),
-    };
+    let unavailable = |message: &str| ApiError::coded(ErrorCode::StoreUnavailable, message);
     // try_send first: the queue has room almost always, and a timeout costs a clock read.
     let queued = match app.usage.try_send(event) {
         Ok(()) => Ok(Ok(())),
@@ -120,12 +116,11 @@ pub(crate) async fn judge(
     match queued {
         Ok(Ok(())) => {}
         Ok(Err(())) => return Err(unavailable("server is shutting down")),
+        // The 5xx log line (`errlog`) says this once per refused verify.
         Err(_) => {
-            tracing::error!(
-                "usage queue full for 1s: the store is not keeping up; failing verify closed"
-            );
             return Err(unavailable(
-                "usage events cannot be recorded right now; try again",
+                "the usage queue has been full for 1s (the store is not keeping up): usage \
+                 events cannot be recorded right now; try again",
             ));
         }
     }
@@ -141,13 +136,13 @@ fn validate_request(
     let scope = match req.scope.take().map(Scope::requested_owned).transpose() {
         Ok(s) => s,
         Err(e) => {
-            v.push(violation(codes::SCOPE_INVALID, "scope", e.to_string()));
+            v.push(violation(ErrorCode::ScopeInvalid, "scope", e.to_string()));
             None
         }
     };
     if let Some(env) = &req.environment {
         if let Err(e) = validate::environment(env) {
-            v.push(violation(codes::FIELD_INVALID, &e.field, e.message));
+            v.push(violation(ErrorCode::FieldInvalid, &e.field, e.message));
         }
     }
     let source_ip = match req.source_ip.as_deref() {
@@ -156,7 +151,7 @@ fn validate_request(
             Ok(ip) => Some(ip),
             Err(_) => {
                 v.push(violation(
-                    codes::FIELD_INVALID,
+                    ErrorCode::FieldInvalid,
                     "source_ip",
                     "not an IPv4 or IPv6 address",
                 ));
@@ -167,7 +162,7 @@ fn validate_request(
     if let Some(s) = &req.subject {
         if s.is_empty() || s.len() > 255 || s.chars().any(char::is_control) {
             v.push(violation(
-                codes::FIELD_INVALID,
+                ErrorCode::FieldInvalid,
                 "subject",
                 "1-255 characters, no control characters",
             ));

@@ -10,7 +10,7 @@ use keywarden_core::audit_chain::SealedEntry;
 use rusqlite::{Connection, OpenFlags};
 
 use crate::audit::{entry_from_row, AUDIT_COLUMN_NAMES};
-use crate::rows::{decode_error, ByPosition, Param};
+use crate::rows::{ByPosition, Param};
 use crate::sqlite::usage::lock;
 use crate::{Result, StoreError};
 
@@ -26,7 +26,7 @@ impl std::fmt::Debug for SqliteAuditReader {
 }
 
 fn err(e: rusqlite::Error) -> StoreError {
-    decode_error("sqlite audit read", e)
+    StoreError::rusqlite("sqlite audit read", e)
 }
 
 impl SqliteAuditReader {
@@ -66,6 +66,6 @@ impl SqliteAuditReader {
             Ok(out)
         })
         .await
-        .map_err(|e| StoreError::Corrupt(format!("audit read task failed: {e}")))?
+        .map_err(|e| StoreError::Internal(format!("audit read task failed: {e}")))?
     }
 }

@@ -22,9 +22,9 @@ use keywarden_core::model::KeyRecord;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use crate::rows::{
-    decode_error, key_from_row, ByPosition, KEY_COLUMNS, KEY_FROM, STAMP_SQL_ONE_NODE,
+    key_from_row, ByPosition, KEY_COLUMNS, KEY_FROM, STAMP_SQL_ONE_NODE,
 };
-use crate::{KeyStamp, Result};
+use crate::{KeyStamp, Result, StoreError};
 
 /// A key as stored, and `key_usage.last_seq`: the last event its stats include.
 pub(crate) type KeyRow = (KeyRecord, Option<i64>);
@@ -52,10 +52,10 @@ impl SqlitePointReads {
                     path,
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )
-                .map_err(|e| decode_error("sqlite point read", e))?;
+                .map_err(|e| StoreError::rusqlite("sqlite point read", e))?;
                 // rusqlite sets a 5 s busy handler; a reader here must never sleep.
                 conn.busy_timeout(std::time::Duration::ZERO)
-                    .map_err(|e| decode_error("sqlite point read", e))?;
+                    .map_err(|e| StoreError::rusqlite("sqlite point read", e))?;
                 Ok(Mutex::new(conn))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -115,7 +115,7 @@ impl SqlitePointReads {
                 {
                     None
                 }
-                Err(e) => Some(Err(decode_error("sqlite point read", e))),
+                Err(e) => Some(Err(StoreError::rusqlite("sqlite point read", e))),
             };
         }
         None

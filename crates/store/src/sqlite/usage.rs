@@ -20,7 +20,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::fold::fold_last_use_sql;
 use crate::fold::{LoggedEvent, Pending, HEADS_CACHED};
-use crate::rows::{decode_error, ms};
+use crate::rows::ms;
 use crate::usage::UPSERT_SUBJECT_TAIL;
 use crate::{Result, StoreError};
 
@@ -37,12 +37,12 @@ impl std::fmt::Debug for SqliteUsageSink {
 }
 
 fn err(e: rusqlite::Error) -> StoreError {
-    decode_error("sqlite usage write", e)
+    StoreError::rusqlite("sqlite usage write", e)
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
     m.lock()
-        .map_err(|_| StoreError::Corrupt("usage sink lock poisoned".to_owned()))
+        .map_err(|_| StoreError::Internal("usage sink lock poisoned".to_owned()))
 }
 
 const FOLD_KEY: &str = concat!(
