@@ -1,28 +1,27 @@
 //! Issue 5: KEY_STILL_IN_USE alerts when a dead key is presented, and `--wait` on a
 //! state change until every connected service confirmed it.
 
-use std::time::Duration;
-
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::harness::{key_body, Backend, TestServer};
+use crate::harness::{eventually, key_body, Backend, TestServer, WAIT};
 use crate::on_both_backends;
 use crate::receiver::Receiver;
 use crate::services::{add_service, start};
 
 async fn wait_for_alerts(s: &TestServer, query: &str, f: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    for _ in 0..200 {
-        let (st, v) = s.get(&format!("/v1/alerts?{query}")).await;
+    let path = format!("/v1/alerts?{query}");
+    eventually(WAIT, &format!("the expected alerts at {path}"), || async {
+        let (st, v) = s.get(&path).await;
         assert_eq!(st, StatusCode::OK, "{v}");
         let alerts = v["alerts"].as_array().unwrap().clone();
         if f(&alerts) {
-            return alerts;
+            Ok(alerts)
+        } else {
+            Err(v)
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let (_, v) = s.get(&format!("/v1/alerts?{query}")).await;
-    panic!("alerts never matched: {v}");
+    })
+    .await
 }
 
 async fn dead_keys_presented_raise_alerts(b: Backend) {

@@ -12,7 +12,7 @@ use keywarden_store::{AuditFilter, AuditOrder};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::harness::{key_body, Backend, TestServer};
+use crate::harness::{eventually, key_body, Backend, TestServer, WAIT};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -944,15 +944,16 @@ async fn expiry_is_a_recorded_state_change(b: Backend) {
     let successor = v["key"]["id"].as_str().unwrap().to_owned();
     s.clock.advance(time::Duration::hours(2));
 
-    let mut expired = Vec::new();
-    for _ in 0..250 {
+    let expired = eventually(WAIT, "the enforcer to record both expiries", || async {
         let (_, v) = s.get("/v1/audit?action=key.expired").await;
-        expired = v["entries"].as_array().unwrap().clone();
+        let expired = v["entries"].as_array().unwrap().clone();
         if expired.len() >= 2 {
-            break;
+            Ok(expired)
+        } else {
+            Err(v)
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let got: Vec<(&str, &str, &str)> = expired
         .iter()
         .map(|e| {
@@ -981,7 +982,11 @@ async fn expiry_is_a_recorded_state_change(b: Backend) {
     assert_eq!(key["state"], "active", "the successor lives on");
 
     // Later passes find nothing more to record.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for _ in 0..2 {
+        let (status, report) = s.post("/v1/enforce", json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{report}");
+        assert_eq!(report["actions"], json!([]), "{report}");
+    }
     let (_, v) = s.get("/v1/audit?action=key.expired").await;
     assert_eq!(v["entries"].as_array().unwrap().len(), 2);
     let (rc, brk, v) = verify(&s, &[]).await;

@@ -3,11 +3,11 @@
 //! exact across both, background jobs run once, and the survivor takes them over when a
 //! node dies.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::harness::{drop_schema, postgres_or_skip, postgres_schema_url};
+use crate::harness::{eventually, postgres_or_skip, PgSchema, WAIT};
 use crate::process::serve_with;
 use crate::receiver::Receiver;
 
@@ -24,6 +24,20 @@ impl Node {
             .post(format!("{}{path}", self.base))
             .bearer_auth(&self.admin)
             .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert!(status.is_success(), "{path}: {status} {v}");
+        v
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.admin)
             .send()
             .await
             .unwrap();
@@ -66,10 +80,16 @@ async fn two_nodes_share_revocations_counters_and_jobs() {
     if postgres_or_skip().is_none() {
         return;
     }
-    let (url, schema) = postgres_schema_url().await;
+    // Dropped last, after both nodes are killed (they drop in reverse order).
+    let schema = PgSchema::create().await;
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let args = ["--database-url", url.as_str(), "--enforcer-interval", "1s"];
+    let args = [
+        "--database-url",
+        schema.url.as_str(),
+        "--enforcer-interval",
+        "1s",
+    ];
     // Both nodes share the data directory's pepper and signing key, as deployments
     // share them (docs/deploy.md).
     let mut a = serve_with(&data, &args);
@@ -97,17 +117,10 @@ async fn two_nodes_share_revocations_counters_and_jobs() {
     assert_eq!(nb.verify(&key).await, "VALID");
     assert_eq!(nb.verify(&key).await, "VALID");
     na.post(&format!("/v1/keys/{id}/revoke"), json!({})).await;
-    let revoked = Instant::now();
-    loop {
-        if nb.verify(&key).await == "REVOKED" {
-            break;
-        }
-        assert!(
-            revoked.elapsed() < BOUND,
-            "node B still accepts a key revoked on A"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(BOUND, "node B to refuse a key revoked on A", || async {
+        nb.verify(&key).await == "REVOKED"
+    })
+    .await;
 
     // Exact one-time use across nodes.
     let (_, once) = na.key("once", json!({ "max_uses": 1 })).await;
@@ -128,9 +141,23 @@ async fn two_nodes_share_revocations_counters_and_jobs() {
     );
     assert_eq!(codes.iter().filter(|c| *c == "USAGE_EXHAUSTED").count(), 49);
 
-    // The dispatcher runs on one node: the revocation is delivered once, not twice.
+    // The dispatcher runs on one node: the revocation is delivered once, not twice. Once
+    // its delivery is recorded as confirmed no dispatcher sends it again, so a second one
+    // would have sent it by then.
     r.wait_for(1, 10).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually(
+        WAIT,
+        "the revocation's delivery to be confirmed",
+        || async {
+            let k = nb.get(&format!("/v1/keys/{id}")).await;
+            if k["propagation"]["confirmed"] == 1 {
+                Ok(())
+            } else {
+                Err(k["propagation"].clone())
+            }
+        },
+    )
+    .await;
     let revokes = r
         .received()
         .iter()
@@ -144,39 +171,40 @@ async fn two_nodes_share_revocations_counters_and_jobs() {
     let (id2, key2) = nb.key("after", json!({})).await;
     assert_eq!(nb.verify(&key2).await, "VALID");
     nb.post(&format!("/v1/keys/{id2}/revoke"), json!({})).await;
+    // Real time: the key's two seconds pass on the nodes' own clocks.
     let (id3, _) = nb.key("short", json!({ "ttl": "2s" })).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
     let has = |t: &str, k: &str| {
         r.received()
             .iter()
             .any(|x| x.json["type"] == t && x.json["data"]["key_id"] == k)
     };
-    while !(has("key.revoked", &id2) && has("key.expired", &id3)) {
-        assert!(
-            Instant::now() < deadline,
-            "B did not take over the dispatcher and the enforcer: {:?}",
-            r.received()
-                .iter()
-                .map(|x| x.json["type"].clone())
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(20),
+        "B to take over the dispatcher and the enforcer",
+        || async {
+            if has("key.revoked", &id2) && has("key.expired", &id3) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{:?}",
+                    r.received()
+                        .iter()
+                        .map(|x| x.json["type"].clone())
+                        .collect::<Vec<_>>()
+                ))
+            }
+        },
+    )
+    .await;
     let v = nb
-        .http
-        .get(format!("{}/v1/audit?key={id3}&action=key.expired", nb.base))
-        .bearer_auth(&nb.admin)
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+        .get(&format!("/v1/audit?key={id3}&action=key.expired"))
+        .await;
     assert_eq!(v["entries"][0]["actor"], "system:enforcer");
 
     b.child.kill().unwrap();
     b.child.wait().unwrap();
-    drop_schema(&schema).await;
+    drop((a, b));
+    schema.drop_now().await;
 }
 
 /// Two deployments in separate schemas of one database each run their own dispatcher:

@@ -40,24 +40,25 @@ async fn a_second_server_on_one_data_dir_refuses_to_start() {
 fn serve_exits_when_the_data_dir_is_held() {
     let dir = tempfile::tempdir().unwrap();
     let mut first = crate::process::serve_with(dir.path(), &[]);
-    let mut second = Command::new(assert_cmd::cargo::cargo_bin("keywarden"))
+    let second = Command::new(assert_cmd::cargo::cargo_bin("keywarden"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("KEYWARDEN_DATA_DIR", dir.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Bounded: a second server that does start must fail the test, not hang it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while second.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = second.kill();
-            let _ = first.child.kill();
+    // Bounded: a second server that does start must fail the test, not hang it. The
+    // exit is waited for on a thread of its own, which says when it comes.
+    let pid = second.id().to_string();
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || exited.send(second.wait_with_output()));
+    let out = match exit.recv_timeout(std::time::Duration::from_secs(20)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
             panic!("a second serve on the same data directory kept running");
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let out = second.wait_with_output().unwrap();
+    };
     let _ = first.child.kill();
     let _ = first.child.wait();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -4,12 +4,11 @@
 //! writes recover by themselves once the fault is gone.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::harness::{key_body, Backend, TestServer};
+use crate::harness::{eventually, key_body, Backend, TestServer, WAIT};
 
 /// A tmpfs of `mb` megabytes mounted on a fresh directory; unmounted on drop. Mounting
 /// needs root: CI runs as root, and there a failure to mount fails the test.
@@ -107,19 +106,16 @@ async fn stored_uses(s: &TestServer, id: &str) -> u64 {
 
 /// Waits (bounded) until an audited write goes through again; returns its answer.
 async fn revoke_when_writable(s: &TestServer, id: &str) -> (StatusCode, Value) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, v) = s
-            .post(
-                &format!("/v1/keys/{id}/revoke"),
-                json!({ "reason": "after the fault" }),
-            )
-            .await;
-        if status != StatusCode::SERVICE_UNAVAILABLE || tokio::time::Instant::now() > deadline {
-            return (status, v);
+    let path = format!("/v1/keys/{id}/revoke");
+    eventually(WAIT, "an audited write to go through again", || async {
+        let (status, v) = s.post(&path, json!({ "reason": "after the fault" })).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            Err(v)
+        } else {
+            Ok((status, v))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// Verifies a capped key through a full disk and after it recovers: never more VALID

@@ -8,7 +8,7 @@ use keywarden_core::gateway::GatewayMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::harness::{key_body, Backend, TestServer};
+use crate::harness::{key_body, poll_until, Backend, TestServer};
 use crate::on_both_backends;
 
 /// Callers from 127.0.0.1 are nginx, from 127.0.0.2 Traefik, from 127.0.0.3 Envoy.
@@ -542,19 +542,8 @@ async fn nginx_auth_request_passes_valid_keys_and_refuses_revoked_ones() {
         .kill_on_drop(true)
         .spawn()
         .expect("start nginx");
-    let mut up = false;
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let log = || std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-    assert!(up, "nginx did not start: {}", log());
+    assert!(wait_for_port(port).await, "nginx did not start: {}", log());
 
     let http = reqwest::Client::new();
     let get = |key: Option<String>| {
@@ -632,17 +621,15 @@ async fn echo_upstream() -> u16 {
     port
 }
 
+/// Whether a gateway started as a child process listens on `port` within a bound.
 async fn wait_for_port(port: u16) -> bool {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+    poll_until(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+    })
+    .await
+    .is_ok()
 }
 
 /// Issue 18, item 3, with a real gateway: Caddy's forward_auth speaks Traefik's protocol

@@ -1,9 +1,12 @@
 //! A real server on a free port, on real SQLite or real PostgreSQL, with a clock the test
 //! moves.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use keywarden_core::clock::ManualClock;
+use keywarden_server::state::SharedState;
 use keywarden_server::{Config, RunningServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -66,46 +69,186 @@ pub fn postgres_or_skip() -> Option<Backend> {
     None
 }
 
-/// A fresh schema per test so tests run in parallel on one database; returns its URL and
-/// name.
-pub async fn postgres_schema_url() -> (String, String) {
-    use sqlx::Connection;
-    let base = postgres_url();
-    let schema = format!(
-        "kw_test_{}",
-        keywarden_core::base62::random(&mut rand::rngs::OsRng, 12).to_lowercase()
-    );
-    let mut conn = sqlx::PgConnection::connect(&base)
-        .await
-        .expect("connect to postgres");
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&mut conn)
-        .await
-        .expect("create schema");
-    let sep = if base.contains('?') { '&' } else { '?' };
-    (
-        format!("{base}{sep}options=-c%20search_path%3D{schema}"),
-        schema,
-    )
+/// How long a test waits for something the server does promptly (a background write, a
+/// delivery, a wake-up). A bound, not a measurement: it only has to end a hung test.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// What a probe of [`eventually`] answers: done, with a value, or not yet, with what it
+/// saw (for the message should the wait run out).
+pub trait Probe {
+    type Value;
+    fn settled(self) -> Result<Self::Value, String>;
 }
 
-pub async fn drop_schema(schema: &str) {
-    use sqlx::Connection;
-    if let Ok(mut conn) = sqlx::PgConnection::connect(&postgres_url()).await {
-        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-            .execute(&mut conn)
-            .await;
+impl Probe for bool {
+    type Value = ();
+    fn settled(self) -> Result<(), String> {
+        if self {
+            Ok(())
+        } else {
+            Err(String::new())
+        }
     }
 }
 
+impl<T> Probe for Option<T> {
+    type Value = T;
+    fn settled(self) -> Result<T, String> {
+        self.ok_or_else(String::new)
+    }
+}
+
+/// `Err` is "not yet", and says what was seen instead.
+impl<T, E: std::fmt::Display> Probe for Result<T, E> {
+    type Value = T;
+    fn settled(self) -> Result<T, String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+fn gave_up(within: Duration, what: &str, last: &str) -> ! {
+    if last.is_empty() {
+        panic!("waited {within:?} for {what}, in vain");
+    }
+    panic!("waited {within:?} for {what}, in vain; last saw: {last}");
+}
+
+/// Probes until `probe` settles (`true`, `Some`, `Ok`) and returns its value; panics
+/// naming `what` once `within` has passed. For state the server reaches by itself with
+/// no signal to wait on; where there is one, [`signalled`] waits on it.
+pub async fn eventually<P: Probe, F: Future<Output = P>>(
+    within: Duration,
+    what: &str,
+    probe: impl FnMut() -> F,
+) -> P::Value {
+    match poll_until(within, probe).await {
+        Ok(v) => v,
+        Err(last) => gave_up(within, what, &last),
+    }
+}
+
+/// [`eventually`] for a caller that handles the timeout itself: the value, or what the
+/// probe last saw.
+pub async fn poll_until<P: Probe, F: Future<Output = P>>(
+    within: Duration,
+    mut probe: impl FnMut() -> F,
+) -> Result<P::Value, String> {
+    let mut last = String::new();
+    let probing = async {
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match probe().await.settled() {
+                Ok(v) => return v,
+                Err(seen) => last = seen,
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    };
+    let outcome = tokio::time::timeout(within, probing).await;
+    outcome.map_err(|_| last)
+}
+
+/// Awaits `signal`; panics naming `what` if it has not come within `within`.
+pub async fn signalled<T>(within: Duration, what: &str, signal: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(within, signal).await {
+        Ok(v) => v,
+        Err(_) => gave_up(within, what, ""),
+    }
+}
+
+/// A schema of its own for one test, so tests run in parallel on one database. Dropped
+/// with everything in it when this goes out of scope, also when a failed assertion
+/// unwinds the test.
+pub struct PgSchema {
+    pub url: String,
+    pub name: String,
+    dropped: bool,
+}
+
+impl PgSchema {
+    pub async fn create() -> Self {
+        use sqlx::Connection;
+        let base = postgres_url();
+        let name = format!(
+            "kw_test_{}",
+            keywarden_core::base62::random(&mut rand::rngs::OsRng, 12).to_lowercase()
+        );
+        let mut conn = sqlx::PgConnection::connect(&base)
+            .await
+            .expect("connect to postgres");
+        sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create schema");
+        let _ = conn.close().await;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Self {
+            url: format!("{base}{sep}options=-c%20search_path%3D{name}"),
+            name,
+            dropped: false,
+        }
+    }
+
+    /// Drops the schema now, on the caller's runtime.
+    pub async fn drop_now(mut self) {
+        self.dropped = true;
+        drop_schema(&self.name).await;
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        // Drop cannot await, and blocking on a future from a thread that drives the
+        // test's runtime panics: a thread of its own with a runtime of its own, joined.
+        let name = self.name.clone();
+        let dropping =
+            std::thread::spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(drop_schema(&name)),
+                    Err(e) => eprintln!("cannot drop the test schema {name}: no runtime: {e}"),
+                }
+            });
+        let _ = dropping.join();
+    }
+}
+
+async fn drop_schema(schema: &str) {
+    use sqlx::Connection;
+    let dropping = async {
+        let mut conn = sqlx::PgConnection::connect(&postgres_url()).await?;
+        // A connection of a server stopped mid-transaction holds its tables' locks until
+        // its rollback: worth waiting for, not forever.
+        sqlx::query("SET lock_timeout = '10s'")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await
+    };
+    if let Err(e) = dropping.await {
+        eprintln!("cannot drop the test schema {schema}: {e}");
+    }
+}
+
+/// Stopped by [`TestServer::stop`]; a test that fails before it still stops the server
+/// and drops its schema, on drop.
 pub struct TestServer {
     pub server: Option<RunningServer>,
+    pub backend: Backend,
     pub clock: Arc<ManualClock>,
     pub base: String,
     pub admin: String,
     pub http: reqwest::Client,
+    schema: Option<PgSchema>,
     _dir: tempfile::TempDir,
-    schema: Option<String>,
     pub config: Config,
 }
 
@@ -124,9 +267,9 @@ impl TestServer {
         config.enforcer_interval = std::time::Duration::from_secs(3600);
         let mut schema = None;
         if backend == Backend::Postgres {
-            let (url, name) = postgres_schema_url().await;
-            config.database_url = Some(url);
-            schema = Some(name);
+            let created = PgSchema::create().await;
+            config.database_url = Some(created.url.clone());
+            schema = Some(created);
         }
         tweak(&mut config);
         let clock = Arc::new(ManualClock::new(START));
@@ -142,6 +285,7 @@ impl TestServer {
         Self {
             base: format!("http://{}", server.addr),
             server: Some(server),
+            backend,
             clock,
             admin,
             http: reqwest::Client::builder()
@@ -152,6 +296,29 @@ impl TestServer {
             schema,
             config,
         }
+    }
+
+    /// The running server's state: its caches and the signals of its background work.
+    pub fn state(&self) -> &SharedState {
+        &self.server.as_ref().expect("the server is running").state
+    }
+
+    /// Waits until this node has applied every change committed so far to its caches
+    /// (PostgreSQL: a node evicts its own changes again when `cluster::sync` reads them;
+    /// an entry cached before that is dropped under the test).
+    pub async fn caught_up(&self) {
+        if self.backend == Backend::Sqlite {
+            return;
+        }
+        let (head, _) = self.state().store.audit_head().await.expect("audit head");
+        let mut followed = self.state().progress.followed.subscribe();
+        signalled(
+            WAIT,
+            &format!("cluster sync to apply the changes through seq {head}"),
+            followed.wait_for(|seq| *seq >= head),
+        )
+        .await
+        .expect("the server is running");
     }
 
     /// Runs SQL straight against the server's database, behind its back (tampering,
@@ -262,16 +429,21 @@ impl TestServer {
 
     /// Waits until the usage writer has stored `n` events for `key_id`.
     pub async fn wait_for_usage(&self, key_id: &str, n: usize) -> Value {
-        for _ in 0..200 {
-            let (_, v) = self
-                .get(&format!("/v1/keys/{key_id}/usage?limit=1000"))
-                .await;
-            if v["events"].as_array().map_or(0, Vec::len) >= n {
-                return v;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        panic!("usage events for {key_id} did not reach {n}");
+        let path = format!("/v1/keys/{key_id}/usage?limit=1000");
+        eventually(
+            WAIT,
+            &format!("{n} stored usage events of {key_id}"),
+            || async {
+                let (_, v) = self.get(&path).await;
+                let stored = v["events"].as_array().map_or(0, Vec::len);
+                if stored >= n {
+                    Ok(v)
+                } else {
+                    Err(format!("{stored} events"))
+                }
+            },
+        )
+        .await
     }
 
     /// Stops the server and starts it again on the same data directory and database.
@@ -294,7 +466,17 @@ impl TestServer {
             s.shutdown().await;
         }
         if let Some(schema) = self.schema.take() {
-            drop_schema(&schema).await;
+            schema.drop_now().await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        // Not stopped: the test failed (or forgot). The tasks go first, so that none of
+        // them holds a lock the schema's drop (a field, dropped next) would wait for.
+        if let Some(server) = self.server.take() {
+            server.abort();
         }
     }
 }

@@ -11,23 +11,48 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::harness::{eventually, WAIT};
+
+/// A `keywarden serve` child process, killed on drop if still running: a test that
+/// fails midway leaves no server behind holding its data directory or database.
 pub struct Served {
     pub child: Child,
     pub base: String,
     pub bootstrap: String,
     stdout_rest: mpsc::Receiver<String>,
     /// Drained continuously so the server never blocks on a full pipe.
-    stderr: std::thread::JoinHandle<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Served {
     /// Stops the server with SIGTERM and returns everything it logged.
-    pub fn terminate(mut self) -> String {
+    pub fn terminate(self) -> String {
+        self.terminate_with_output().1
+    }
+
+    /// Stops the server with SIGTERM; its exit status, everything it logged, and what it
+    /// printed after its address.
+    pub fn terminate_with_output(mut self) -> (std::process::ExitStatus, String, Vec<String>) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let _ = self.child.wait();
-        self.stderr.join().unwrap_or_default()
+        let exit = self.child.wait().expect("wait for keywarden serve");
+        let logs = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        let rest = self.stdout_rest.try_iter().collect();
+        (exit, logs, rest)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -110,7 +135,7 @@ pub fn serve_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> 
         base,
         bootstrap,
         stdout_rest: rx,
-        stderr,
+        stderr: Some(stderr),
     }
 }
 
@@ -252,17 +277,17 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
     assert_eq!(rc, 0);
     assert!(out.contains("SCOPE_DENIED"), "{out}");
     // The old key, presented after its grace: an alert, by key id only.
-    let mut out = String::new();
-    for _ in 0..100 {
-        let (rc, o, _) = cli(&s, &data, &["alert", "list"], None);
-        assert_eq!(rc, 0);
-        out = o;
+    let out = eventually(WAIT, "the alert on the old key", || async {
+        let (rc, out, err) = cli(&s, &data, &["alert", "list"], None);
+        assert_eq!(rc, 0, "{err}");
         if out.contains(&id) {
-            break;
+            Ok(out)
+        } else {
+            Err(out)
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(out.contains(&id) && out.contains("EXPIRED"), "{out}");
+    })
+    .await;
+    assert!(out.contains("EXPIRED"), "{out}");
 
     let (rc, out, err) = cli(
         &s,
@@ -326,16 +351,8 @@ async fn cli_cycle_keeps_secrets_out_of_logs_and_flushes_on_sigterm() {
             .unwrap();
         assert_eq!(v["code"], "VALID");
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &s.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut child = s.child;
-    let exit = child.wait().unwrap();
+    let (exit, logs, rest) = s.terminate_with_output();
     assert!(exit.success(), "graceful exit: {exit:?}");
-    let logs = s.stderr.join().unwrap();
-    let rest: Vec<String> = s.stdout_rest.try_iter().collect();
 
     let store = keywarden_store::Store::connect(&format!(
         "sqlite://{}",

@@ -77,18 +77,25 @@ impl Receiver {
         self.shared.got.lock().unwrap().clone()
     }
 
-    /// Waits until `n` requests arrived (or panics after `secs`).
+    /// Waits until `n` requests arrived (or panics after `secs`), woken by each arrival.
     pub async fn wait_for(&self, n: usize, secs: u64) -> Vec<Received> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-        loop {
-            let notified = self.shared.notify.notified();
-            let got = self.received();
-            if got.len() >= n {
-                return got;
+        let arrived = async {
+            loop {
+                // Taken before the count is read: an arrival in between still wakes it.
+                let notified = self.shared.notify.notified();
+                let got = self.received();
+                if got.len() >= n {
+                    return got;
+                }
+                notified.await;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!("{} webhook(s) arrived, expected {n}", self.received().len());
-            }
+        };
+        match tokio::time::timeout(Duration::from_secs(secs), arrived).await {
+            Ok(got) => got,
+            Err(_) => panic!(
+                "{} webhook(s) arrived within {secs}s, expected {n}",
+                self.received().len()
+            ),
         }
     }
 }

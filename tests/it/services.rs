@@ -8,7 +8,7 @@ use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::harness::{key_body, Backend, TestServer};
+use crate::harness::{eventually, key_body, signalled, Backend, TestServer, WAIT};
 use crate::on_both_backends;
 use crate::receiver::Receiver;
 
@@ -47,18 +47,36 @@ pub async fn add_service(s: &TestServer, body: Value) -> (String, Vec<u8>) {
 
 /// Polls the key until `f` holds for its propagation.
 pub async fn wait_propagation(s: &TestServer, id: &str, f: impl Fn(&Value) -> bool) -> Value {
-    for _ in 0..200 {
-        let (_, k) = s.get(&format!("/v1/keys/{id}")).await;
-        if f(&k["propagation"]) {
-            return k["propagation"].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let (_, k) = s.get(&format!("/v1/keys/{id}")).await;
-    panic!(
-        "propagation never reached the expected state: {}",
-        k["propagation"]
-    );
+    let path = format!("/v1/keys/{id}");
+    eventually(
+        WAIT,
+        &format!("the propagation of {id} to reach the expected state"),
+        || async {
+            let (_, k) = s.get(&path).await;
+            if f(&k["propagation"]) {
+                Ok(k["propagation"].clone())
+            } else {
+                Err(k["propagation"].clone())
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until the dispatcher has made two more passes, so at least one began after
+/// this call and every delivery it would start is counted; returns how many
+/// deliveries have been started so far. What a pass did not start, it found not due.
+async fn after_two_dispatcher_passes(s: &TestServer) -> u64 {
+    let mut dispatch = s.state().progress.dispatch.subscribe();
+    let from = dispatch.borrow_and_update().passes;
+    let progress = signalled(
+        WAIT,
+        "two more dispatcher passes",
+        dispatch.wait_for(|p| p.passes >= from + 2),
+    )
+    .await
+    .expect("the server is running");
+    progress.started
 }
 
 async fn change(s: &TestServer, id: &str, action: &str) {
@@ -139,15 +157,15 @@ async fn failing_deliveries_retry_in_order_and_survive_a_restart(b: Backend) {
     change(&s, &id, "revoke").await;
     r.wait_for(1, 10).await;
     // The first event failed; the second waits behind it (per-key order).
-    let mut recent = Value::Null;
-    for _ in 0..100 {
+    let recent = eventually(WAIT, "the first delivery to be failing", || async {
         let (_, v) = s.get(&format!("/v1/services/{sid}")).await;
         if v["recent"][1]["state"] == "failing" {
-            recent = v["recent"].clone();
-            break;
+            Ok(v["recent"].clone())
+        } else {
+            Err(v)
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await;
     assert_eq!(recent[1]["event"], "suspended", "{recent}");
     assert_eq!(recent[1]["last_error"], "HTTP 503");
     assert_eq!(recent[1]["attempts"], 1);
@@ -155,12 +173,15 @@ async fn failing_deliveries_retry_in_order_and_survive_a_restart(b: Backend) {
     assert_eq!(recent[0]["event"], "revoked");
     assert_eq!(recent[0]["state"], "pending");
     assert_eq!(recent[0]["attempts"], 0);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The test's clock stands still, so the backoff never ends: passes that start
+    // nothing are the dispatcher holding the retry back, and the second event with it.
+    let started = after_two_dispatcher_passes(&s).await;
     assert_eq!(
-        r.received().len(),
-        1,
+        after_two_dispatcher_passes(&s).await,
+        started,
         "no retry before the backoff, nothing out of order"
     );
+    assert_eq!(r.received().len(), 1);
     let p = wait_propagation(&s, &id, |p| p["event"] == "revoked").await;
     assert_eq!(p["confirmed"], 0);
     assert_eq!(p["services"][0]["state"], "pending");
@@ -285,7 +306,13 @@ async fn private_addresses_are_refused_unless_allowed(b: Backend) {
 }
 
 async fn pull_services_read_events_and_acknowledge(b: Backend) {
-    let s = start(b).await;
+    // Event readers poll the outbox only every 30 s: within the test's bounds, only the
+    // wake-up on a write can answer a waiting long poll.
+    let s = TestServer::start_with(b, |c| {
+        c.dispatch_poll = Duration::from_millis(50);
+        c.events_poll = Duration::from_secs(30);
+    })
+    .await;
     let verifier = s.token("verifier", None).await;
     let issuer = s.token("issuer", None).await;
     let (sid, _) = add_service(&s, json!({ "name": "cache-gw" })).await;
@@ -310,17 +337,29 @@ async fn pull_services_read_events_and_acknowledge(b: Backend) {
     let (st, _) = get("/v1/events".into(), issuer.clone()).await;
     assert_eq!(st, StatusCode::FORBIDDEN);
 
-    // A long poll returns as soon as the revocation commits.
+    // A long poll returns as soon as the revocation commits. The revocation waits until
+    // the poll has read the outbox and is waiting, so its first read cannot answer it.
+    let mut waiters = s.state().progress.event_waiters.subscribe();
     let poll = tokio::spawn(get(
         format!("/v1/events?after={head}&wait=20s"),
         verifier.clone(),
     ));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = std::time::Instant::now();
+    signalled(
+        WAIT,
+        "the long poll to wait for a change",
+        waiters.wait_for(|n| *n == 1),
+    )
+    .await
+    .unwrap();
     change(&s, &id, "revoke").await;
-    let (st, page) = poll.await.unwrap();
+    let (st, page) = signalled(
+        Duration::from_secs(5),
+        "the waiting long poll to be woken by the revocation",
+        poll,
+    )
+    .await
+    .unwrap();
     assert_eq!(st, StatusCode::OK);
-    assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(page["events"][0]["type"], "key.revoked", "{page}");
     let revoked_seq = page["events"][0]["seq"].as_i64().unwrap();
     assert_eq!(page["next"], revoked_seq);

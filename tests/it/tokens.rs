@@ -1,11 +1,9 @@
 //! Admin tokens: a lifetime the policy can cap, and when each was last used.
 
-use std::time::Duration;
-
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::harness::{Backend, TestServer};
+use crate::harness::{eventually, Backend, TestServer, WAIT};
 use crate::on_both_backends;
 
 on_both_backends!(tokens_have_a_capped_lifetime_and_a_last_use);
@@ -63,16 +61,12 @@ async fn tokens_have_a_capped_lifetime_and_a_last_use(b: Backend) {
         .await;
     assert_eq!(st, StatusCode::OK);
     // The use is recorded off the request path; wait for it (bounded).
-    let mut last_used = Value::Null;
-    for _ in 0..200 {
+    let last_used = eventually(WAIT, "the token's use to be recorded", || async {
         let tokens = token_list(&s).await;
         let t = tokens.iter().find(|t| t["id"] == id.as_str()).unwrap();
-        if !t["last_used_at"].is_null() {
-            last_used = t["last_used_at"].clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        (!t["last_used_at"].is_null()).then(|| t["last_used_at"].clone())
+    })
+    .await;
     assert_eq!(last_used, "2026-06-01T13:00:00Z");
     let (rc, out, err) = s.cli(&["token", "list"]).await;
     assert_eq!(rc, 0, "{err}");

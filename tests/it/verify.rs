@@ -4,7 +4,7 @@ use keywarden_core::key_format::{assemble, parse};
 use keywarden_core::KeyId;
 use serde_json::json;
 
-use crate::harness::{key_body, Backend, TestServer};
+use crate::harness::{eventually, key_body, Backend, TestServer, WAIT};
 
 crate::on_both_backends!(
     codes,
@@ -302,10 +302,17 @@ async fn verify_fails_closed_when_usage_cannot_be_written() {
         .execute(&mut blocker)
         .await
         .unwrap();
-    // One verify first, and time for the writer to take it and stall on the lock.
-    // Otherwise a writer still draining could take all twelve below into its batch.
+    // One verify first, and the writer taking it off the queue: it then holds it in a
+    // batch it retries until the lock is free, and takes nothing more. Otherwise a
+    // writer still draining could take all twelve below into its batch.
     assert_eq!(s.verify_code(&secret).await, "VALID");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let queue = &s.state().usage;
+    eventually(
+        WAIT,
+        "the usage writer to take the queued event",
+        || async { queue.capacity() == queue.max_capacity() },
+    )
+    .await;
 
     let mut tasks = Vec::new();
     for _ in 0..12 {
@@ -359,19 +366,39 @@ async fn verify_fails_closed_when_usage_cannot_be_written() {
     s.stop().await;
 }
 
-/// Past its lifetime, a cache entry is renewed when the stored key is unchanged, and
-/// loaded again when it changed behind this node's back (another process, a restore).
+/// The verify cache's entry for `id` if it is fresh at the server's time.
+fn fresh_entry(s: &TestServer, id: &str) -> std::sync::Arc<keywarden_server::cache::CachedKey> {
+    use keywarden_core::clock::Clock;
+    s.state()
+        .keys
+        .get(&KeyId::parse(id).unwrap(), s.clock.now())
+        .flatten()
+        .expect("a fresh cache entry")
+}
+
+/// Past its lifetime (the cache runs on the server's clock), a cache entry is renewed in
+/// place when the stored key is unchanged, and loaded again when it changed behind this
+/// node's back (another process, a restore).
 async fn expired_cache_entries_follow_the_store(b: Backend) {
-    const TTL: std::time::Duration = std::time::Duration::from_millis(100);
+    const TTL: std::time::Duration = std::time::Duration::from_secs(60);
     // Lifetimes are jittered up to +20%.
-    const OUTLIVED: std::time::Duration = std::time::Duration::from_millis(150);
+    let outlived = time::Duration::seconds(90);
     let s = TestServer::start_with(b, |c| c.verify_cache_ttl = TTL).await;
     let (id, secret) = s.create_key(key_body("renewed")).await;
+    // Not evicted under the test by this node's own change coming back through sync.
+    s.caught_up().await;
+    assert_eq!(s.verify_code(&secret).await, "VALID");
+    let loaded = fresh_entry(&s, &id);
     for _ in 0..3 {
+        s.clock.advance(outlived);
         assert_eq!(s.verify_code(&secret).await, "VALID");
-        tokio::time::sleep(OUTLIVED).await;
+        // A reload would answer VALID too; the entry itself tells them apart.
+        assert!(
+            std::sync::Arc::ptr_eq(&loaded, &fresh_entry(&s, &id)),
+            "the stale entry was loaded again instead of renewed"
+        );
     }
-    s.wait_for_usage(&id, 3).await;
+    s.wait_for_usage(&id, 4).await;
 
     let elsewhere = keywarden_store::Store::connect(&s.config.database_url())
         .await
@@ -395,7 +422,7 @@ async fn expired_cache_entries_follow_the_store(b: Backend) {
         details: "{}".into(),
     };
     assert!(elsewhere.update_key_state(&key, &audit).await.unwrap());
-    tokio::time::sleep(OUTLIVED).await;
+    s.clock.advance(outlived);
     assert_eq!(s.verify_code(&secret).await, "SUSPENDED");
     s.stop().await;
 }
@@ -408,17 +435,15 @@ async fn a_renewed_entry_counts_uses_through_other_nodes() {
     let Some(b) = crate::harness::postgres_or_skip() else {
         return;
     };
-    let s = TestServer::start_with(b, |c| {
-        c.verify_cache_ttl = std::time::Duration::from_millis(100);
-    })
-    .await;
+    let s = TestServer::start(b).await;
     let mut body = key_body("shared");
     body["ttl"] = json!("90d");
     let (id, secret) = s.create_key(body).await;
     // This node hears of its own change through the cluster channel too, and evicts
-    // the key again; let that pass, so the entry cached next stays.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // the key again; wait for that, so the entry cached next stays.
+    s.caught_up().await;
     assert_eq!(s.verify_code(&secret).await, "VALID");
+    let loaded = fresh_entry(&s, &id);
     let other_node = keywarden_store::Store::connect(&s.config.database_url())
         .await
         .unwrap();
@@ -436,8 +461,12 @@ async fn a_renewed_entry_counts_uses_through_other_nodes() {
     };
     let (_, written) = other_node.record_usage(vec![use_elsewhere]).await;
     written.unwrap();
+    // Thirty-one days outlive any cache lifetime: the entry is stale, and renewed.
     s.clock.advance(time::Duration::days(31));
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     assert_eq!(s.verify_code(&secret).await, "VALID");
+    assert!(
+        std::sync::Arc::ptr_eq(&loaded, &fresh_entry(&s, &id)),
+        "renewed in place, not loaded again"
+    );
     s.stop().await;
 }

@@ -114,11 +114,12 @@ pub async fn authenticate_token(
             "this is a key, not an admin token: keys are checked with POST /v1/verify",
         ));
     }
-    let (token, fresh) = match memoized_token(app, &parsed.id) {
+    let now = app.now();
+    let (token, fresh) = match memoized_token(app, &parsed.id, now) {
         Some(memo) => (Some(memo.token), memo.fresh),
         None => (
             app.tokens
-                .get_or_load(&parsed.id, || async {
+                .get_or_load(&parsed.id, now, || async {
                     Ok::<_, ApiError>(app.store.get_token(&parsed.id).await?.map(Arc::new))
                 })
                 .await?,
@@ -126,7 +127,7 @@ pub async fn authenticate_token(
         ),
     };
     match token {
-        Some(t) if app.hasher.matches_text(parsed.plain, &t.hash) && t.is_usable(app.now()) => {
+        Some(t) if app.hasher.matches_text(parsed.plain, &t.hash) && t.is_usable(now) => {
             if fresh {
                 mark_used(app, &t);
             }
@@ -147,7 +148,7 @@ struct TokenMemo {
     cache: u64,
     id: KeyId,
     generation: u64,
-    expires: std::time::Instant,
+    expires: crate::cache::Expiry,
     token: Arc<TokenRecord>,
 }
 
@@ -197,18 +198,18 @@ struct Memoized {
     fresh: bool,
 }
 
-fn memoized_token(app: &SharedState, id: &KeyId) -> Option<Memoized> {
+fn memoized_token(app: &SharedState, id: &KeyId, now: time::OffsetDateTime) -> Option<Memoized> {
     TOKEN_MEMO.with(|memo| {
         let mut memo = memo.try_borrow_mut().ok()?;
         let good = memo.as_ref().is_some_and(|m| {
             m.cache == app.tokens.instance()
                 && m.id == *id
                 && app.tokens.is_current(m.generation)
-                && std::time::Instant::now() < m.expires
+                && m.expires.is_fresh(now)
         });
         let fresh = !good;
         if !good {
-            let (token, expires, generation) = app.tokens.get_for_memo(id)?;
+            let (token, expires, generation) = app.tokens.get_for_memo(id, now)?;
             *memo = Some(TokenMemo {
                 cache: app.tokens.instance(),
                 id: id.clone(),

@@ -6,9 +6,13 @@
 //! Sharded maps behind read-write locks, with a time-to-live and a size bound, and no
 //! recency bookkeeping: at 100k keys moka's `get` (its concurrent table plus the LRU
 //! bookkeeping it does on every read) took 8-10% of the server's CPU in the verify
-//! benchmark. An entry here costs a hash, a read lock and a clock read. When a shard is
-//! full an insert drops an arbitrary entry: a miss only costs a store read, so recency is
-//! not worth paying for on every hit.
+//! benchmark. An entry here costs a hash and a read lock. When a shard is full an insert
+//! drops an arbitrary entry: a miss only costs a store read, so recency is not worth
+//! paying for on every hit.
+//!
+//! Time is the server's [`Clock`](keywarden_core::clock::Clock), read by the caller and
+//! passed in: verify reads it once per request anyway, so the cache adds no clock read,
+//! and a test that moves its clock moves the cache's lifetimes with it.
 //!
 //! An entry past its lifetime is not dropped: [`RecordCache::lookup`] hands it back as
 //! stale, for the caller to [`RecordCache::renew`] once the store says it is current
@@ -22,9 +26,10 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keywarden_core::{KeyId, KeyRecord};
+use time::OffsetDateTime;
 
 /// `None` caches "no such key", so floods of well-formed unknown ids stay off the store.
 pub type Entry = Option<Arc<CachedKey>>;
@@ -123,9 +128,35 @@ pub enum Lookup<T> {
     Missing(u64),
 }
 
+/// When an entry stops being fresh, in unix nanoseconds of the server's clock.
+///
+/// The clock is a wall clock, which can be stepped back: an entry also counts as stale
+/// when more than the longest lifetime is left, or a step back of an hour would serve
+/// it for an hour longer than the lifetime that bounds its staleness.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry {
+    at: i64,
+    longest: i64,
+}
+
+impl Expiry {
+    pub fn is_fresh(self, now: OffsetDateTime) -> bool {
+        let left = self.at.saturating_sub(nanos(now));
+        left > 0 && left <= self.longest
+    }
+}
+
+fn nanos(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos()).unwrap_or(i64::MAX)
+}
+
+fn nanos_of(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
 struct Slot<T> {
     value: T,
-    expires: Instant,
+    expires: Expiry,
 }
 
 pub struct RecordCache<T: Clone + Send + Sync + 'static> {
@@ -165,19 +196,25 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
         &self.shards[i]
     }
 
-    pub fn get(&self, id: &KeyId) -> Option<T> {
-        match self.lookup(id) {
+    pub fn get(&self, id: &KeyId, now: OffsetDateTime) -> Option<T> {
+        match self.lookup(id, now) {
             Lookup::Fresh(v) => Some(v),
             Lookup::Stale(..) | Lookup::Missing(_) => None,
         }
     }
 
-    /// The entry for `id`, and if it has outlived its time, what a caller needs to
-    /// [`Self::renew`] it.
-    pub fn lookup(&self, id: &KeyId) -> Lookup<T> {
+    /// The entry for `id` however old: what it says of this node's own answers (the
+    /// uses [`CachedKey`] stamps) does not go stale with the record.
+    pub fn cached(&self, id: &KeyId) -> Option<T> {
+        self.peek(id).1.map(|(value, _)| value)
+    }
+
+    /// The entry for `id`, and if it has outlived its time at `now`, what a caller needs
+    /// to [`Self::renew`] it.
+    pub fn lookup(&self, id: &KeyId, now: OffsetDateTime) -> Lookup<T> {
         match self.peek(id) {
             (generation, None) => Lookup::Missing(generation),
-            (_, Some((value, expires))) if Instant::now() < expires => Lookup::Fresh(value),
+            (_, Some((value, expires))) if expires.is_fresh(now) => Lookup::Fresh(value),
             (generation, Some((value, _))) => Lookup::Stale(value, generation),
         }
     }
@@ -185,18 +222,20 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
     /// The fresh entry for `id`, when it expires, and the generation read before it: a
     /// per-thread memo of the entry stays good while [`Self::is_current`] and the time
     /// last (`auth` keeps one of the admin token, which every request presents).
-    pub fn get_for_memo(&self, id: &KeyId) -> Option<(T, Instant, u64)> {
+    pub fn get_for_memo(&self, id: &KeyId, now: OffsetDateTime) -> Option<(T, Expiry, u64)> {
         let (generation, (value, expires)) = match self.peek(id) {
             (generation, Some(entry)) => (generation, entry),
             (_, None) => return None,
         };
-        (Instant::now() < expires).then_some((value, expires, generation))
+        expires
+            .is_fresh(now)
+            .then_some((value, expires, generation))
     }
 
     /// The entry and when it expires, with the generation read before it: a change
     /// evicted after that read moves it, so a renewal of what the change replaced is
     /// refused.
-    fn peek(&self, id: &KeyId) -> (u64, Option<(T, Instant)>) {
+    fn peek(&self, id: &KeyId) -> (u64, Option<(T, Expiry)>) {
         let generation = self.generation();
         // A poisoned shard only means a panic elsewhere mid-insert; treat it as a miss.
         let entry = self
@@ -218,35 +257,44 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
     }
 
     /// The cached value, or `load`'s, cached unless a change raced the load.
-    pub async fn get_or_load<E, Fut>(&self, id: &KeyId, load: impl FnOnce() -> Fut) -> Result<T, E>
+    pub async fn get_or_load<E, Fut>(
+        &self,
+        id: &KeyId,
+        now: OffsetDateTime,
+        load: impl FnOnce() -> Fut,
+    ) -> Result<T, E>
     where
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        let generation = match self.lookup(id) {
+        let generation = match self.lookup(id, now) {
             Lookup::Fresh(v) => return Ok(v),
             Lookup::Stale(_, generation) | Lookup::Missing(generation) => generation,
         };
-        self.load(id, generation, load).await
+        self.load(id, generation, now, load).await
     }
 
-    /// Loads `id` and caches it unless a change since `generation` raced the load.
+    /// Loads `id` and caches it unless a change since `generation` raced the load. The
+    /// lifetime counts from `now`, read before the load: an entry may end early, never
+    /// late.
     pub async fn load<E, Fut>(
         &self,
         id: &KeyId,
         generation: u64,
+        now: OffsetDateTime,
         load: impl FnOnce() -> Fut,
     ) -> Result<T, E>
     where
         Fut: std::future::Future<Output = Result<T, E>>,
     {
         let v = load().await?;
-        self.insert(id.clone(), v.clone(), generation);
+        self.insert(id.clone(), v.clone(), generation, now);
         Ok(v)
     }
 
-    /// Gives a stale entry a new lifetime, once the caller has checked with the store
-    /// that it is still current; refused if anything was evicted since `generation`.
-    pub fn renew(&self, id: &KeyId, generation: u64) {
+    /// Gives a stale entry a new lifetime from `now`, once the caller has checked with
+    /// the store that it is still current; refused if anything was evicted since
+    /// `generation`. The entry is kept as it is, with what it has learnt since its load.
+    pub fn renew(&self, id: &KeyId, generation: u64, now: OffsetDateTime) {
         let Ok(mut shard) = self.shard(id).write() else {
             return;
         };
@@ -254,7 +302,7 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
             return;
         }
         if let Some(slot) = shard.get_mut(id) {
-            slot.expires = Instant::now() + self.lifetime();
+            slot.expires = self.expiry(now);
         }
     }
 
@@ -268,7 +316,14 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
             .mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.8..1.2))
     }
 
-    fn insert(&self, id: KeyId, value: T, read_at_generation: u64) {
+    fn expiry(&self, now: OffsetDateTime) -> Expiry {
+        Expiry {
+            at: nanos(now).saturating_add(nanos_of(self.lifetime())),
+            longest: nanos_of(self.ttl.mul_f64(1.2)),
+        }
+    }
+
+    fn insert(&self, id: KeyId, value: T, read_at_generation: u64, now: OffsetDateTime) {
         let Ok(mut shard) = self.shard(&id).write() else {
             return;
         };
@@ -286,7 +341,7 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
             id,
             Slot {
                 value,
-                expires: Instant::now() + self.lifetime(),
+                expires: self.expiry(now),
             },
         );
     }
@@ -319,61 +374,87 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use time::macros::datetime;
+
+    const T0: OffsetDateTime = datetime!(2026-06-01 12:00 UTC);
 
     fn id(n: usize) -> KeyId {
         KeyId::parse(&format!("{n:0>16}")).unwrap()
+    }
+
+    fn at(ms: i64) -> OffsetDateTime {
+        T0 + time::Duration::milliseconds(ms)
     }
 
     #[test]
     fn evicted_and_raced_entries_are_not_served() {
         let c: RecordCache<u32> = RecordCache::new(100, Duration::from_secs(60));
         let g = c.generation();
-        c.insert(id(1), 1, g);
-        assert_eq!(c.get(&id(1)), Some(1));
+        c.insert(id(1), 1, g, T0);
+        assert_eq!(c.get(&id(1), T0), Some(1));
         c.evict(&id(1));
-        assert_eq!(c.get(&id(1)), None);
+        assert_eq!(c.get(&id(1), T0), None);
         // A load that started before the eviction is not cached.
-        c.insert(id(1), 1, g);
-        assert_eq!(c.get(&id(1)), None);
+        c.insert(id(1), 1, g, T0);
+        assert_eq!(c.get(&id(1), T0), None);
     }
 
     #[test]
     fn stale_entries_are_renewed_unless_a_change_intervened() {
         let c: RecordCache<u32> = RecordCache::new(100, Duration::from_millis(20));
-        c.insert(id(1), 1, c.generation());
-        assert!(matches!(c.lookup(&id(1)), Lookup::Fresh(1)));
-        std::thread::sleep(Duration::from_millis(30));
-        let Lookup::Stale(1, generation) = c.lookup(&id(1)) else {
+        c.insert(id(1), 1, c.generation(), T0);
+        assert!(matches!(c.lookup(&id(1), T0), Lookup::Fresh(1)));
+        let Lookup::Stale(1, generation) = c.lookup(&id(1), at(30)) else {
             panic!("expected a stale entry");
         };
-        assert_eq!(c.get(&id(1)), None, "a stale entry is not served as is");
-        c.renew(&id(1), generation);
-        assert!(matches!(c.lookup(&id(1)), Lookup::Fresh(1)));
+        assert_eq!(
+            c.get(&id(1), at(30)),
+            None,
+            "a stale entry is not served as is"
+        );
+        assert_eq!(c.cached(&id(1)), Some(1), "but is still there to renew");
+        c.renew(&id(1), generation, at(30));
+        assert!(matches!(c.lookup(&id(1), at(30)), Lookup::Fresh(1)));
 
-        std::thread::sleep(Duration::from_millis(30));
-        let Lookup::Stale(1, generation) = c.lookup(&id(1)) else {
+        let Lookup::Stale(1, generation) = c.lookup(&id(1), at(60)) else {
             panic!("expected a stale entry");
         };
         // A change to any key between the check and the renewal: not renewed.
         c.evict(&id(2));
-        c.renew(&id(1), generation);
-        assert!(matches!(c.lookup(&id(1)), Lookup::Stale(1, _)));
+        c.renew(&id(1), generation, at(60));
+        assert!(matches!(c.lookup(&id(1), at(60)), Lookup::Stale(1, _)));
         c.evict(&id(1));
-        assert!(matches!(c.lookup(&id(1)), Lookup::Missing(_)));
+        assert!(matches!(c.lookup(&id(1), at(60)), Lookup::Missing(_)));
+    }
+
+    /// A wall clock stepped back must not stretch an entry past its longest lifetime.
+    #[test]
+    fn a_clock_stepped_back_does_not_keep_entries_fresh() {
+        let c: RecordCache<u32> = RecordCache::new(100, Duration::from_secs(60));
+        c.insert(id(1), 1, c.generation(), T0);
+        assert!(matches!(c.lookup(&id(1), T0), Lookup::Fresh(1)));
+        assert!(matches!(
+            c.lookup(&id(1), T0 - time::Duration::hours(1)),
+            Lookup::Stale(1, _)
+        ));
+        assert!(matches!(
+            c.lookup(&id(1), T0 + time::Duration::minutes(2)),
+            Lookup::Stale(1, _)
+        ));
     }
 
     #[test]
     fn entries_expire_and_the_size_stays_bounded() {
         let c: RecordCache<u32> = RecordCache::new(128, Duration::ZERO);
-        c.insert(id(1), 1, c.generation());
-        assert_eq!(c.get(&id(1)), None, "expired at once");
+        c.insert(id(1), 1, c.generation(), T0);
+        assert_eq!(c.get(&id(1), T0), None, "expired at once");
         let c: RecordCache<u32> = RecordCache::new(128, Duration::from_secs(60));
         for n in 0..10_000 {
-            c.insert(id(n), 1, c.generation());
+            c.insert(id(n), 1, c.generation(), T0);
         }
         let held: usize = c.shards.iter().map(|s| s.read().unwrap().len()).sum();
         assert!(held <= 128, "held {held}");
-        assert_eq!(c.get(&id(9_999)), Some(1), "the newest entry is kept");
+        assert_eq!(c.get(&id(9_999), T0), Some(1), "the newest entry is kept");
     }
 
     #[test]
@@ -381,16 +462,17 @@ mod tests {
         let ttl = Duration::from_secs(100);
         let c: RecordCache<u32> = RecordCache::new(1_000, ttl);
         for n in 0..200 {
-            c.insert(id(n), 1, c.generation());
+            c.insert(id(n), 1, c.generation(), T0);
         }
-        let now = Instant::now();
         let left: Vec<Duration> = c
             .shards
             .iter()
             .flat_map(|s| {
                 let s = s.read().unwrap();
                 s.values()
-                    .map(|slot| slot.expires - now)
+                    .map(|slot| {
+                        Duration::from_nanos(u64::try_from(slot.expires.at - nanos(T0)).unwrap())
+                    })
                     .collect::<Vec<_>>()
             })
             .collect();

@@ -114,6 +114,11 @@ pub async fn sync(app: SharedState, mut stop: watch::Receiver<bool>) {
                     app.store.announce_change();
                 }
                 cursor = c.cursor;
+                app.progress.followed.send_if_modified(|seen| {
+                    let moved = *seen != cursor;
+                    *seen = cursor;
+                    moved
+                });
             }
             Err(e) => {
                 // Changes made elsewhere cannot be learnt: trust nothing cached.

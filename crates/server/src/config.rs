@@ -55,6 +55,9 @@ pub struct Config {
     /// How often the dispatcher looks for work it was not woken for (writes by another
     /// process, retries falling due).
     pub dispatch_poll: Duration,
+    /// How often a long poll or event stream reads the outbox again without being woken
+    /// (writes by another process). Writes in this process wake them at once.
+    pub events_poll: Duration,
     /// Several nodes: how often a node reads other nodes' changes even without a
     /// notification. A revocation made elsewhere is honoured here within this (usually
     /// within milliseconds, on the NOTIFY).
@@ -102,6 +105,7 @@ impl Config {
             webhook_backoff: Duration::from_secs(2),
             webhook_backoff_cap: Duration::from_secs(3600),
             dispatch_poll: Duration::from_secs(1),
+            events_poll: Duration::from_secs(1),
             cluster_poll: Duration::from_secs(1),
             alert_window: time::Duration::minutes(5),
             gateway: keywarden_core::gateway::GatewayMap::default(),

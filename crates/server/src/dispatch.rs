@@ -111,9 +111,15 @@ pub async fn run(app: SharedState, mut stop: watch::Receiver<bool>) {
         }
         // Several nodes: one delivers; another takes over within a poll when it stops.
         if lead.ensure(&app.store).await {
+            let before = tasks.len();
             if let Err(e) = pass(&app, &in_flight, &mut tasks).await {
                 tracing::warn!(error = %e, "dispatcher pass failed; retrying");
             }
+            let started = tasks.len().saturating_sub(before) as u64;
+            app.progress.dispatch.send_modify(|p| {
+                p.passes += 1;
+                p.started += started;
+            });
         }
         tokio::select! {
             _ = stop.changed() => {}

@@ -90,7 +90,11 @@ async fn due(
     let cutoff = at - policy.1.min_idle_expiry();
     for key in app.store.keys_unused_since(cutoff, at, limit).await? {
         let expiry = policy.1.rules_for(&key.environment).idle_expiry;
-        let seen = app.keys.get(&key.id).flatten().and_then(|c| c.last_seen());
+        let seen = app
+            .keys
+            .cached(&key.id)
+            .flatten()
+            .and_then(|c| c.last_seen());
         if idle_due(&key, expiry, seen, at) {
             actions.push(Action {
                 due_at: last_activity(&key, seen) + expiry,

@@ -422,6 +422,27 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
 }
 
 impl RunningServer {
+    /// Stops every task at their next await, without waiting for anything: for an owner
+    /// that cannot wait (a drop, perhaps while a panic unwinds). Queued usage events and
+    /// alerts are lost and requests in flight are cut; [`RunningServer::shutdown`] is the
+    /// orderly stop.
+    pub fn abort(&self) {
+        self.state.begin_closing();
+        let _ = self.stop_http.send(true);
+        let _ = self.stop_jobs.send(true);
+        let _ = self.stop_usage.send(true);
+        self.http.abort();
+        for task in [
+            &self.usage,
+            &self.expiry,
+            &self.dispatcher,
+            &self.alerts,
+            &self.sync,
+        ] {
+            task.abort();
+        }
+    }
+
     /// Stops accepting, finishes in-flight requests, then writes every queued usage event
     /// and alert.
     pub async fn shutdown(self) {

@@ -34,6 +34,45 @@ pub struct AppState {
     policy: std::sync::RwLock<Arc<(i64, Policy)>>,
     /// Moves after every change of `policy`, for the per-thread copies of verify.
     policy_generation: std::sync::atomic::AtomicU64,
+    /// How far the background work has got.
+    pub progress: Progress,
+}
+
+/// What the background work has done so far, each a watch, so that whoever must know
+/// that a job has run since some point (the integration tests, say, before asserting
+/// that it did nothing) waits for the signal instead of for time to pass.
+#[derive(Default)]
+pub struct Progress {
+    /// Dispatcher passes completed, and the deliveries they started.
+    pub dispatch: tokio::sync::watch::Sender<DispatchProgress>,
+    /// The audit seq through which `cluster::sync` has applied the changes it read to
+    /// this node's caches (PostgreSQL; a SQLite node evicts its own changes as it makes
+    /// them, and this stays 0).
+    pub followed: tokio::sync::watch::Sender<i64>,
+    /// Long polls and event streams that have read everything and wait for a change.
+    pub event_waiters: tokio::sync::watch::Sender<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DispatchProgress {
+    pub passes: u64,
+    pub started: u64,
+}
+
+/// Counts a waiter in [`Progress::event_waiters`] while it lives.
+pub struct EventWaiter<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl<'a> EventWaiter<'a> {
+    pub fn enter(waiters: &'a tokio::sync::watch::Sender<usize>) -> Self {
+        waiters.send_modify(|n| *n += 1);
+        Self(waiters)
+    }
+}
+
+impl Drop for EventWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 pub type SharedState = Arc<AppState>;
@@ -86,6 +125,7 @@ impl AppState {
             closing: tokio::sync::watch::Sender::new(false),
             policy: std::sync::RwLock::new(Arc::new((0, Policy::default()))),
             policy_generation: std::sync::atomic::AtomicU64::new(0),
+            progress: Progress::default(),
         }
     }
 

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::QueryParams;
-use crate::state::{AppState, SharedState};
+use crate::state::{AppState, EventWaiter, SharedState};
 
 /// Longest long poll.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -179,7 +179,8 @@ async fn long_poll(
                 next: reader.after,
             }));
         }
-        let poll = app.config.dispatch_poll.min(deadline - now);
+        let poll = app.config.events_poll.min(deadline - now);
+        let _waiting = EventWaiter::enter(&app.progress.event_waiters);
         wait_for_change(&mut changes, &mut closing, poll).await;
     }
 }
@@ -209,7 +210,8 @@ fn stream(
                 match reader.next(&app).await {
                     Ok(events) if !events.is_empty() => buf.extend(events),
                     Ok(_) => {
-                        wait_for_change(&mut changes, &mut closing, app.config.dispatch_poll).await
+                        let _waiting = EventWaiter::enter(&app.progress.event_waiters);
+                        wait_for_change(&mut changes, &mut closing, app.config.events_poll).await
                     }
                     Err(e) => {
                         // The client reconnects with Last-Event-ID and misses nothing.

@@ -264,12 +264,12 @@ async fn check(
         // Admin tokens authenticate to keywarden; they are not keys for other systems.
         return Ok(Outcome::unknown(VerifyCode::NotFound, None));
     }
-    let record = match app.keys.lookup(&parsed.id) {
+    let record = match app.keys.lookup(&parsed.id, now) {
         Lookup::Fresh(record) => record,
         Lookup::Stale(record, generation) => {
-            Box::pin(renew_or_load(app, &parsed.id, record, generation)).await?
+            Box::pin(renew_or_load(app, &parsed.id, record, generation, now)).await?
         }
-        Lookup::Missing(generation) => Box::pin(load(app, &parsed.id, generation)).await?,
+        Lookup::Missing(generation) => Box::pin(load(app, &parsed.id, generation, now)).await?,
     };
     let Some(record) = record else {
         return Ok(Outcome::unknown(VerifyCode::NotFound, Some(parsed.id)));
@@ -326,9 +326,14 @@ async fn check(
 // renewals, capped keys), and inline they made every verify future large enough that
 // moving it showed up in the profile.
 
-async fn load(app: &AppState, id: &KeyId, generation: u64) -> Result<Entry, ApiError> {
+async fn load(
+    app: &AppState,
+    id: &KeyId,
+    generation: u64,
+    now: OffsetDateTime,
+) -> Result<Entry, ApiError> {
     app.keys
-        .load(id, generation, || async {
+        .load(id, generation, now, || async {
             Ok::<_, ApiError>(
                 app.store
                     .get_key(id)
@@ -349,9 +354,10 @@ async fn renew_or_load(
     id: &KeyId,
     stale: Entry,
     generation: u64,
+    now: OffsetDateTime,
 ) -> Result<Entry, ApiError> {
     let Some(cached) = stale else {
-        return load(app, id, generation).await;
+        return load(app, id, generation, now).await;
     };
     match app.store.key_stamp(id).await? {
         Some(stamp) if stamp.version == cached.version => {
@@ -359,10 +365,10 @@ async fn renew_or_load(
             if let Some(at) = stamp.last_used_at {
                 cached.mark_seen(at);
             }
-            app.keys.renew(id, generation);
+            app.keys.renew(id, generation, now);
             Ok(Some(cached))
         }
-        _ => load(app, id, generation).await,
+        _ => load(app, id, generation, now).await,
     }
 }
 
