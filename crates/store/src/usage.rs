@@ -36,7 +36,11 @@ pub(crate) const UPSERT_KEY_USAGE_TAIL: &str = concat!(
     )
 );
 
+/// A subject's sightings span from its earliest use to its latest, by event time, in
+/// whatever order and batches the events arrive (the overlay's `merge_subjects` rule).
 pub(crate) const UPSERT_SUBJECT_TAIL: &str = "ON CONFLICT (key_id, subject) DO UPDATE SET \
+    first_seen = CASE WHEN excluded.first_seen < key_subjects.first_seen \
+    THEN excluded.first_seen ELSE key_subjects.first_seen END, \
     last_seen = CASE WHEN excluded.last_seen > key_subjects.last_seen THEN excluded.last_seen \
     ELSE key_subjects.last_seen END";
 

@@ -21,9 +21,7 @@ use keywarden_core::clock::from_millis;
 use keywarden_core::model::KeyRecord;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
-use crate::rows::{
-    key_from_row, ByPosition, KEY_COLUMNS, KEY_FROM, STAMP_SQL_ONE_NODE,
-};
+use crate::rows::{key_from_row, ByPosition, KEY_COLUMNS, KEY_FROM, STAMP_SQL_ONE_NODE};
 use crate::{KeyStamp, Result, StoreError};
 
 /// A key as stored, and `key_usage.last_seq`: the last event its stats include.
