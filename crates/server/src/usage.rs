@@ -2,7 +2,7 @@
 //! short tick and writes each drain as one batch. Waking a writer per event costs a large
 //! share of throughput (docs/benchmarks.md); a tick of a few milliseconds does not. The same task
 //! folds the logged usage into the keys' stats every few seconds (see the store's
-//! `usage_sqlite`), so appends and folds never overlap.
+//! `sqlite::usage`), so appends and folds never overlap.
 
 use std::time::Duration;
 
