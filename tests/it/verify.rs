@@ -470,3 +470,77 @@ async fn a_renewed_entry_counts_uses_through_other_nodes() {
     );
     s.stop().await;
 }
+
+/// On PostgreSQL, cache entries in use are renewed before they end, in batches, with no
+/// verify asking: an unchanged key's entry stays fresh (the same entry, not reloaded)
+/// however far the clock moves, and a key changed behind this node's back is left to
+/// end and be loaded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_renews_cache_entries_ahead_in_batches() {
+    use keywarden_core::clock::Clock;
+    use keywarden_server::cache::Lookup;
+    let Some(b) = crate::harness::postgres_or_skip() else {
+        return;
+    };
+    // Lifetimes of 0.96-1.44 s of the test clock; entries ending within 0.3 s are renewed.
+    let s = TestServer::start_with(b, |c| {
+        c.verify_cache_ttl = std::time::Duration::from_millis(1_200)
+    })
+    .await;
+    let (kept_id, kept) = s.create_key(key_body("kept")).await;
+    let (changed_id, changed) = s.create_key(key_body("changed")).await;
+    s.caught_up().await;
+    assert_eq!(s.verify_code(&kept).await, "VALID");
+    assert_eq!(s.verify_code(&changed).await, "VALID");
+    let loaded = fresh_entry(&s, &kept_id);
+    let kept_key = KeyId::parse(&kept_id).unwrap();
+    let fresh_ahead = |id: &KeyId| {
+        let at = s.clock.now() + time::Duration::milliseconds(300);
+        matches!(s.state().keys.lookup(id, at), Lookup::Fresh(Some(_)))
+    };
+    let changed_key = KeyId::parse(&changed_id).unwrap();
+    let mut passes = s.state().progress.renewal_passes.subscribe();
+    // Moves the clock a step shorter than the renewal window, then waits for two whole
+    // passes that began after it: every entry within the window at the step is renewed.
+    let mut step = || {
+        s.clock.advance(time::Duration::milliseconds(250));
+        let seen = *passes.borrow_and_update();
+        let mut passes = passes.clone();
+        async move {
+            crate::harness::signalled(WAIT, "two renewal passes", async move {
+                passes.wait_for(|n| *n >= seen + 2).await.map(|_| ())
+            })
+            .await
+            .unwrap();
+        }
+    };
+    // 3 s in steps: far past any lifetime.
+    for _ in 0..12 {
+        step().await;
+        assert!(fresh_ahead(&kept_key), "renewed ahead of its end");
+        assert!(fresh_ahead(&changed_key), "renewed ahead of its end");
+    }
+    assert!(
+        std::sync::Arc::ptr_eq(&loaded, &fresh_entry(&s, &kept_id)),
+        "renewed in place, not loaded again"
+    );
+
+    // A change written around keywarden: no audit entry, so no sync eviction.
+    s.sql(&[&format!(
+        "UPDATE keys SET version = version + 1 WHERE id = '{changed_id}'"
+    )])
+    .await;
+    for _ in 0..8 {
+        step().await;
+        assert!(fresh_ahead(&kept_key), "the unchanged entry renewed ahead");
+    }
+    assert!(
+        matches!(
+            s.state().keys.lookup(&changed_key, s.clock.now()),
+            Lookup::Stale(..)
+        ),
+        "an entry whose key changed is not renewed"
+    );
+    // Verify loads the changed key again.
+    assert_eq!(s.verify_code(&changed).await, "VALID");
+}

@@ -306,6 +306,25 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
         }
     }
 
+    /// Entries fresh at `now` that end within `within`, with the generation read before
+    /// the scan: what a renewer may [`Self::renew`] ahead of their end, in one batch of
+    /// store reads instead of one read on the verify path each.
+    pub fn ending_within(&self, now: OffsetDateTime, within: Duration) -> (u64, Vec<(KeyId, T)>) {
+        let generation = self.generation();
+        let horizon = nanos(now).saturating_add(nanos_of(within));
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let Ok(shard) = shard.read() else { continue };
+            out.extend(
+                shard
+                    .iter()
+                    .filter(|(_, slot)| slot.expires.is_fresh(now) && slot.expires.at <= horizon)
+                    .map(|(id, slot)| (id.clone(), slot.value.clone())),
+            );
+        }
+        (generation, out)
+    }
+
     /// Read before loading from the store; see [`Self::insert`].
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)

@@ -385,7 +385,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     ));
     let dispatcher = tokio::spawn(dispatch::run(state.clone(), stop_jobs_rx.clone()));
     let alerts = tokio::spawn(alerts::run(state.clone(), alerts_rx, stop_jobs_rx.clone()));
-    let sync = tokio::spawn(cluster::sync(state.clone(), stop_jobs_rx));
+    let sync = tokio::spawn({
+        let state = state.clone();
+        async move {
+            tokio::join!(
+                cluster::sync(state.clone(), stop_jobs_rx.clone()),
+                cluster::renew_ahead(state, stop_jobs_rx),
+            );
+        }
+    });
     let app = router(state.clone());
     let (stop_http, stop_http_rx) = watch::channel(false);
     let fd_limit = listen::raise_fd_limit();

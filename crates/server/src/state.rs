@@ -49,6 +49,8 @@ pub struct Progress {
     /// this node's caches (PostgreSQL; a SQLite node evicts its own changes as it makes
     /// them, and this stays 0).
     pub followed: tokio::sync::watch::Sender<i64>,
+    /// Passes of `cluster::renew_ahead` completed (PostgreSQL).
+    pub renewal_passes: tokio::sync::watch::Sender<u64>,
     /// Long polls and event streams that have read everything and wait for a change.
     pub event_waiters: tokio::sync::watch::Sender<usize>,
 }

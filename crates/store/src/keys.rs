@@ -106,6 +106,24 @@ impl Store {
         }
     }
 
+    /// [`Store::key_stamp`] of many keys at once, for renewing cache entries in batches:
+    /// one statement on PostgreSQL; on SQLite, point reads (a few µs each, no round trip
+    /// to save). Keys not stored are left out.
+    pub async fn key_stamps(&self, ids: &[KeyId]) -> Result<Vec<(KeyId, KeyStamp)>> {
+        match &self.engine {
+            Engine::Postgres(e) => e.key_stamps(ids).await,
+            Engine::Sqlite(_) => {
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(stamp) = self.key_stamp(id).await? {
+                        out.push((id.clone(), stamp));
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// Newest first. `after` is the `seq` cursor returned by the previous page.
     pub async fn list_keys(
         &self,

@@ -17,7 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
 
 use crate::fold::Pending;
-use crate::rows::{key_from_row, ms, KEY_COLUMNS, KEY_FROM, STAMP_SQL};
+use crate::rows::{decode_error, key_from_row, ms, KEY_COLUMNS, KEY_FROM, STAMP_SQL};
 use crate::usage::{UPSERT_KEY_USAGE_TAIL, UPSERT_SUBJECT_TAIL};
 use crate::{KeyStamp, Result, StoreError};
 
@@ -90,6 +90,28 @@ impl Engine {
             })
         })
         .transpose()
+    }
+
+    /// The stamps of many keys in one statement (keys not stored are left out).
+    pub async fn key_stamps(&self, ids: &[KeyId]) -> Result<Vec<(KeyId, KeyStamp)>> {
+        let ids: Vec<&str> = ids.iter().map(KeyId::as_str).collect();
+        let rows = sqlx::query(STAMPS_SQL)
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get(0)?;
+                let id = KeyId::parse(&id).map_err(|e| decode_error("id", e))?;
+                Ok((
+                    id,
+                    KeyStamp {
+                        version: row.try_get(1)?,
+                        last_used_at: row.try_get::<Option<i64>, _>(2)?.map(from_millis),
+                    },
+                ))
+            })
+            .collect()
     }
 
     /// One statement in autocommit: PostgreSQL reports a failed commit (a deferred
@@ -202,6 +224,10 @@ impl Engine {
 
 static KEY_BY_ID: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| format!("SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE id = $1"));
+
+/// [`STAMP_SQL`] for many keys.
+const STAMPS_SQL: &str = "SELECT id, version, last_used_at FROM keys \
+    LEFT JOIN key_usage ON key_usage.key_id = keys.id WHERE id = ANY($1)";
 
 const CONSUME_USE: &str = "UPDATE keys SET uses = uses + 1 WHERE id = $1 \
     AND max_uses IS NOT NULL AND uses < max_uses RETURNING max_uses - uses";
