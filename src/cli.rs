@@ -207,6 +207,13 @@ pub enum AlertCommand {
         /// Only about this key id.
         #[arg(long)]
         key: Option<String>,
+        /// Only of this kind: KEY_STILL_IN_USE, CANARY_USED, ENVIRONMENT_CROSSING,
+        /// SECRET_GUESSING, SCOPE_PROBING or BRUTE_FORCE.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only in this state: open, acknowledged or resolved.
+        #[arg(long)]
+        state: Option<String>,
         /// Raised at or after this time (RFC 3339).
         #[arg(long)]
         since: Option<String>,
@@ -216,6 +223,27 @@ pub enum AlertCommand {
         /// Where the previous page ended (its `next_cursor`).
         #[arg(long)]
         cursor: Option<String>,
+    },
+    /// One alert with its evidence.
+    Show {
+        /// The alert's id (SEQ in `alert list`).
+        id: String,
+    },
+    /// Acknowledge an alert: someone is on it.
+    Ack {
+        /// The alert's id (SEQ in `alert list`).
+        id: String,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Resolve an alert; the next sighting raises a new one.
+    Resolve {
+        /// The alert's id (SEQ in `alert list`).
+        id: String,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -412,6 +440,14 @@ pub struct CreateKeyArgs {
     /// Usage cap; 1 makes a one-time key.
     #[arg(long)]
     pub max_uses: Option<u64>,
+    /// At most this many valid uses per period, e.g. 100/min, 10/s, 5000/h
+    /// (RATE_LIMITED beyond it). Default: the policy's rate_limit.
+    #[arg(long)]
+    pub rate_limit: Option<String>,
+    /// Issue a canary: a tripwire key that looks like any other, never verifies, and
+    /// raises a critical CANARY_USED alert whenever it is presented.
+    #[arg(long)]
+    pub canary: bool,
     /// What the key is for, in a sentence.
     #[arg(long)]
     pub description: Option<String>,

@@ -317,6 +317,8 @@ async fn key(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
                 expires_at,
                 allowed_cidrs: a.allowed_cidrs.clone(),
                 max_uses: a.max_uses,
+                rate_limit: a.rate_limit.clone(),
+                canary: a.canary,
                 description: a.description.clone(),
                 metadata: parse_meta(&a.metadata)?,
             };

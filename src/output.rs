@@ -123,6 +123,15 @@ pub fn key_details(k: &KeyView) -> String {
             },
         ),
         ("uses", uses),
+        ("rate limit", opt(&k.rate_limit)),
+        (
+            "canary",
+            if k.canary {
+                "yes: never verifies, raises CANARY_USED".to_owned()
+            } else {
+                "no".to_owned()
+            },
+        ),
         (
             "last used",
             format!("{} from {}", opt_ts(k.last_used_at), opt(&k.last_used_from)),
@@ -327,6 +336,9 @@ pub fn alerts_table(alerts: &[keywarden_proto::AlertView]) -> String {
     let mut t = table(&[
         "SEQ",
         "TIME",
+        "KIND",
+        "SEVERITY",
+        "STATE",
         "KEY",
         "CODE",
         "FROM",
@@ -339,7 +351,10 @@ pub fn alerts_table(alerts: &[keywarden_proto::AlertView]) -> String {
         t.add_row(vec![
             a.seq.to_string(),
             ts(a.time),
-            a.key_id.clone(),
+            a.kind.clone(),
+            a.severity.clone(),
+            a.state.clone(),
+            opt(&a.key_id),
             a.code.clone(),
             opt(&a.source_ip),
             opt(&a.user_agent),
@@ -350,6 +365,34 @@ pub fn alerts_table(alerts: &[keywarden_proto::AlertView]) -> String {
             ),
             a.repeats.to_string(),
         ]);
+    }
+    t.to_string()
+}
+
+pub fn alert_details(a: &keywarden_proto::AlertView) -> String {
+    let mut t = table(&["FIELD", "VALUE"]);
+    let state = match (&a.state_changed_by, a.state_changed_at) {
+        (Some(by), Some(at)) => format!("{} by {by} at {}", a.state, ts(at)),
+        _ => a.state.clone(),
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("id", a.seq.to_string()),
+        ("kind", a.kind.clone()),
+        ("severity", a.severity.clone()),
+        ("state", state),
+        ("state reason", opt(&a.state_reason)),
+        ("key", opt(&a.key_id)),
+        ("code", a.code.clone()),
+        ("first seen", ts(a.time)),
+        ("last seen", ts(a.last_seen)),
+        ("repeats", a.repeats.to_string()),
+        ("from", opt(&a.source_ip)),
+        ("user agent", opt(&a.user_agent)),
+        ("subject", opt(&a.subject)),
+        ("evidence", a.evidence.to_string()),
+    ];
+    for (k, v) in rows {
+        t.add_row(vec![k.to_owned(), v]);
     }
     t.to_string()
 }

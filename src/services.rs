@@ -69,14 +69,36 @@ pub async fn service(cli: &Cli, cmd: &ServiceCommand) -> Result<u8> {
 
 pub async fn alert(cli: &Cli, cmd: &AlertCommand) -> Result<u8> {
     let c = client(cli)?;
+    let (id, action, reason) = match cmd {
+        AlertCommand::List { .. } => return list_alerts(cli, &c, cmd).await,
+        AlertCommand::Show { id } => (id, None, &None),
+        AlertCommand::Ack { id, reason } => (id, Some("ack"), reason),
+        AlertCommand::Resolve { id, reason } => (id, Some("resolve"), reason),
+    };
+    let alert = match action {
+        None => c.get_alert(id).await?,
+        Some(action) => c.move_alert(id, action, reason.clone()).await?,
+    };
+    print(cli, &alert, output::alert_details)?;
+    Ok(0)
+}
+
+async fn list_alerts(cli: &Cli, c: &Client, cmd: &AlertCommand) -> Result<u8> {
     let AlertCommand::List {
         key,
+        kind,
+        state,
         since,
         limit,
         cursor,
-    } = cmd;
+    } = cmd
+    else {
+        return Ok(0);
+    };
     let q = AlertQuery {
         key: key.clone(),
+        kind: kind.clone(),
+        state: state.clone(),
         since: since.clone(),
         limit: *limit,
         cursor: cursor.clone(),

@@ -28,3 +28,4 @@ mod services;
 mod tokens;
 mod usage_log;
 mod verify;
+mod watch;

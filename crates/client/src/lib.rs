@@ -558,12 +558,35 @@ impl Client {
     pub async fn list_alerts(&self, q: &AlertQuery) -> Result<keywarden_proto::AlertList> {
         self.get("/v1/alerts", Some(q)).await
     }
+
+    pub async fn get_alert(&self, seq: &str) -> Result<keywarden_proto::AlertView> {
+        self.get::<(), _>(&format!("/v1/alerts/{}", seg(seq)), None)
+            .await
+    }
+
+    /// `action`: `ack` or `resolve`.
+    pub async fn move_alert(
+        &self,
+        seq: &str,
+        action: &str,
+        reason: Option<String>,
+    ) -> Result<keywarden_proto::AlertView> {
+        self.post(
+            &format!("/v1/alerts/{}/{action}", seg(seq)),
+            &keywarden_proto::StateChangeRequest { reason },
+        )
+        .await
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AlertQuery {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

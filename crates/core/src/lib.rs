@@ -14,6 +14,7 @@ pub mod key_format;
 pub mod lifecycle;
 pub mod model;
 pub mod policy;
+pub mod rate;
 pub mod role;
 pub mod scope;
 pub mod validate;

@@ -120,6 +120,11 @@ pub struct KeyRecord {
     pub allowed_cidrs: Vec<IpNet>,
     pub scopes: Vec<Scope>,
     pub environment: String,
+    /// At most this many valid uses per period (`RATE_LIMITED` beyond).
+    pub rate_limit: Option<crate::rate::Rate>,
+    /// A tripwire: never verifies (answers like an unknown key), and any presentation
+    /// raises a critical CANARY_USED alert.
+    pub canary: bool,
     /// Optimistic-concurrency counter, bumped by every stored change.
     pub version: i64,
     // The rest.

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use time::Duration;
 
 use crate::duration::{format_duration, parse_duration};
+use crate::rate::Rate;
 use crate::scope::Scope;
 
 /// What the enforcer does when a key's rotation is overdue, or when an existing key
@@ -71,7 +72,53 @@ pub struct Rules {
     /// What the enforcer does with an existing key that breaks these rules (after a
     /// policy tightened): note it once per policy version, or suspend it.
     pub on_violation: OnRotationOverdue,
+    /// The rate limit of a new key that names none.
+    pub rate_limit: Option<Rate>,
+    /// A key's rate limit must be within this one (a key that names none gets
+    /// `rate_limit`, or else this one).
+    pub max_rate_limit: Option<Rate>,
+    /// What the monitor counts as an attack on this environment's keys.
+    pub watch: WatchRules,
+    /// Failures (malformed keys, unknown ids, wrong secrets) one source may present
+    /// before it is throttled (`RATE_LIMITED`); `None` turns throttling off. Read from
+    /// `[default]` only: a malformed key names no environment.
+    pub throttle_failures: Option<Rate>,
 }
+
+/// Thresholds of the alerts that count events in a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchRules {
+    /// Wrong secrets presented for one real key id (SECRET_GUESSING).
+    pub secret_guessing: Rate,
+    /// SCOPE_DENIED answers for one key (SCOPE_PROBING).
+    pub scope_probing: Rate,
+    /// MALFORMED and NOT_FOUND answers to one source (BRUTE_FORCE).
+    pub brute_force: Rate,
+}
+
+impl Default for WatchRules {
+    /// Quiet for a misconfigured client retrying at a human pace; loud for a script.
+    fn default() -> Self {
+        let per_min = |count| Rate {
+            count,
+            per: Duration::MINUTE,
+        };
+        Self {
+            secret_guessing: Rate {
+                count: 10,
+                per: Duration::minutes(5),
+            },
+            scope_probing: per_min(10),
+            brute_force: per_min(50),
+        }
+    }
+}
+
+/// The default throttle: a source presenting more than 30 bad keys a minute.
+pub const DEFAULT_THROTTLE: Rate = Rate {
+    count: 30,
+    per: Duration::MINUTE,
+};
 
 impl Default for Rules {
     /// The mission's defaults: 90-day keys, at most a year, idle for 30 days expires,
@@ -96,6 +143,10 @@ impl Default for Rules {
             on_rotation_overdue: OnRotationOverdue::Notify,
             on_owner_disabled: OnOwnerDisabled::Revoke,
             on_violation: OnRotationOverdue::Notify,
+            rate_limit: None,
+            max_rate_limit: None,
+            watch: WatchRules::default(),
+            throttle_failures: Some(DEFAULT_THROTTLE),
         }
     }
 }
@@ -121,6 +172,13 @@ struct Section {
     on_rotation_overdue: Option<OnRotationOverdue>,
     on_owner_disabled: Option<OnOwnerDisabled>,
     on_violation: Option<OnRotationOverdue>,
+    rate_limit: Option<String>,
+    max_rate_limit: Option<String>,
+    alert_secret_guessing: Option<String>,
+    alert_scope_probing: Option<String>,
+    alert_brute_force: Option<String>,
+    /// A rate, or `off`.
+    throttle_failures: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -275,6 +333,58 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
     r.on_rotation_overdue = s.on_rotation_overdue.unwrap_or(r.on_rotation_overdue);
     r.on_owner_disabled = s.on_owner_disabled.unwrap_or(r.on_owner_disabled);
     r.on_violation = s.on_violation.unwrap_or(r.on_violation);
+    let mut rate = |field: &str, v: &Option<String>| -> Option<Rate> {
+        let text = v.as_deref()?;
+        text.parse()
+            .map_err(|e| problems.push(format!("{at}.{field}: {e}")))
+            .ok()
+    };
+    if let Some(x) = rate("rate_limit", &s.rate_limit) {
+        r.rate_limit = Some(x);
+    }
+    if let Some(x) = rate("max_rate_limit", &s.max_rate_limit) {
+        r.max_rate_limit = Some(x);
+    }
+    if let Some(x) = rate("alert_secret_guessing", &s.alert_secret_guessing) {
+        r.watch.secret_guessing = x;
+    }
+    if let Some(x) = rate("alert_scope_probing", &s.alert_scope_probing) {
+        r.watch.scope_probing = x;
+    }
+    let source_wide = [
+        ("alert_brute_force", &s.alert_brute_force),
+        ("throttle_failures", &s.throttle_failures),
+    ];
+    if at != "default" {
+        for (field, v) in source_wide {
+            if v.is_some() {
+                problems.push(format!(
+                    "{at}.{field}: a source is judged before its key's environment is known; \
+                     set it in [default]"
+                ));
+            }
+        }
+    } else {
+        if let Some(x) = rate("alert_brute_force", &s.alert_brute_force) {
+            r.watch.brute_force = x;
+        }
+        match s.throttle_failures.as_deref() {
+            Some("off") => r.throttle_failures = None,
+            Some(_) => {
+                if let Some(x) = rate("throttle_failures", &s.throttle_failures) {
+                    r.throttle_failures = Some(x);
+                }
+            }
+            None => {}
+        }
+    }
+    if let (Some(d), Some(m)) = (r.rate_limit, r.max_rate_limit) {
+        if !d.within(&m) {
+            problems.push(format!(
+                "{at}: rate_limit ({d}) is above max_rate_limit ({m})"
+            ));
+        }
+    }
     // A section that lowers max_ttl below the default TTL it inherits (and sets none of
     // its own) issues keys of its max_ttl by default: `max_ttl = "30d"` alone must not
     // make the policy invalid. A default_ttl written in the same section is kept, and
@@ -301,6 +411,7 @@ pub struct KeyAsk<'a> {
     pub ttl: Duration,
     pub has_cidrs: bool,
     pub max_uses: Option<u64>,
+    pub rate_limit: Option<Rate>,
 }
 
 /// One broken rule: a stable code, the request field, and what to change.
@@ -323,6 +434,7 @@ pub fn check_existing(rules: &Rules, key: &crate::model::KeyRecord) -> Vec<Polic
             ttl: key.expires_at - key.created_at,
             has_cidrs: !key.allowed_cidrs.is_empty(),
             max_uses: key.max_uses,
+            rate_limit: key.rate_limit,
         },
     )
 }
@@ -402,6 +514,21 @@ pub fn check_issue(rules: &Rules, ask: &KeyAsk<'_>) -> Vec<PolicyViolation> {
             Some(_) => {}
         }
     }
+    if let Some(max) = rules.max_rate_limit {
+        match ask.rate_limit {
+            None => fail(
+                "POLICY_RATE_LIMIT_REQUIRED",
+                "rate_limit",
+                format!("the policy requires a rate limit of at most {max}"),
+            ),
+            Some(r) if !r.within(&max) => fail(
+                "POLICY_RATE_LIMIT_TOO_HIGH",
+                "rate_limit",
+                format!("{r} is above the policy's max_rate_limit of {max}"),
+            ),
+            Some(_) => {}
+        }
+    }
     v
 }
 
@@ -423,6 +550,8 @@ mod tests {
         require_systems = true
         max_ttl = "30d"
         max_uses_limit = 100
+        max_rate_limit = "6000/h"
+        alert_secret_guessing = "5/min"
     "#;
 
     fn scopes(s: &[&str]) -> Vec<Scope> {
@@ -446,6 +575,10 @@ mod tests {
         );
         assert!(prod.forbid_wildcards && prod.require_cidrs);
         assert_eq!(prod.max_uses_limit, Some(100));
+        assert_eq!(prod.max_rate_limit.unwrap().to_string(), "6000/h");
+        assert_eq!(prod.watch.secret_guessing, "5/min".parse().unwrap());
+        assert_eq!(dev.watch, WatchRules::default());
+        assert_eq!(dev.throttle_failures, Some(DEFAULT_THROTTLE));
         assert_eq!(
             Policy::default().rules_for("x").idle_expiry,
             Duration::days(30)
@@ -474,6 +607,7 @@ mod tests {
             ttl: Duration::days(60),
             has_cidrs: false,
             max_uses: Some(500),
+            rate_limit: Some("10/s".parse().unwrap()),
         };
         let codes: Vec<&str> = check_issue(p.rules_for("prod"), &ask)
             .iter()
@@ -488,6 +622,7 @@ mod tests {
                 "TTL_TOO_LONG",
                 "POLICY_CIDRS_REQUIRED",
                 "POLICY_MAX_USES_TOO_HIGH",
+                "POLICY_RATE_LIMIT_TOO_HIGH",
             ]
         );
         // The same request fits dev, except the scope outside the allowlist.
@@ -508,6 +643,7 @@ mod tests {
             ttl: Duration::days(30),
             has_cidrs: true,
             max_uses: Some(100),
+            rate_limit: Some("100/min".parse().unwrap()),
         };
         assert_eq!(check_issue(p.rules_for("prod"), &ask), vec![]);
     }
@@ -532,6 +668,28 @@ mod tests {
         assert!(e.0.iter().any(|p| p.contains("allowed_scopes")), "{e}");
         assert!(e.0.iter().any(|p| p.contains("max_uses_limit")), "{e}");
         assert!(e.0.iter().any(|p| p.contains("environments.PROD!")), "{e}");
+
+        let e = Policy::from_toml(
+            "[default]\nthrottle_failures = \"off\"\n[environments.prod]\nthrottle_failures = \"1/s\"\nrate_limit = \"fast\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        assert!(
+            e.0.iter()
+                .any(|p| p.contains("environments.prod.throttle_failures")
+                    && p.contains("set it in [default]")),
+            "{e}"
+        );
+        assert!(
+            e.0.iter()
+                .any(|p| p.contains("environments.prod.rate_limit")),
+            "{e}"
+        );
+        let p = Policy::from_toml("[default]\nthrottle_failures = \"off\"\n").unwrap();
+        assert_eq!(p.rules_for("prod").throttle_failures, None);
+        let e = Policy::from_toml("[default]\nrate_limit = \"2/s\"\nmax_rate_limit = \"1/s\"\n")
+            .unwrap_err();
+        assert!(e.0[0].contains("above max_rate_limit"), "{e}");
 
         let e = Policy::from_toml("[default]\nmax_tll = \"30d\"\n").unwrap_err();
         assert!(e.0[0].contains("unknown field `max_tll`"), "{e}");

@@ -45,8 +45,10 @@ pub enum Permission {
     ServicesWrite,
     /// Read the key event stream (`/v1/events`) and acknowledge events for a service.
     Events,
-    /// Read KEY_STILL_IN_USE alerts.
+    /// Read alerts.
     AlertsRead,
+    /// Acknowledge and resolve alerts.
+    AlertsWrite,
 }
 
 impl Role {
@@ -75,7 +77,13 @@ impl Role {
             Self::Issuer => {
                 matches!(
                     p,
-                    KeysRead | KeysWrite | UsageRead | PolicyRead | OwnersRead | AlertsRead
+                    KeysRead
+                        | KeysWrite
+                        | UsageRead
+                        | PolicyRead
+                        | OwnersRead
+                        | AlertsRead
+                        | AlertsWrite
                 )
             }
             Self::Auditor => {

@@ -221,6 +221,8 @@ mod tests {
             rotated_from: None,
             rotated_to: None,
             metadata: Default::default(),
+            rate_limit: None,
+            canary: false,
             version: 1,
         }
     }

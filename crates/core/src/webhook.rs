@@ -25,7 +25,7 @@ pub fn category(event: &str) -> Option<&'static str> {
         "suspended" | "resumed" => "suspend",
         "rotated" => "rotate",
         "expired" => "expire",
-        "still_in_use" => "alert",
+        "still_in_use" | "alert" => "alert",
         "created" => "create",
         "expiry_notice" | "rotation_overdue" | "policy_violation" => "notice",
         _ => return None,

@@ -140,10 +140,16 @@ error_codes! {
     PolicyMaxUsesRequired = "POLICY_MAX_USES_REQUIRED", 422;
     /// The usage cap is above the environment's `max_uses_limit`.
     PolicyMaxUsesTooHigh = "POLICY_MAX_USES_TOO_HIGH", 422;
+    /// The environment's policy requires a rate limit.
+    PolicyRateLimitRequired = "POLICY_RATE_LIMIT_REQUIRED", 422;
+    /// The rate limit is above the environment's `max_rate_limit`.
+    PolicyRateLimitTooHigh = "POLICY_RATE_LIMIT_TOO_HIGH", 422;
     /// No owner with this identity.
     OwnerNotFound = "OWNER_NOT_FOUND", 404;
     /// The owner is disabled.
     OwnerDisabled = "OWNER_DISABLED", 422;
+    /// No alert with this id.
+    AlertNotFound = "ALERT_NOT_FOUND", 404;
     /// No service with this id.
     ServiceNotFound = "SERVICE_NOT_FOUND", 404;
     /// The webhook URL is not valid or not allowed.

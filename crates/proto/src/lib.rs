@@ -72,6 +72,14 @@ pub struct CreateKeyRequest {
     /// Usage cap; `1` makes a one-time key.
     #[serde(default)]
     pub max_uses: Option<u64>,
+    /// At most this many valid uses per period, e.g. `100/min`, `10/s`, `5000/h`;
+    /// beyond it verify answers RATE_LIMITED. Default: the policy's `rate_limit`.
+    #[serde(default)]
+    pub rate_limit: Option<String>,
+    /// A tripwire to plant where a key should never be read: it never verifies (answers
+    /// NOT_FOUND like an unknown key) and any presentation raises CANARY_USED.
+    #[serde(default)]
+    pub canary: bool,
     #[serde(default)]
     pub description: Option<String>,
     #[serde(default)]
@@ -113,6 +121,12 @@ pub struct KeyView {
     pub state_changed_at: Option<OffsetDateTime>,
     pub allowed_cidrs: Vec<String>,
     pub max_uses: Option<u64>,
+    /// Valid uses allowed per period (`100/min`); `None`: unlimited.
+    #[serde(default)]
+    pub rate_limit: Option<String>,
+    /// A tripwire key: never verifies, raises CANARY_USED when presented.
+    #[serde(default)]
+    pub canary: bool,
     pub uses: u64,
     pub remaining_uses: Option<u64>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -338,26 +352,43 @@ pub struct ShadowKeyList {
     pub shadow_keys: Vec<ShadowKeyView>,
 }
 
-/// A KEY_STILL_IN_USE alert: a revoked, expired or suspended key was presented.
+/// An alert the monitor raised: KEY_STILL_IN_USE, CANARY_USED, ENVIRONMENT_CROSSING,
+/// SECRET_GUESSING, SCOPE_PROBING or BRUTE_FORCE.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AlertView {
-    /// The audit entry that raised it.
+    /// Its id: the audit entry that raised it.
     pub seq: i64,
+    /// When it was first seen.
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
     pub kind: String,
-    pub key_id: String,
-    /// The verify answer: REVOKED, EXPIRED, IDLE_EXPIRED, SUSPENDED or OWNER_DISABLED.
+    /// `critical`, `high` or `medium`.
+    pub severity: String,
+    /// The key it is about; none for an alert about a source (BRUTE_FORCE).
+    pub key_id: Option<String>,
+    /// The verify answer of the sighting that raised it.
     pub code: String,
     pub source_ip: Option<String>,
     pub user_agent: Option<String>,
     pub subject: Option<String>,
-    /// How long the key had been dead (revoked, suspended, expired) when presented.
+    /// KEY_STILL_IN_USE: how long the key had been dead when presented.
     pub dead_for_ms: Option<i64>,
-    /// Further sightings from the same place within the alert window.
+    /// The numbers that tripped it (events, threshold, since, sources).
+    #[schema(value_type = Object)]
+    pub evidence: serde_json::Value,
+    /// Further sightings folded into it (same kind, key and source network, within
+    /// the alert window).
     pub repeats: i64,
     #[serde(with = "time::serde::rfc3339")]
     pub last_seen: OffsetDateTime,
+    /// `open`, `acknowledged` or `resolved`.
+    pub state: String,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub state_changed_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub state_changed_by: Option<String>,
+    #[serde(default)]
+    pub state_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -458,6 +489,10 @@ pub struct VerifyResponse {
     pub expires_at: Option<OffsetDateTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaining_uses: Option<u64>,
+    /// RATE_LIMITED: when to try again, in milliseconds (also the `Retry-After` header,
+    /// in whole seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

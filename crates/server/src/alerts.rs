@@ -1,37 +1,88 @@
-//! KEY_STILL_IN_USE: a revoked, expired or suspended key presented to verify means the
-//! key is still in circulation somewhere. Verify hands each sighting to this task, off
-//! the hot path; the first sighting of a key from a source network (/24, /64) raises an
-//! alert (stored, audited, and delivered to services subscribed to `alert`);
-//! repeats within the alert window only count up, so a client retrying a dead key in a
-//! loop cannot flood the trail or the services.
+//! The monitor: verify hands it a sighting of every answer worth a look (a dead key, a
+//! canary, a wrong secret, an unknown or malformed key, a denied scope, a key presented
+//! for another environment), off the hot path; it raises alerts within the second.
+//!
+//! - KEY_STILL_IN_USE: a revoked, expired or suspended key presented (high).
+//! - CANARY_USED: a canary key presented, by anyone (critical).
+//! - ENVIRONMENT_CROSSING: a key presented for another environment (medium).
+//! - SECRET_GUESSING: wrong secrets for a real key id beyond the environment's
+//!   `alert_secret_guessing` rate, from any number of sources (high).
+//! - SCOPE_PROBING: SCOPE_DENIED answers for one key beyond `alert_scope_probing` (medium).
+//! - BRUTE_FORCE: malformed keys, unknown ids and wrong secrets from one source beyond
+//!   `alert_brute_force` (medium).
+//!
+//! Counting uses one GCRA cell per key or source: a threshold `N/T` trips on more than
+//! `N` events at once or a sustained rate above it. An alert folds its repeats: every
+//! alert has a place (kind, key, source network), and while an alert holds its place
+//! (unresolved, raised within the alert window) sightings only count up on it, in
+//! memory, written every second, so a client retrying in a loop cannot flood the trail
+//! or the services. The store makes the place unique, so nodes fold into one alert too.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use keywarden_core::model::{Actor, AuditEntry};
+use keywarden_core::rate::Rate;
 use keywarden_core::{KeyRecord, KeyState, VerifyCode};
-use keywarden_store::NewAlert;
+use keywarden_store::{NewAlert, Raised};
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
+use crate::limits::micros;
 use crate::state::SharedState;
 
-pub const KIND: &str = "KEY_STILL_IN_USE";
+pub const KEY_STILL_IN_USE: &str = "KEY_STILL_IN_USE";
+pub const CANARY_USED: &str = "CANARY_USED";
+pub const ENVIRONMENT_CROSSING: &str = "ENVIRONMENT_CROSSING";
+pub const SECRET_GUESSING: &str = "SECRET_GUESSING";
+pub const SCOPE_PROBING: &str = "SCOPE_PROBING";
+pub const BRUTE_FORCE: &str = "BRUTE_FORCE";
+
+/// Every kind the monitor raises.
+pub const KINDS: [&str; 6] = [
+    KEY_STILL_IN_USE,
+    CANARY_USED,
+    ENVIRONMENT_CROSSING,
+    SECRET_GUESSING,
+    SCOPE_PROBING,
+    BRUTE_FORCE,
+];
+
 const QUEUE: usize = 10_000;
-/// Places remembered at most; the oldest are forgotten first when full.
+/// Places and counters remembered at most; the oldest are forgotten first when full.
 const MAX_PLACES: usize = 100_000;
+/// Sources named in an alert's evidence at most.
+const MAX_EVIDENCE_SOURCES: usize = 10;
+
+/// What a verify answer showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum What {
+    /// A dead key (revoked, expired, suspended, owner disabled), dead since then.
+    Dead(Option<OffsetDateTime>),
+    Canary,
+    /// The right id with a wrong secret.
+    WrongSecret,
+    /// A malformed key or an id that does not exist.
+    Unknown,
+    ScopeDenied,
+    /// The key's environment is not the one asked for (the asked one).
+    EnvironmentCrossing(Option<String>),
+}
 
 #[derive(Debug, Clone)]
 pub struct Sighting {
     pub time: OffsetDateTime,
-    pub key_id: String,
+    pub what: What,
+    pub key_id: Option<String>,
+    /// The key's environment, when the key is known.
+    pub environment: Option<String>,
     pub code: VerifyCode,
-    pub source_ip: Option<String>,
+    pub source_ip: Option<IpAddr>,
     pub user_agent: Option<String>,
     pub subject: Option<String>,
-    /// Since when the key is dead (revoked, suspended, expired).
-    pub dead_since: Option<OffsetDateTime>,
+    pub scope: Option<String>,
     /// Who asked (the gateway's token).
     pub asked_by: Actor,
 }
@@ -64,29 +115,52 @@ pub fn channel() -> (mpsc::Sender<Sighting>, mpsc::Receiver<Sighting>) {
     mpsc::channel(QUEUE)
 }
 
-/// Where a dead key is presented from: the key and the source network (a /24 of IPv4,
-/// a /64 of IPv6). The user agent and subject are left out on purpose: a client can
-/// change them per request, and each change would otherwise be a new alert and a new
-/// audit entry.
-type Place = (String, Option<ipnet::IpNet>);
-
-/// The network an address belongs to for alert deduplication; `None` when the
-/// sighting has no (parseable) address.
-fn source_network(ip: Option<&str>) -> Option<ipnet::IpNet> {
-    let ip: std::net::IpAddr = ip?.parse().ok()?;
+/// The network an address belongs to for alert places (a /24 of IPv4, a /64 of IPv6).
+/// A client can change its user agent and subject per request, so neither is part of
+/// a place: each change would otherwise be a new alert.
+pub fn source_network(ip: IpAddr) -> ipnet::IpNet {
     let ip = match ip {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     };
     let prefix = if ip.is_ipv4() { 24 } else { 64 };
-    ipnet::IpNet::new(ip, prefix).ok().map(|n| n.trunc())
+    ipnet::IpNet::new(ip, prefix).map_or_else(|_| ipnet::IpNet::from(ip), |n| n.trunc())
 }
 
-struct Raised {
+fn network_text(ip: Option<IpAddr>) -> String {
+    ip.map_or_else(|| "unknown".to_owned(), |ip| source_network(ip).to_string())
+}
+
+struct Held {
     seq: i64,
     at: OffsetDateTime,
     unrecorded_repeats: i64,
     last_at: OffsetDateTime,
+    /// The latest sighting counted in memory, as a new alert: raised in the alert's
+    /// place if it was resolved meanwhile (here or on another node).
+    latest: Option<Box<(NewAlert, AuditEntry)>>,
+}
+
+/// A GCRA cell counting one key's or source's events, and what the evidence names.
+struct Counter {
+    tat: i64,
+    events: u64,
+    first_at: OffsetDateTime,
+    sources: Vec<String>,
+}
+
+#[derive(Default)]
+struct Monitor {
+    held: HashMap<String, Held>,
+    counters: HashMap<String, Counter>,
+}
+
+/// An alert to raise (or count a repeat of).
+struct Trip {
+    kind: &'static str,
+    severity: &'static str,
+    place: String,
+    evidence: serde_json::Value,
 }
 
 pub async fn run(
@@ -94,113 +168,344 @@ pub async fn run(
     mut rx: mpsc::Receiver<Sighting>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut places: HashMap<Place, Raised> = HashMap::new();
+    let mut m = Monitor::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             s = rx.recv() => match s {
-                Some(s) => sighting(&app, &mut places, s).await,
+                Some(s) => m.sighting(&app, s).await,
                 None => break,
             },
-            _ = tick.tick() => flush_repeats(&app, &mut places).await,
+            _ = tick.tick() => {
+                m.flush_repeats(&app).await;
+                let dropped = app.alerts_dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+                if dropped > 0 {
+                    tracing::warn!(dropped, "monitor queue full: sightings were dropped (their uses are in the usage log)");
+                }
+                let now = app.now();
+                m.counters.retain(|_, c| c.tat > micros(now));
+                app.limits.sweep(micros(now));
+            }
             _ = stop.changed() => {
                 while let Ok(s) = rx.try_recv() {
-                    sighting(&app, &mut places, s).await;
+                    m.sighting(&app, s).await;
                 }
                 break;
             }
         }
     }
-    flush_repeats(&app, &mut places).await;
+    m.flush_repeats(&app).await;
 }
 
-async fn sighting(app: &SharedState, places: &mut HashMap<Place, Raised>, s: Sighting) {
-    let place = (s.key_id.clone(), source_network(s.source_ip.as_deref()));
-    if let Some(r) = places.get_mut(&place) {
-        if s.time - r.at < app.config.alert_window {
-            r.unrecorded_repeats += 1;
-            r.last_at = r.last_at.max(s.time);
+impl Monitor {
+    async fn sighting(&mut self, app: &SharedState, s: Sighting) {
+        for trip in self.judge(app, &s) {
+            self.raise(app, &s, trip).await;
+        }
+    }
+
+    /// The alerts this sighting raises or repeats.
+    fn judge(&mut self, app: &SharedState, s: &Sighting) -> Vec<Trip> {
+        let key = s.key_id.as_deref().unwrap_or("-");
+        let net = network_text(s.source_ip);
+        let mut trips = Vec::new();
+        let (watch_key, watch_source) = app.with_cached_policy(|p| {
+            (
+                p.rules_for(s.environment.as_deref().unwrap_or_default())
+                    .watch
+                    .clone(),
+                p.rules_for("").watch.brute_force,
+            )
+        });
+        match &s.what {
+            What::Dead(since) => trips.push(Trip {
+                kind: KEY_STILL_IN_USE,
+                severity: "high",
+                place: format!("{KEY_STILL_IN_USE} key:{key} net:{net}"),
+                evidence: json!({
+                    "dead_for_ms": since.map(|t| ms_between(t, s.time)),
+                }),
+            }),
+            What::Canary => trips.push(Trip {
+                kind: CANARY_USED,
+                severity: "critical",
+                place: format!("{CANARY_USED} key:{key} net:{net}"),
+                evidence: json!({}),
+            }),
+            What::EnvironmentCrossing(asked) => trips.push(Trip {
+                kind: ENVIRONMENT_CROSSING,
+                severity: "medium",
+                place: format!(
+                    "{ENVIRONMENT_CROSSING} key:{key} asked:{}",
+                    asked.as_deref().unwrap_or("-")
+                ),
+                evidence: json!({
+                    "key_environment": s.environment,
+                    "asked_environment": asked,
+                }),
+            }),
+            What::ScopeDenied => {
+                if let Some(evidence) =
+                    self.count(format!("scope key:{key}"), &watch_key.scope_probing, s)
+                {
+                    trips.push(Trip {
+                        kind: SCOPE_PROBING,
+                        severity: "medium",
+                        place: format!("{SCOPE_PROBING} key:{key}"),
+                        evidence,
+                    });
+                }
+            }
+            What::WrongSecret | What::Unknown => {}
+        }
+        if s.what == What::WrongSecret {
+            if let Some(evidence) =
+                self.count(format!("secret key:{key}"), &watch_key.secret_guessing, s)
+            {
+                trips.push(Trip {
+                    kind: SECRET_GUESSING,
+                    severity: "high",
+                    place: format!("{SECRET_GUESSING} key:{key}"),
+                    evidence,
+                });
+            }
+        }
+        if matches!(s.what, What::WrongSecret | What::Unknown | What::Canary) {
+            if let Some(ip) = s.source_ip {
+                if let Some(evidence) = self.count(format!("source:{ip}"), &watch_source, s) {
+                    trips.push(Trip {
+                        kind: BRUTE_FORCE,
+                        severity: "medium",
+                        place: format!("{BRUTE_FORCE} net:{net}"),
+                        evidence,
+                    });
+                }
+            }
+        }
+        trips
+    }
+
+    /// Counts one event on a counter; the evidence when the threshold is crossed.
+    fn count(&mut self, name: String, rate: &Rate, s: &Sighting) -> Option<serde_json::Value> {
+        let now = micros(s.time);
+        if self.counters.len() >= MAX_PLACES && !self.counters.contains_key(&name) {
+            self.counters.retain(|_, c| c.tat > now);
+            if self.counters.len() >= MAX_PLACES {
+                return None;
+            }
+        }
+        let c = self.counters.entry(name).or_insert_with(|| Counter {
+            tat: 0,
+            events: 0,
+            first_at: s.time,
+            sources: Vec::new(),
+        });
+        if c.tat <= now {
+            // At rest again: a new episode.
+            c.events = 0;
+            c.first_at = s.time;
+            c.sources.clear();
+        }
+        c.events += 1;
+        let source = s.source_ip.map(|ip| ip.to_string());
+        if let Some(src) = source {
+            if c.sources.len() < MAX_EVIDENCE_SOURCES && !c.sources.contains(&src) {
+                c.sources.push(src);
+            }
+        }
+        match rate.admit(c.tat, now) {
+            Ok(tat) => {
+                c.tat = tat;
+                None
+            }
+            Err(_) => Some(json!({
+                "events": c.events,
+                "threshold": rate.to_string(),
+                "since": c.first_at.unix_timestamp(),
+                "sources": c.sources,
+            })),
+        }
+    }
+
+    async fn raise(&mut self, app: &SharedState, s: &Sighting, trip: Trip) {
+        let window = app.config.alert_window;
+        let held = self
+            .held
+            .get_mut(&trip.place)
+            .filter(|h| s.time - h.at < window);
+        let source_ip = s.source_ip.map(|ip| ip.to_string());
+        let since_ms = match &s.what {
+            What::Dead(since) => since.map(|t| ms_between(t, s.time)),
+            _ => None,
+        };
+        let alert = NewAlert {
+            time: s.time,
+            kind: trip.kind.to_owned(),
+            severity: trip.severity.to_owned(),
+            key_id: s.key_id.clone(),
+            code: s.code.as_str().to_owned(),
+            source_ip: source_ip.clone(),
+            user_agent: s.user_agent.clone(),
+            subject: s.subject.clone(),
+            since_ms,
+            evidence: trip.evidence.to_string(),
+            place: trip.place.clone(),
+        };
+        let entry = audit_entry(s, &trip, source_ip.as_deref(), since_ms);
+        if let Some(h) = held {
+            h.unrecorded_repeats += 1;
+            h.last_at = h.last_at.max(s.time);
+            h.latest = Some(Box::new((alert, entry)));
             return;
         }
-    }
-    let since_ms = s
-        .dead_since
-        .map(|t| i64::try_from((s.time - t).whole_milliseconds()).unwrap_or(i64::MAX));
-    let alert = NewAlert {
-        time: s.time,
-        kind: KIND.to_owned(),
-        key_id: s.key_id.clone(),
-        code: s.code.as_str().to_owned(),
-        source_ip: s.source_ip.clone(),
-        user_agent: s.user_agent.clone(),
-        subject: s.subject.clone(),
-        since_ms,
-    };
-    let entry = AuditEntry {
-        time: s.time,
-        actor: s.asked_by.clone(),
-        action: "key.still_in_use".to_owned(),
-        target: format!("key:{}", s.key_id),
-        reason: Some(format!("{} key presented to verify", s.code.as_str())),
-        details: json!({
-            "alert": KIND,
-            "code": s.code.as_str(),
-            "source_ip": s.source_ip,
-            "user_agent": s.user_agent,
-            "subject": s.subject,
-            "since_ms": since_ms,
-        })
-        .to_string(),
-    };
-    match app.store.raise_alert(&alert, &entry).await {
-        Ok(seq) => {
-            tracing::warn!(key_id = %s.key_id, code = s.code.as_str(), source_ip = ?s.source_ip, seq, "KEY_STILL_IN_USE");
-            if places.len() >= MAX_PLACES {
-                forget_oldest(places);
+        match app.store.raise_alert(&alert, &entry, s.time - window).await {
+            Ok(raised) => {
+                if let Raised::New(seq) = raised {
+                    tracing::warn!(kind = trip.kind, severity = trip.severity, key_id = ?s.key_id,
+                        source_ip = ?source_ip, seq, "alert raised");
+                }
+                if self.held.len() >= MAX_PLACES {
+                    self.forget_oldest();
+                }
+                self.held.insert(
+                    trip.place,
+                    Held {
+                        seq: raised.seq(),
+                        at: s.time,
+                        unrecorded_repeats: 0,
+                        last_at: s.time,
+                        latest: None,
+                    },
+                );
             }
-            places.insert(
-                place,
-                Raised {
-                    seq,
-                    at: s.time,
-                    unrecorded_repeats: 0,
-                    last_at: s.time,
-                },
-            );
-        }
-        // The verify itself is in the usage log either way.
-        Err(e) => {
-            tracing::error!(key_id = %s.key_id, error = %e, "cannot store a KEY_STILL_IN_USE alert")
-        }
-    }
-}
-
-async fn flush_repeats(app: &SharedState, places: &mut HashMap<Place, Raised>) {
-    for r in places.values_mut().filter(|r| r.unrecorded_repeats > 0) {
-        match app
-            .store
-            .repeat_alert(r.seq, r.unrecorded_repeats, r.last_at)
-            .await
-        {
-            Ok(()) => r.unrecorded_repeats = 0,
+            // The verify itself is in the usage log either way.
             Err(e) => {
-                tracing::warn!(seq = r.seq, error = %e, "cannot count alert repeats; will retry");
-                return;
+                tracing::error!(kind = trip.kind, key_id = ?s.key_id, error = %e, "cannot store an alert")
             }
         }
     }
-    let now = app.now();
-    let window = app.config.alert_window;
-    places.retain(|_, r| r.unrecorded_repeats > 0 || now - r.at < window);
+
+    async fn flush_repeats(&mut self, app: &SharedState) {
+        let window = app.config.alert_window;
+        for h in self.held.values_mut().filter(|h| h.unrecorded_repeats > 0) {
+            let result = match app
+                .store
+                .repeat_alert(h.seq, h.unrecorded_repeats, h.last_at)
+                .await
+            {
+                Ok(true) => Ok(()),
+                // Resolved meanwhile: the latest sighting opens a new alert, which the
+                // others (all after the resolve, or close to it) repeat.
+                Ok(false) => match h.latest.take() {
+                    Some(latest) => {
+                        let (alert, entry) = *latest;
+                        let n = h.unrecorded_repeats - 1;
+                        match app
+                            .store
+                            .raise_alert(&alert, &entry, alert.time - window)
+                            .await
+                        {
+                            Ok(raised) => {
+                                h.seq = raised.seq();
+                                h.at = alert.time;
+                                if n > 0 {
+                                    let _ = app.store.repeat_alert(h.seq, n, h.last_at).await;
+                                }
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => h.unrecorded_repeats = 0,
+                Err(e) => {
+                    tracing::warn!(seq = h.seq, error = %e, "cannot count alert repeats; will retry");
+                    return;
+                }
+            }
+        }
+        let now = app.now();
+        self.held
+            .retain(|_, h| h.unrecorded_repeats > 0 || now - h.at < window);
+    }
+
+    fn forget_oldest(&mut self) {
+        let oldest = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.unrecorded_repeats == 0)
+            .min_by_key(|(_, h)| h.at)
+            .map(|(p, _)| p.clone());
+        if let Some(p) = oldest {
+            self.held.remove(&p);
+        }
+    }
 }
 
-fn forget_oldest(places: &mut HashMap<Place, Raised>) {
-    let oldest = places
-        .iter()
-        .filter(|(_, r)| r.unrecorded_repeats == 0)
-        .min_by_key(|(_, r)| r.at)
-        .map(|(p, _)| p.clone());
-    if let Some(p) = oldest {
-        places.remove(&p);
+/// The audit entry of a new alert. A dead key's keeps the action it always had
+/// (`key.still_in_use`, by the asking gateway); the others are the monitor's.
+fn audit_entry(
+    s: &Sighting,
+    trip: &Trip,
+    source_ip: Option<&str>,
+    since_ms: Option<i64>,
+) -> AuditEntry {
+    let details = json!({
+        "alert": trip.kind,
+        "severity": trip.severity,
+        "code": s.code.as_str(),
+        "source_ip": source_ip,
+        "user_agent": s.user_agent,
+        "subject": s.subject,
+        "scope": s.scope,
+        "since_ms": since_ms,
+        "evidence": trip.evidence,
+        "asked_by": s.asked_by.id,
+    })
+    .to_string();
+    let target = match &s.key_id {
+        Some(k) => format!("key:{k}"),
+        None => format!("source:{}", network_text(s.source_ip)),
+    };
+    if trip.kind == KEY_STILL_IN_USE {
+        return AuditEntry {
+            time: s.time,
+            actor: s.asked_by.clone(),
+            action: "key.still_in_use".to_owned(),
+            target,
+            reason: Some(format!("{} key presented to verify", s.code.as_str())),
+            details,
+        };
     }
+    let action = if s.key_id.is_some() {
+        "key.alert"
+    } else {
+        "source.alert"
+    };
+    AuditEntry {
+        time: s.time,
+        actor: monitor_actor(),
+        action: action.to_owned(),
+        target,
+        reason: Some(format!("{} ({})", trip.kind, trip.severity)),
+        details,
+    }
+}
+
+pub fn monitor_actor() -> Actor {
+    Actor {
+        id: "system:monitor".to_owned(),
+        name: "monitor".to_owned(),
+        source_ip: None,
+        user_agent: None,
+        request_id: None,
+    }
+}
+
+fn ms_between(from: OffsetDateTime, to: OffsetDateTime) -> i64 {
+    i64::try_from((to - from).whole_milliseconds()).unwrap_or(i64::MAX)
 }

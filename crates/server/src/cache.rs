@@ -69,6 +69,7 @@ impl CachedKey {
             scopes: Some(record.scopes.iter().map(ToString::to_string).collect()),
             expires_at: Some(record.expires_at),
             remaining_uses: None,
+            retry_after_ms: None,
         })
         .ok()
         .and_then(|json| {

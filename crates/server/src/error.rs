@@ -238,12 +238,13 @@ mod tests {
         rules.allowed_scopes = Some(vec![Scope::granted("deploy:write").unwrap()]);
         rules.require_cidrs = true;
         rules.max_uses_limit = Some(10);
+        rules.max_rate_limit = Some("1/s".parse().unwrap());
         let scopes = [
             Scope::granted("db:*").unwrap(),
             Scope::granted("db:read").unwrap(),
         ];
         let mut seen = Vec::new();
-        for max_uses in [None, Some(11)] {
+        for (max_uses, rate_limit) in [(None, None), (Some(11), Some("2/s".parse().unwrap()))] {
             let ask = KeyAsk {
                 owner: " ",
                 systems: &[],
@@ -251,12 +252,13 @@ mod tests {
                 ttl: rules.max_ttl + time::Duration::days(1),
                 has_cidrs: false,
                 max_uses,
+                rate_limit,
             };
             seen.extend(check_issue(&rules, &ask).into_iter().map(|v| v.code));
         }
         seen.sort_unstable();
         seen.dedup();
-        assert_eq!(seen.len(), 8, "every rule broken once: {seen:?}");
+        assert_eq!(seen.len(), 10, "every rule broken once: {seen:?}");
         for code in seen {
             let known = ErrorCode::parse(code).unwrap_or_else(|| panic!("{code} not in the table"));
             assert_eq!(known.status(), 422, "{code}");

@@ -61,7 +61,8 @@ pub fn permission(method: &Method, route: &str) -> Option<Permission> {
         "/v1/services" | "/v1/services/{id}" => read_or_write(ServicesRead, ServicesWrite),
         "/v1/services/{id}/test" => ServicesWrite,
         "/v1/services/{id}/ack" | "/v1/events" => Events,
-        "/v1/alerts" => AlertsRead,
+        "/v1/alerts" | "/v1/alerts/{seq}" => AlertsRead,
+        "/v1/alerts/{seq}/ack" | "/v1/alerts/{seq}/resolve" => AlertsWrite,
         r if r.starts_with("/scim/") => Scim,
         _ => return None,
     })

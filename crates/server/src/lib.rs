@@ -15,6 +15,7 @@ pub mod errlog;
 pub mod error;
 pub mod extract;
 pub mod guard;
+pub mod limits;
 pub mod listen;
 pub mod outbound;
 pub mod routes;
@@ -122,6 +123,9 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::services::ack_service))
         .routes(routes!(routes::events::events))
         .routes(routes!(routes::alerts::list_alerts))
+        .routes(routes!(routes::alerts::show_alert))
+        .routes(routes!(routes::alerts::ack_alert))
+        .routes(routes!(routes::alerts::resolve_alert))
         .routes(routes!(routes::discovery::identify))
         .routes(routes!(
             routes::discovery::import_shadow_keys,

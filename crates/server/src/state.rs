@@ -26,8 +26,12 @@ pub struct AppState {
     pub signer: CheckpointSigner,
     /// The one client for outbound requests (webhooks), with its address guard.
     pub outbound: crate::outbound::Outbound,
-    /// Sightings of dead keys, for the alert task.
+    /// What verify saw that the monitor must judge (`alerts::run`).
     pub alerts: mpsc::Sender<crate::alerts::Sighting>,
+    /// Sightings dropped because the monitor's queue was full.
+    pub alerts_dropped: std::sync::atomic::AtomicU64,
+    /// Per-key rate limits and the throttle of failing sources.
+    pub limits: crate::limits::Limits,
     /// Set when the server shuts down, so long polls and event streams end.
     closing: tokio::sync::watch::Sender<bool>,
     /// The policy in force, with its version (0: none applied, built-in defaults).
@@ -124,6 +128,8 @@ impl AppState {
             signer,
             outbound,
             alerts,
+            alerts_dropped: std::sync::atomic::AtomicU64::new(0),
+            limits: crate::limits::Limits::new(),
             closing: tokio::sync::watch::Sender::new(false),
             policy: std::sync::RwLock::new(Arc::new((0, Policy::default()))),
             policy_generation: std::sync::atomic::AtomicU64::new(0),

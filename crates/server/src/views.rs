@@ -23,6 +23,8 @@ pub fn key_view(k: &KeyRecord, now: OffsetDateTime, subjects: Option<Vec<Subject
         state_changed_at: k.state_changed_at,
         allowed_cidrs: k.allowed_cidrs.iter().map(ToString::to_string).collect(),
         max_uses: k.max_uses,
+        rate_limit: k.rate_limit.map(|r| r.to_string()),
+        canary: k.canary,
         uses: k.uses,
         remaining_uses: k.remaining_uses(),
         last_used_at: k.last_used_at,

@@ -277,7 +277,7 @@ impl Store {
         let view = self.stats_view().await;
         let rows = sqlx::query(&format!(
             "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE state = 'active' AND expires_at > $1 \
-             AND COALESCE(key_usage.last_used_at, keys.created_at) <= $2 \
+             AND canary = 0 AND COALESCE(key_usage.last_used_at, keys.created_at) <= $2 \
              ORDER BY COALESCE(key_usage.last_used_at, keys.created_at), id LIMIT $3"
         ))
         .bind(ms(now))
@@ -314,7 +314,7 @@ impl Store {
         }
         let sql = format!(
             "SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE state = 'active' AND expires_at > {now_p} \
-             AND rotated_to IS NULL AND ({}) ORDER BY created_at, id LIMIT {}",
+             AND rotated_to IS NULL AND canary = 0 AND ({}) ORDER BY created_at, id LIMIT {}",
             either.join(" OR "),
             limit
         );
@@ -354,6 +354,25 @@ impl Store {
         Ok(remaining.map(|r| u64::try_from(r).unwrap_or(0)))
     }
 
+    /// Spends one use of a key under `rate` in the cell every node shares, at `now_us`
+    /// (microseconds since the epoch): `Some(Err(retry_after_us))` when over the limit.
+    /// `None` on SQLite, where one node serves and its own cell is the whole truth.
+    pub async fn spend_rate(
+        &self,
+        id: &KeyId,
+        rate: &keywarden_core::rate::Rate,
+        now_us: i64,
+    ) -> Result<Option<std::result::Result<(), i64>>> {
+        match &self.engine {
+            Engine::Sqlite(_) => Ok(None),
+            Engine::Postgres(e) => {
+                let interval = rate.interval_us();
+                let burst = rate.burst_us();
+                e.spend_rate(id, now_us, interval, burst).await.map(Some)
+            }
+        }
+    }
+
     pub async fn subjects(&self, id: &KeyId) -> Result<Vec<Subject>> {
         let view = self.stats_view().await;
         let rows = sqlx::query(
@@ -387,8 +406,8 @@ async fn insert_key_row(
         "INSERT INTO keys (id, hash, pepper_version, hint, name, description, owner, systems, \
          environment, scopes, created_at, created_by, expires_at, state, state_reason, \
          state_changed_at, allowed_cidrs, max_uses, uses, rotated_from, rotated_to, metadata, \
-         version, state_cause) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)",
+         version, state_cause, rate_limit, canary) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+         $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
     )
     .bind(key.id.as_str())
     .bind(key.hash.to_hex())
@@ -414,6 +433,8 @@ async fn insert_key_row(
     .bind(json(&key.metadata)?)
     .bind(key.version)
     .bind(key.state_cause.map(StateCause::as_str))
+    .bind(key.rate_limit.map(|r| r.to_string()))
+    .bind(i64::from(key.canary))
     .execute(&mut **tx)
     .await?;
     for system in &key.systems {

@@ -12,6 +12,7 @@
 //! Migrations live in `migrations/{sqlite,postgres}`. The store's own tests in
 //! `crates/store/tests` and the API suites in `tests/it` run against both backends.
 
+mod alerts;
 mod audit;
 mod cluster;
 mod error;
@@ -33,6 +34,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Connection, Executor};
 
+pub use alerts::{AlertFilter, AlertRecord, AlertState, NewAlert, Raised};
 pub use audit::{
     ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder, KeyEvent, Quarantined,
 };
@@ -41,9 +43,7 @@ pub use keys::{KeyFilter, KeyStamp, StateFilter};
 pub use owners::Owner;
 pub use policies::StoredPolicy;
 pub use postgres::{ChangeListener, CHANNEL};
-pub use services::{
-    AlertFilter, AlertRecord, DeliveryOutcome, DeliveryRecord, DueDelivery, NewAlert, ServiceRecord,
-};
+pub use services::{DeliveryOutcome, DeliveryRecord, DueDelivery, ServiceRecord};
 pub use shadow::ShadowKey;
 pub use usage::FOLD_CHUNK;
 

@@ -149,7 +149,7 @@ fn u64_of(what: &str, v: i64) -> Result<u64> {
 pub(crate) const KEY_COLUMNS: &str = "seq, id, hash, pepper_version, hint, name, description, \
     owner, systems, environment, scopes, created_at, created_by, expires_at, state, state_reason, \
     state_changed_at, allowed_cidrs, max_uses, uses, batched_uses, last_used_at, last_used_from, \
-    rotated_from, rotated_to, metadata, version, state_cause";
+    rotated_from, rotated_to, metadata, version, state_cause, rate_limit, canary";
 
 /// Keys with their usage stats; column names do not overlap, so filters need no prefix.
 pub(crate) const KEY_FROM: &str = "keys LEFT JOIN key_usage ON key_usage.key_id = keys.id";
@@ -216,6 +216,11 @@ pub(crate) fn key_from_row(row: &impl Columns) -> Result<KeyRecord> {
             .map(|s| key_id("rotated_to", &s))
             .transpose()?,
         metadata: from_json::<BTreeMap<String, String>>("metadata", &row.text("metadata")?)?,
+        rate_limit: row
+            .opt_text("rate_limit")?
+            .map(|r| r.parse().map_err(|e| decode_error("rate_limit", e)))
+            .transpose()?,
+        canary: row.int("canary")? != 0,
         version: row.int("version")?,
     })
 }

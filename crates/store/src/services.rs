@@ -1,5 +1,4 @@
-//! Connected services, the delivery of key events to them, and alerts on keys still in
-//! use.
+//! Connected services and the delivery of key events to them.
 //!
 //! The outbox (`key_events`) is written with each change; the dispatcher fans it out
 //! into one `deliveries` row per subscribed service ([`Store::fan_out`]), takes the due
@@ -81,51 +80,10 @@ pub enum DeliveryOutcome {
     },
 }
 
-#[derive(Debug, Clone)]
-pub struct NewAlert {
-    pub time: OffsetDateTime,
-    pub kind: String,
-    pub key_id: String,
-    pub code: String,
-    pub source_ip: Option<String>,
-    pub user_agent: Option<String>,
-    pub subject: Option<String>,
-    pub since_ms: Option<i64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AlertRecord {
-    pub seq: i64,
-    pub time: OffsetDateTime,
-    pub kind: String,
-    pub key_id: String,
-    pub code: String,
-    pub source_ip: Option<String>,
-    pub user_agent: Option<String>,
-    pub subject: Option<String>,
-    pub since_ms: Option<i64>,
-    pub repeats: i64,
-    pub last_at: OffsetDateTime,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct AlertFilter {
-    pub key_id: Option<String>,
-    pub since: Option<OffsetDateTime>,
-    /// Alerts with a seq below this (paging, newest first).
-    pub before: Option<i64>,
-    pub limit: u32,
-    /// Only alerts about keys of these environments (a token limited to them).
-    pub environments: Option<Vec<String>>,
-}
-
 const SERVICE_COLUMNS: &str = "id, name, webhook_url, events, secret_salt, pepper_version, \
     created_at, created_by, start_seq, fanout_seq, acked_seq";
 const DELIVERY_COLUMNS: &str = "service_id, seq, key_id, event, state, attempts, next_at, \
     last_error, created_at, confirmed_at";
-const ALERT_COLUMNS: &str =
-    "seq, time, kind, key_id, code, source_ip, user_agent, subject, since_ms, repeats, last_at";
-
 fn service_from_row(r: &AnyRow) -> Result<ServiceRecord> {
     let events: String = r.try_get("events")?;
     let pv: i64 = r.try_get("pepper_version")?;
@@ -159,22 +117,6 @@ fn delivery_from_row(r: &AnyRow) -> Result<DeliveryRecord> {
         confirmed_at: r
             .try_get::<Option<i64>, _>("confirmed_at")?
             .map(from_millis),
-    })
-}
-
-fn alert_from_row(r: &AnyRow) -> Result<AlertRecord> {
-    Ok(AlertRecord {
-        seq: r.try_get("seq")?,
-        time: from_millis(r.try_get("time")?),
-        kind: r.try_get("kind")?,
-        key_id: r.try_get("key_id")?,
-        code: r.try_get("code")?,
-        source_ip: r.try_get("source_ip")?,
-        user_agent: r.try_get("user_agent")?,
-        subject: r.try_get("subject")?,
-        since_ms: r.try_get("since_ms")?,
-        repeats: r.try_get("repeats")?,
-        last_at: from_millis(r.try_get("last_at")?),
     })
 }
 
@@ -506,75 +448,5 @@ impl Store {
         .rows_affected();
         tx.commit().await?;
         Ok(Some(confirmed))
-    }
-
-    /// Stores an alert with the audit entry that raises it (so it is in the trail and,
-    /// through the outbox, reaches services subscribed to `alert`). Returns its seq.
-    pub async fn raise_alert(&self, alert: &NewAlert, audit: &AuditEntry) -> Result<i64> {
-        let mut tx = self.begin_write().await?;
-        let seq = crate::audit::append(&mut tx, audit).await?;
-        sqlx::query(&format!(
-            "INSERT INTO alerts ({ALERT_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10)"
-        ))
-        .bind(seq)
-        .bind(ms(alert.time))
-        .bind(&alert.kind)
-        .bind(&alert.key_id)
-        .bind(&alert.code)
-        .bind(&alert.source_ip)
-        .bind(&alert.user_agent)
-        .bind(&alert.subject)
-        .bind(alert.since_ms)
-        .bind(ms(alert.time))
-        .execute(&mut **tx)
-        .await?;
-        tx.commit().await?;
-        Ok(seq)
-    }
-
-    /// Counts `n` more sightings of an alert's key from the same place.
-    pub async fn repeat_alert(&self, seq: i64, n: i64, last_at: OffsetDateTime) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE alerts SET repeats = repeats + $1, \
-             last_at = CASE WHEN last_at < $2 THEN $2 ELSE last_at END WHERE seq = $3",
-        )
-        .bind(n)
-        .bind(ms(last_at))
-        .bind(seq)
-        .execute(&mut **tx)
-        .await?;
-        tx.commit().await
-    }
-
-    /// Alerts, newest first.
-    pub async fn alerts(&self, f: &AlertFilter) -> Result<Vec<AlertRecord>> {
-        let in_environments = match &f.environments {
-            None => String::new(),
-            Some(envs) if envs.is_empty() => " AND 1 = 0".to_owned(),
-            Some(envs) => format!(
-                " AND key_id IN (SELECT id FROM keys WHERE environment IN ({}))",
-                (5..5 + envs.len())
-                    .map(|n| format!("${n}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        };
-        let sql = format!(
-            "SELECT {ALERT_COLUMNS} FROM alerts WHERE ($1 IS NULL OR key_id = $1) \
-             AND ($2 IS NULL OR time >= $2) AND ($3 IS NULL OR seq < $3){in_environments} \
-             ORDER BY seq DESC LIMIT $4"
-        );
-        let mut query = sqlx::query(&sql)
-            .bind(&f.key_id)
-            .bind(opt_ms(f.since))
-            .bind(f.before)
-            .bind(i64::from(f.limit));
-        for env in f.environments.iter().flatten() {
-            query = query.bind(env);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        rows.iter().map(alert_from_row).collect()
     }
 }

@@ -27,12 +27,37 @@ struct Allowed {
     why: &'static str,
 }
 
-const ALLOWED: &[Allowed] = &[Allowed {
-    only_on: Side::Postgres,
-    fact: "index usage_events_key on usage_events (key_id, seq)",
-    why: "SQLite's usage log is append-only and read per key through its prev_seq chain; \
-          an index there would cost a random b-tree write per event",
-}];
+const KEY_RATES: &str = "several nodes share a rate-limited key's GCRA cell; SQLite serves \
+    one node, which keeps the cell in memory";
+
+const ALLOWED: &[Allowed] = &[
+    Allowed {
+        only_on: Side::Postgres,
+        fact: "index usage_events_key on usage_events (key_id, seq)",
+        why: "SQLite's usage log is append-only and read per key through its prev_seq chain; \
+              an index there would cost a random b-tree write per event",
+    },
+    Allowed {
+        only_on: Side::Postgres,
+        fact: "table key_rates",
+        why: KEY_RATES,
+    },
+    Allowed {
+        only_on: Side::Postgres,
+        fact: "column key_rates.key_id: text, not null",
+        why: KEY_RATES,
+    },
+    Allowed {
+        only_on: Side::Postgres,
+        fact: "column key_rates.tat: integer, not null",
+        why: KEY_RATES,
+    },
+    Allowed {
+        only_on: Side::Postgres,
+        fact: "primary key key_rates (key_id)",
+        why: KEY_RATES,
+    },
+];
 
 /// Tables that belong to the tooling, not to keywarden.
 const NOT_OURS: &[&str] = &["_sqlx_migrations"];

@@ -407,6 +407,8 @@ fn key_record(i: usize) -> KeyRecord {
         allowed_cidrs: Vec::new(),
         scopes: Vec::new(),
         environment: "prod".to_owned(),
+        rate_limit: None,
+        canary: false,
         version: 1,
         hint: "abcd".to_owned(),
         name: format!("parity-{i}"),

@@ -152,6 +152,7 @@ async fn decide(
     })
     .await?;
     let code = outcome.code;
+    let retry_after = outcome.retry_after_header();
     let body = outcome.into_response();
     let status = match code {
         VerifyCode::Valid => StatusCode::OK,
@@ -160,6 +161,9 @@ async fn decide(
     };
     let mut headers = HeaderMap::new();
     put(&mut headers, CODE, code.as_str());
+    if let Some(v) = retry_after {
+        headers.insert(axum::http::header::RETRY_AFTER, v);
+    }
     if code == VerifyCode::Valid {
         if let Some(id) = &body.key_id {
             put(&mut headers, KEY_ID, id);
@@ -292,6 +296,7 @@ fn refusal(code: ErrorCode) -> Response {
         scopes: None,
         expires_at: None,
         remaining_uses: None,
+        retry_after_ms: None,
     };
     (crate::error::status_of(code), headers, Json(body)).into_response()
 }

@@ -12,6 +12,7 @@ use keywarden_core::key_format::{self, ParsedKey};
 use keywarden_core::lifecycle::{self, Action};
 use keywarden_core::model::KeyState;
 use keywarden_core::policy::{check_issue, KeyAsk, Rules};
+use keywarden_core::rate::Rate;
 use keywarden_core::role::Permission;
 use keywarden_core::scope::Scope;
 use keywarden_core::{validate, KeyRecord};
@@ -119,6 +120,8 @@ pub struct KeySpec {
     pub expires_at: OffsetDateTime,
     pub allowed_cidrs: Vec<IpNet>,
     pub max_uses: Option<u64>,
+    pub rate_limit: Option<Rate>,
+    pub canary: bool,
     pub metadata: std::collections::BTreeMap<String, String>,
 }
 
@@ -150,6 +153,8 @@ impl KeySpec {
             state_changed_at: None,
             allowed_cidrs: self.allowed_cidrs,
             max_uses: self.max_uses,
+            rate_limit: self.rate_limit,
+            canary: self.canary,
             uses: 0,
             last_used_at: None,
             last_used_from: None,
@@ -250,6 +255,19 @@ pub fn validate_create(
         v.push(violation(ErrorCode::FieldInvalid, "max_uses", "too large"));
     }
 
+    let rate_limit = match req.rate_limit.as_deref().map(str::parse::<Rate>) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            v.push(violation(
+                ErrorCode::FieldInvalid,
+                "rate_limit",
+                e.to_string(),
+            ));
+            None
+        }
+        None => rules.rate_limit.or(rules.max_rate_limit),
+    };
+
     let expires_at = match (&req.ttl, req.expires_at) {
         (Some(_), Some(_)) => {
             v.push(violation(
@@ -315,6 +333,8 @@ pub fn validate_create(
         ttl: expires_at.map_or(time::Duration::ZERO, |at| at - now),
         has_cidrs: !cidrs.is_empty(),
         max_uses: req.max_uses,
+        // A rate that did not parse is reported above, not as missing.
+        rate_limit: rate_limit.or_else(|| req.rate_limit.as_ref().and(rules.max_rate_limit)),
     };
     // The TTL limit was checked above, with the field the caller used.
     for p in check_issue(rules, &ask)
@@ -344,6 +364,8 @@ pub fn validate_create(
         expires_at,
         allowed_cidrs: cidrs,
         max_uses: req.max_uses,
+        rate_limit,
+        canary: req.canary,
         metadata: req.metadata.clone(),
     })
 }
@@ -368,6 +390,8 @@ fn audit_fields(k: &KeyRecord, now: OffsetDateTime) -> serde_json::Value {
         "state": k.effective_state(now).as_str(),
         "allowed_cidrs": k.allowed_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "max_uses": k.max_uses,
+        "rate_limit": k.rate_limit.map(|r| r.to_string()),
+        "canary": k.canary,
         "rotated_from": k.rotated_from,
     })
 }

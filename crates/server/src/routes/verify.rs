@@ -23,6 +23,7 @@ use crate::auth::Principal;
 use crate::cache::{CachedKey, Entry, Lookup, VALID_HEAD};
 use crate::error::{violation, ApiError};
 use crate::extract::JsonBody;
+use crate::limits::micros;
 use crate::state::{AppState, SharedState};
 
 const USAGE_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -48,14 +49,21 @@ pub async fn verify(
         || principal.actor(),
     )
     .await?;
-    Ok((
+    let retry_after = outcome.retry_after_header();
+    let mut response = (
         [(
             axum::http::header::CONTENT_TYPE,
             axum::http::HeaderValue::from_static("application/json"),
         )],
         outcome.body(),
     )
-        .into_response())
+        .into_response();
+    if let Some(v) = retry_after {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, v);
+    }
+    Ok(response)
 }
 
 /// Decides on a key and records the decision: its usage event (before the answer
@@ -70,23 +78,44 @@ pub(crate) async fn judge(
     asked_by: impl FnOnce() -> keywarden_core::model::Actor,
 ) -> Result<Outcome, ApiError> {
     let now = app.now();
-    let outcome = check(app, key, &ask, now).await?;
-    if crate::alerts::is_still_in_use(outcome.code) {
-        if let Some(k) = &outcome.key {
-            let sighting = crate::alerts::Sighting {
-                time: now,
-                key_id: k.id.to_string(),
-                code: outcome.code,
-                source_ip: ask.source_ip.map(|ip| ip.to_string()),
-                user_agent: user_agent.clone(),
-                subject: subject.clone(),
-                dead_since: crate::alerts::dead_since(k, outcome.code, now),
-                asked_by: asked_by(),
-            };
-            if app.alerts.try_send(sighting).is_err() {
-                // The use itself is in the usage log; only the alert is lost.
-                tracing::warn!(key_id = %k.id, "alert queue full: a KEY_STILL_IN_USE sighting was dropped");
+    let now_us = micros(now);
+    let throttle = app.with_cached_policy(|p| p.rules_for("").throttle_failures);
+    let throttle = throttle.zip(ask.source_ip);
+    let blocked = throttle.and_then(|(rate, ip)| app.limits.throttled(ip, &rate, now_us));
+    let outcome = match blocked {
+        // A source that keeps presenting bad keys is not heard until it waits.
+        Some(wait) => Outcome::rate_limited(
+            key_format::parse_parts(key, &app.config.key_prefix)
+                .ok()
+                .map(|p| p.id),
+            wait,
+        ),
+        None => check(app, key, &ask, now).await?,
+    };
+    if let Some(what) = outcome.what(&ask, now) {
+        if outcome.is_bad_key() {
+            if let Some((rate, ip)) = throttle {
+                app.limits.count_failure(ip, &rate, now_us);
             }
+        }
+        let seen = outcome.seen();
+        let sighting = crate::alerts::Sighting {
+            time: now,
+            what,
+            key_id: outcome.key_id.as_ref().map(ToString::to_string),
+            environment: seen.map(|k| k.environment.clone()),
+            code: outcome.code,
+            source_ip: ask.source_ip,
+            user_agent: user_agent.clone(),
+            subject: subject.clone(),
+            scope: ask.scope.as_ref().map(ToString::to_string),
+            asked_by: asked_by(),
+        };
+        if app.alerts.try_send(sighting).is_err() {
+            // The use itself is in the usage log; only the alert is lost. Counted, and
+            // logged by the monitor once a second, not once per verify of a flood.
+            app.alerts_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
     let event = UsageEvent {
@@ -186,6 +215,19 @@ pub(crate) struct Outcome {
     pub key: Option<Arc<CachedKey>>,
     remaining_uses: Option<u64>,
     counted: bool,
+    /// RATE_LIMITED: microseconds until the caller may try again.
+    pub retry_after_us: Option<i64>,
+    /// What the answer hides from the caller but the monitor must know.
+    hidden: Hidden,
+}
+
+/// Answers that look like an unknown key to the caller.
+enum Hidden {
+    Nothing,
+    /// The id exists; the secret was wrong.
+    WrongSecret(Arc<CachedKey>),
+    /// A canary: the secret was right, and it never verifies.
+    Canary(Arc<CachedKey>),
 }
 
 impl Outcome {
@@ -196,7 +238,55 @@ impl Outcome {
             key: None,
             remaining_uses: None,
             counted: false,
+            retry_after_us: None,
+            hidden: Hidden::Nothing,
         }
+    }
+
+    fn rate_limited(key_id: Option<KeyId>, wait_us: i64) -> Self {
+        Self {
+            retry_after_us: Some(wait_us.max(1)),
+            ..Self::unknown(VerifyCode::RateLimited, key_id)
+        }
+    }
+
+    /// `Retry-After` in whole seconds, rounded up, for a RATE_LIMITED answer.
+    pub fn retry_after_header(&self) -> Option<axum::http::HeaderValue> {
+        let us = self.retry_after_us?;
+        let seconds = u64::try_from(us).unwrap_or(0).div_ceil(1_000_000).max(1);
+        Some(axum::http::HeaderValue::from(seconds))
+    }
+
+    /// A malformed key, an unknown id or a wrong secret: what a source is throttled for.
+    fn is_bad_key(&self) -> bool {
+        matches!(self.code, VerifyCode::Malformed | VerifyCode::NotFound)
+    }
+
+    /// The record behind the answer, proven or not.
+    fn seen(&self) -> Option<&Arc<CachedKey>> {
+        match &self.hidden {
+            Hidden::WrongSecret(k) | Hidden::Canary(k) => Some(k),
+            Hidden::Nothing => self.key.as_ref(),
+        }
+    }
+
+    /// What the monitor is told of this answer; `None` for answers it does not watch.
+    fn what(&self, ask: &VerifyRequest, now: OffsetDateTime) -> Option<crate::alerts::What> {
+        use crate::alerts::What;
+        Some(match (self.code, &self.hidden) {
+            (VerifyCode::NotFound, Hidden::WrongSecret(_)) => What::WrongSecret,
+            (VerifyCode::NotFound, Hidden::Canary(_)) => What::Canary,
+            (VerifyCode::NotFound | VerifyCode::Malformed, _) => What::Unknown,
+            (VerifyCode::ScopeDenied, _) => What::ScopeDenied,
+            (VerifyCode::EnvironmentMismatch, _) => {
+                What::EnvironmentCrossing(ask.environment.clone())
+            }
+            (code, _) if crate::alerts::is_still_in_use(code) => {
+                let k = self.key.as_ref()?;
+                What::Dead(crate::alerts::dead_since(k, code, now))
+            }
+            _ => return None,
+        })
     }
 
     /// The answer's JSON, exactly as `serde_json` writes [`Self::into_response`]. A VALID
@@ -236,6 +326,9 @@ impl Outcome {
             scopes: None,
             expires_at: None,
             remaining_uses: None,
+            retry_after_ms: self
+                .retry_after_us
+                .map(|us| u64::try_from(us.saturating_add(999) / 1000).unwrap_or(u64::MAX)),
         };
         if let Some(k) = self.key {
             r.key_id = Some(k.id.to_string());
@@ -276,7 +369,18 @@ async fn check(
     };
     if !app.hasher.matches_text(parsed.plain, &record.hash) {
         // Right id, wrong secret: recorded against the key id, answered as unknown.
-        return Ok(Outcome::unknown(VerifyCode::NotFound, Some(parsed.id)));
+        return Ok(Outcome {
+            hidden: Hidden::WrongSecret(record),
+            ..Outcome::unknown(VerifyCode::NotFound, Some(parsed.id))
+        });
+    }
+    if record.canary {
+        // Whatever its state: a canary presented is the alarm, and it answers exactly
+        // as an unknown key does.
+        return Ok(Outcome {
+            hidden: Hidden::Canary(record),
+            ..Outcome::unknown(VerifyCode::NotFound, Some(parsed.id))
+        });
     }
     let mut outcome = Outcome {
         code: VerifyCode::Valid,
@@ -284,6 +388,8 @@ async fn check(
         key: Some(record.clone()),
         remaining_uses: None,
         counted: false,
+        retry_after_us: None,
+        hidden: Hidden::Nothing,
     };
     let (expiry, scope_required) = app.with_cached_policy(|p| {
         let rules = p.rules_for(&record.environment);
@@ -302,6 +408,22 @@ async fn check(
     if scope_required && ask.scope.is_none() {
         outcome.code = VerifyCode::ScopeDenied;
         return Ok(outcome);
+    }
+    if let Some(rate) = record.rate_limit {
+        // This node's cell first: what it refuses, the cluster refuses too; what it
+        // admits is spent again in the cell all nodes share (PostgreSQL).
+        let now_us = micros(now);
+        let spent = match app.limits.spend_key(&record.id, &rate, now_us) {
+            Err(wait) => Err(wait),
+            Ok(()) => Box::pin(app.store.spend_rate(&record.id, &rate, now_us))
+                .await?
+                .unwrap_or(Ok(())),
+        };
+        if let Err(wait) = spent {
+            outcome.code = VerifyCode::RateLimited;
+            outcome.retry_after_us = Some(wait.max(1));
+            return Ok(outcome);
+        }
     }
     if record.max_uses.is_some() {
         // Caps are spent in the store, atomically, never in the cache.
@@ -413,6 +535,8 @@ mod tests {
             key,
             remaining_uses: left,
             counted: false,
+            retry_after_us: None,
+            hidden: Hidden::Nothing,
         }
     }
 

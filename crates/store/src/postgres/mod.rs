@@ -125,6 +125,35 @@ impl Engine {
         row.map(|r| Ok(r.try_get::<i64, _>(0)?)).transpose()
     }
 
+    /// Spends one use of a rate-limited key in the cell all nodes share (GCRA, times in
+    /// microseconds): `Ok(())`, or `Err(retry_after_us)`.
+    pub async fn spend_rate(
+        &self,
+        id: &KeyId,
+        now_us: i64,
+        interval_us: i64,
+        burst_us: i64,
+    ) -> Result<std::result::Result<(), i64>> {
+        let spent = sqlx::query(SPEND_RATE)
+            .bind(id.as_str())
+            .bind(now_us)
+            .bind(interval_us)
+            .bind(burst_us)
+            .fetch_optional(&self.pool)
+            .await?;
+        if spent.is_some() {
+            return Ok(Ok(()));
+        }
+        let tat: Option<i64> = sqlx::query("SELECT tat FROM key_rates WHERE key_id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        let retry = tat.map_or(interval_us, |t| t.saturating_sub(burst_us) - now_us);
+        Ok(Err(retry.max(1)))
+    }
+
     /// Writes a batch of usage events and folds it into the keys' stats, in one
     /// transaction: three statements whatever the batch's size.
     pub async fn record_usage(&self, events: &[UsageEvent]) -> Result<()> {
@@ -231,6 +260,13 @@ const STAMPS_SQL: &str = "SELECT id, version, last_used_at FROM keys \
 
 const CONSUME_USE: &str = "UPDATE keys SET uses = uses + 1 WHERE id = $1 \
     AND max_uses IS NOT NULL AND uses < max_uses RETURNING max_uses - uses";
+
+/// GCRA in one statement: the update happens (and returns a row) only when the cell
+/// admits the use; a row lock orders concurrent spends of one key across nodes.
+const SPEND_RATE: &str =
+    "INSERT INTO key_rates (key_id, tat) VALUES ($1, $2::bigint + $3::bigint) \
+    ON CONFLICT (key_id) DO UPDATE SET tat = GREATEST(key_rates.tat, $2::bigint) + $3::bigint \
+    WHERE GREATEST(key_rates.tat, $2::bigint) - $4::bigint <= $2::bigint RETURNING tat";
 
 const INSERT_EVENTS: &str = "INSERT INTO usage_events (key_id, time, code, source_ip, scope, \
     environment, subject, user_agent, counted) SELECT * FROM UNNEST($1::text[], $2::bigint[], \

@@ -1,0 +1,388 @@
+//! Watching keys: per-key rate limits, the throttle of sources presenting bad keys,
+//! canary keys, and the alerts the monitor raises (SECRET_GUESSING, BRUTE_FORCE,
+//! SCOPE_PROBING, ENVIRONMENT_CROSSING, CANARY_USED) with their states.
+
+use keywarden_core::key_format::{assemble, parse};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::{eventually, key_body, Backend, TestServer, WAIT};
+use crate::on_both_backends;
+
+on_both_backends!(
+    a_key_past_its_rate_limit_answers_rate_limited,
+    wrong_secrets_raise_secret_guessing_and_throttle_only_their_source,
+    a_canary_never_verifies_and_raises_a_critical_alert,
+    junk_from_one_source_raises_brute_force,
+    denied_scopes_and_other_environments_raise_alerts,
+    alerts_are_acknowledged_and_resolved,
+);
+
+async fn put_policy(s: &TestServer, text: &str) {
+    let (st, v) = s
+        .call(
+            reqwest::Method::PUT,
+            "/v1/policy",
+            Some(&s.admin),
+            Some(json!({ "policy": text })),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+}
+
+/// A verify answer with its `Retry-After` header.
+async fn verify_raw(s: &TestServer, body: Value) -> (Value, Option<String>) {
+    let resp = s
+        .http
+        .post(s.url("/v1/verify"))
+        .bearer_auth(&s.admin)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (resp.json().await.unwrap(), retry)
+}
+
+/// The key's id with another secret and a valid checksum: a guess that reaches the hash.
+fn wrong_secret(key: &str) -> String {
+    let parsed = parse(key, "kw").unwrap();
+    assemble("kw", &parsed.environment, parsed.id, &"y".repeat(32))
+        .plain
+        .expose()
+        .to_owned()
+}
+
+async fn alerts_of(s: &TestServer, query: &str, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let path = format!("/v1/alerts?{query}");
+    eventually(WAIT, &format!("the expected alerts at {path}"), || async {
+        let (st, v) = s.get(&path).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let alerts = v["alerts"].as_array().unwrap().clone();
+        if ready(&alerts) {
+            Ok(alerts)
+        } else {
+            Err(v)
+        }
+    })
+    .await
+}
+
+async fn a_key_past_its_rate_limit_answers_rate_limited(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut body = key_body("limited");
+    body["rate_limit"] = json!("5/min");
+    let (id, key) = s.create_key(body).await;
+    let (_, other) = s.create_key(key_body("unlimited")).await;
+    let (_, shown) = s.get(&format!("/v1/keys/{id}")).await;
+    assert_eq!(shown["rate_limit"], "5/min");
+
+    for i in 0..5 {
+        assert_eq!(s.verify_code(&key).await, "VALID", "use {i}");
+    }
+    let (v, retry) = verify_raw(&s, json!({ "key": key })).await;
+    assert_eq!(v["code"], "RATE_LIMITED", "{v}");
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["key_id"], id.as_str());
+    // One use every 12 s once the burst of 5 is spent.
+    assert_eq!(v["retry_after_ms"], 12_000, "{v}");
+    assert_eq!(retry.as_deref(), Some("12"));
+    // Other keys are not held back.
+    for _ in 0..10 {
+        assert_eq!(s.verify_code(&other).await, "VALID");
+    }
+    s.clock.advance(time::Duration::seconds(11));
+    assert_eq!(s.verify_code(&key).await, "RATE_LIMITED");
+    s.clock.advance(time::Duration::seconds(1));
+    assert_eq!(s.verify_code(&key).await, "VALID");
+    assert_eq!(s.verify_code(&key).await, "RATE_LIMITED");
+    // The refusals are in the usage log.
+    let usage = s.wait_for_usage(&id, 9).await;
+    let limited = usage["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["code"] == "RATE_LIMITED")
+        .count();
+    assert_eq!(limited, 3, "{usage}");
+
+    // The policy's maximum is checked at issue time, and its default applied.
+    put_policy(
+        &s,
+        "[environments.prod]\nrate_limit = \"60/min\"\nmax_rate_limit = \"100/min\"\n",
+    )
+    .await;
+    let mut fast = key_body("fast");
+    fast["rate_limit"] = json!("10/s");
+    let (st, v) = s.post("/v1/keys", fast).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(
+        v["error"]["violations"][0]["code"], "POLICY_RATE_LIMIT_TOO_HIGH",
+        "{v}"
+    );
+    let mut junk = key_body("junk");
+    junk["rate_limit"] = json!("lots");
+    let (st, v) = s.post("/v1/keys", junk).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["violations"][0]["field"], "rate_limit", "{v}");
+    assert!(
+        v["error"]["violations"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("COUNT/PERIOD"),
+        "{v}"
+    );
+    let (st, v) = s.post("/v1/keys", key_body("defaulted")).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["key"]["rate_limit"], "60/min");
+    s.stop().await;
+}
+
+async fn wrong_secrets_raise_secret_guessing_and_throttle_only_their_source(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (id, key) = s.create_key(key_body("target")).await;
+    let guess = wrong_secret(&key);
+    let attacker = |k: &str| json!({ "key": k, "source_ip": "203.0.113.9" });
+    let honest = json!({ "key": key, "source_ip": "198.51.100.1" });
+    let mut codes = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..50 {
+        let (v, retry) = verify_raw(&s, attacker(&guess)).await;
+        codes.push(v["code"].as_str().unwrap().to_owned());
+        if retry.is_some() {
+            retry_after = retry;
+        }
+        // The key's owner, elsewhere, is never held back.
+        assert_eq!(s.verify(honest.clone()).await["code"], "VALID");
+    }
+    // The default throttle: 30 bad keys a minute, then one every 2 s.
+    assert!(codes[..30].iter().all(|c| c == "NOT_FOUND"), "{codes:?}");
+    assert!(codes[30..].iter().all(|c| c == "RATE_LIMITED"), "{codes:?}");
+    assert_eq!(retry_after.as_deref(), Some("2"));
+    // Throttled is throttled, even with the right key.
+    assert_eq!(
+        s.verify(attacker(&key)).await["code"],
+        "RATE_LIMITED",
+        "a throttled source is not heard"
+    );
+    s.clock.advance(time::Duration::seconds(2));
+    assert_eq!(s.verify(attacker(&key)).await["code"], "VALID");
+
+    let alerts = alerts_of(&s, "kind=SECRET_GUESSING", |a| {
+        a.len() == 1 && a[0]["repeats"].as_i64() >= Some(19)
+    })
+    .await;
+    let a = &alerts[0];
+    assert_eq!(a["severity"], "high");
+    assert_eq!(a["key_id"], id.as_str());
+    assert_eq!(a["code"], "NOT_FOUND");
+    assert_eq!(a["state"], "open");
+    // The default threshold is 10 in 5 minutes: the 11th wrong secret trips it.
+    assert_eq!(a["evidence"]["events"], 11, "{a}");
+    assert_eq!(a["evidence"]["threshold"], "10/5m");
+    assert_eq!(a["evidence"]["sources"], json!(["203.0.113.9"]));
+    // Raised by the monitor, in the trail.
+    let (_, trail) = s.get(&format!("/v1/audit?target=key:{id}")).await;
+    let raised = trail["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "key.alert")
+        .cloned()
+        .unwrap_or_else(|| panic!("no key.alert entry: {trail}"));
+    assert_eq!(raised["actor"], "system:monitor");
+    assert!(
+        !raised.to_string().contains(&guess[10..]),
+        "no secret in the trail"
+    );
+    s.stop().await;
+}
+
+async fn a_canary_never_verifies_and_raises_a_critical_alert(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut body = key_body("tripwire");
+    body["canary"] = json!(true);
+    body["ttl"] = json!("365d");
+    let (id, canary) = s.create_key(body).await;
+    let (_, shown) = s.get(&format!("/v1/keys/{id}")).await;
+    assert_eq!(shown["canary"], true);
+    assert!(canary.starts_with("kw_prod_"), "looks like any key");
+
+    // It answers exactly as a key that does not exist.
+    let presented = s
+        .verify(json!({ "key": canary, "source_ip": "192.0.2.44", "scope": "deploy:write" }))
+        .await;
+    let unknown = s
+        .verify(json!({ "key": wrong_secret(&canary), "source_ip": "192.0.2.45" }))
+        .await;
+    assert_eq!(presented, unknown);
+    assert_eq!(presented, json!({ "valid": false, "code": "NOT_FOUND" }));
+
+    let alerts = alerts_of(&s, "kind=CANARY_USED", |a| a.len() == 1).await;
+    let a = &alerts[0];
+    assert_eq!(a["severity"], "critical");
+    assert_eq!(a["key_id"], id.as_str());
+    assert_eq!(a["source_ip"], "192.0.2.44");
+    assert_eq!(a["user_agent"], "keywarden-tests/1");
+
+    // A canary is never used, by design: idle expiry and rotation leave it alone.
+    s.clock.advance(time::Duration::days(40));
+    let (st, _) = s.post("/v1/enforce", json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, shown) = s.get(&format!("/v1/keys/{id}")).await;
+    assert_eq!(shown["state"], "active", "{shown}");
+    // Presented again later: the alarm again, folded into a new alert past the window.
+    s.verify(json!({ "key": canary, "source_ip": "192.0.2.44" }))
+        .await;
+    alerts_of(&s, "kind=CANARY_USED", |a| a.len() == 2).await;
+    s.stop().await;
+}
+
+async fn junk_from_one_source_raises_brute_force(b: Backend) {
+    let s = TestServer::start(b).await;
+    put_policy(&s, "[default]\nthrottle_failures = \"off\"\n").await;
+    for i in 0..60 {
+        let junk = if i % 2 == 0 {
+            "not-a-key".to_owned()
+        } else {
+            format!("kw_prod_{:016}_{}", i, "a".repeat(38))
+        };
+        let v = s
+            .verify(json!({ "key": junk, "source_ip": "2001:db8::7" }))
+            .await;
+        assert_ne!(v["code"], "RATE_LIMITED", "throttling is off");
+    }
+    let alerts = alerts_of(&s, "kind=BRUTE_FORCE", |a| a.len() == 1).await;
+    let a = &alerts[0];
+    assert_eq!(a["severity"], "medium");
+    assert_eq!(a["key_id"], Value::Null);
+    assert_eq!(a["source_ip"], "2001:db8::7");
+    assert_eq!(a["evidence"]["events"], 51, "{a}");
+    assert_eq!(a["evidence"]["threshold"], "50/min");
+    let (_, trail) = s.get("/v1/audit?action=source.alert").await;
+    assert_eq!(
+        trail["entries"][0]["target"], "source:2001:db8::/64",
+        "{trail}"
+    );
+    s.stop().await;
+}
+
+async fn denied_scopes_and_other_environments_raise_alerts(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (id, key) = s.create_key(key_body("prober")).await;
+    for i in 0..12 {
+        let v = s
+            .verify(json!({ "key": key, "scope": format!("admin:thing{i}") }))
+            .await;
+        assert_eq!(v["code"], "SCOPE_DENIED");
+    }
+    let alerts = alerts_of(&s, "kind=SCOPE_PROBING", |a| a.len() == 1).await;
+    assert_eq!(alerts[0]["key_id"], id.as_str());
+    assert_eq!(alerts[0]["evidence"]["events"], 11);
+
+    let v = s
+        .verify(json!({ "key": key, "environment": "staging" }))
+        .await;
+    assert_eq!(v["code"], "ENVIRONMENT_MISMATCH");
+    let alerts = alerts_of(&s, "kind=ENVIRONMENT_CROSSING", |a| a.len() == 1).await;
+    assert_eq!(alerts[0]["evidence"]["key_environment"], "prod");
+    assert_eq!(alerts[0]["evidence"]["asked_environment"], "staging");
+    // Valid uses raise nothing.
+    assert_eq!(s.verify_code(&key).await, "VALID");
+    let (_, all) = s.get(&format!("/v1/alerts?key={id}")).await;
+    assert_eq!(all["alerts"].as_array().unwrap().len(), 2, "{all}");
+    s.stop().await;
+}
+
+async fn alerts_are_acknowledged_and_resolved(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut body = key_body("tripwire");
+    body["canary"] = json!(true);
+    let (_, canary) = s.create_key(body).await;
+    s.verify(json!({ "key": canary, "source_ip": "192.0.2.1" }))
+        .await;
+    let alerts = alerts_of(&s, "state=open", |a| a.len() == 1).await;
+    let seq = alerts[0]["seq"].as_i64().unwrap();
+
+    let auditor = s.token("auditor", None).await;
+    let (st, v) = s
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/alerts/{seq}/ack"),
+            Some(&auditor),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "auditors see, never act: {v}");
+    let (st, v) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/alerts/{seq}"),
+            Some(&auditor),
+            None,
+        )
+        .await;
+    assert_eq!((st, v["state"].as_str()), (StatusCode::OK, Some("open")));
+
+    let (st, v) = s
+        .post(
+            &format!("/v1/alerts/{seq}/ack"),
+            json!({ "reason": "looking at the CI logs" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "acknowledged");
+    assert_eq!(v["state_reason"], "looking at the CI logs");
+    assert!(v["state_changed_by"]
+        .as_str()
+        .unwrap()
+        .starts_with("token:"));
+    // Repeats still fold into an acknowledged alert.
+    s.verify(json!({ "key": canary, "source_ip": "192.0.2.1" }))
+        .await;
+    alerts_of(&s, "", |a| a.len() == 1 && a[0]["repeats"] == 1).await;
+
+    let (st, v) = s
+        .post(
+            &format!("/v1/alerts/{seq}/resolve"),
+            json!({ "reason": "planted by the red team" }),
+        )
+        .await;
+    assert_eq!(
+        (st, v["state"].as_str()),
+        (StatusCode::OK, Some("resolved"))
+    );
+    let (st, v) = s
+        .post(&format!("/v1/alerts/{seq}/resolve"), json!({}))
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["error"]["code"], "INVALID_STATE");
+    let (st, v) = s.post("/v1/alerts/999999/ack", json!({})).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["error"]["code"], "ALERT_NOT_FOUND");
+    let (st, _) = s.post("/v1/alerts/abc/ack", json!({})).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, v) = s.get("/v1/alerts?state=closed").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+
+    // The next sighting after the resolve is a new alert.
+    s.verify(json!({ "key": canary, "source_ip": "192.0.2.1" }))
+        .await;
+    alerts_of(&s, "state=open", |a| {
+        a.len() == 1 && a[0]["seq"].as_i64() != Some(seq)
+    })
+    .await;
+    let (_, trail) = s.get(&format!("/v1/audit?target=alert:{seq}")).await;
+    let actions: Vec<&str> = trail["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["alert.acknowledged", "alert.resolved"], "{trail}");
+    s.stop().await;
+}
