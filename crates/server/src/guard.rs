@@ -62,6 +62,7 @@ pub fn permission(method: &Method, route: &str) -> Option<Permission> {
         "/v1/services/{id}/test" => ServicesWrite,
         "/v1/services/{id}/ack" | "/v1/events" => Events,
         "/v1/alerts" => AlertsRead,
+        "/metrics" => MetricsRead,
         r if r.starts_with("/scim/") => Scim,
         _ => return None,
     })

@@ -69,6 +69,8 @@ pub(crate) async fn judge(
     user_agent: Option<String>,
     asked_by: impl FnOnce() -> keywarden_core::model::Actor,
 ) -> Result<Outcome, ApiError> {
+    // One monotonic clock pair per verdict, for the latency histogram.
+    let started = std::time::Instant::now();
     let now = app.now();
     let outcome = check(app, key, &ask, now).await?;
     if crate::alerts::is_still_in_use(outcome.code) {
@@ -124,6 +126,7 @@ pub(crate) async fn judge(
             ));
         }
     }
+    app.metrics.verified(outcome.code, started.elapsed());
     Ok(outcome)
 }
 
@@ -265,11 +268,18 @@ async fn check(
         return Ok(Outcome::unknown(VerifyCode::NotFound, None));
     }
     let record = match app.keys.lookup(&parsed.id, now) {
-        Lookup::Fresh(record) => record,
+        Lookup::Fresh(record) => {
+            app.metrics.cache_lookup(true);
+            record
+        }
         Lookup::Stale(record, generation) => {
+            app.metrics.cache_lookup(false);
             Box::pin(renew_or_load(app, &parsed.id, record, generation, now)).await?
         }
-        Lookup::Missing(generation) => Box::pin(load(app, &parsed.id, generation, now)).await?,
+        Lookup::Missing(generation) => {
+            app.metrics.cache_lookup(false);
+            Box::pin(load(app, &parsed.id, generation, now)).await?
+        }
     };
     let Some(record) = record else {
         return Ok(Outcome::unknown(VerifyCode::NotFound, Some(parsed.id)));
