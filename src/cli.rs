@@ -328,6 +328,11 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KEYWARDEN_LISTEN", default_value = "127.0.0.1:8470")]
     pub listen: SocketAddr,
+    /// Also serve GET /metrics here, without a token, for a Prometheus scraper on a
+    /// private interface (e.g. 10.0.0.5:9470). Whoever reaches it reads the metrics:
+    /// never bind it to a public address. The main listener's /metrics needs a token.
+    #[arg(long, env = "KEYWARDEN_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// `sqlite://PATH` or `postgres://…`; default: SQLite in the data directory.
     #[arg(long, env = "KEYWARDEN_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,

@@ -96,6 +96,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
     init_logging();
     let mut config = keywarden_server::Config::new(cli.data_dir.clone());
     config.listen = args.listen;
+    config.metrics_listen = args.metrics_listen;
     config.database_url.clone_from(&args.database_url);
     config.key_prefix.clone_from(&args.key_prefix);
     config.pepper = std::env::var("KEYWARDEN_PEPPER").ok();
@@ -193,6 +194,9 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         }
     }
     println!("keywarden listening on http://{}", server.addr);
+    if let Some(addr) = server.metrics_addr {
+        println!("metrics (no token) on http://{addr}/metrics");
+    }
     wait_for_signal().await;
     tracing::info!("shutting down: finishing requests and flushing usage events");
     server.shutdown().await;

@@ -16,6 +16,7 @@ mod gateway;
 mod harness;
 mod input;
 mod lifecycle;
+mod metrics;
 mod openapi;
 mod outbound;
 mod owners;

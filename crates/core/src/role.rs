@@ -9,7 +9,7 @@ pub enum Role {
     Admin,
     /// Create and manage keys, optionally only in some environments.
     Issuer,
-    /// Read only: keys, usage, tokens, the audit trail.
+    /// Read only: keys, usage, tokens, the audit trail, metrics.
     Auditor,
     /// A gateway: `/v1/verify`, `/v1/auth`, and the event stream with its acks.
     Verifier,
@@ -49,6 +49,9 @@ pub enum Permission {
     AlertsRead,
     /// Acknowledge and resolve alerts.
     AlertsWrite,
+    /// Scrape `/metrics`: operational counts (verdicts by code, queue depths, deliveries,
+    /// alerts), no key or owner.
+    MetricsRead,
 }
 
 impl Role {
@@ -97,6 +100,7 @@ impl Role {
                         | OwnersRead
                         | ServicesRead
                         | AlertsRead
+                        | MetricsRead
                 )
             }
             Self::Verifier => matches!(p, Verify | Events),

@@ -326,6 +326,18 @@ impl<T: Clone + Send + Sync + 'static> RecordCache<T> {
         (generation, out)
     }
 
+    /// Entries held, fresh or not: a read lock on each shard in turn, for a scrape.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.read().map_or(0, |s| s.len()))
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Read before loading from the store; see [`Self::insert`].
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)

@@ -9,6 +9,10 @@ use ipnet::IpNet;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// A second listener serving only `GET /metrics`, without a token, for a Prometheus
+    /// scraper on a private interface. Anyone who reaches it reads the metrics: never a
+    /// public address.
+    pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// `sqlite://…` or `postgres://…`; default: SQLite in the data directory.
     pub database_url: Option<String>,
@@ -85,6 +89,7 @@ impl Config {
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8470)),
+            metrics_listen: None,
             data_dir,
             database_url: None,
             key_prefix: keywarden_core::key_format::DEFAULT_PREFIX.to_owned(),

@@ -237,6 +237,12 @@ pub async fn plan_under(app: &SharedState, candidate: Policy) -> Result<Vec<Acti
 /// One pass now; returns what it did. A key changed concurrently (another node's
 /// enforcer, an admin's revoke, a use) is left to whoever won.
 pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
+    let done = pass_now(app).await;
+    app.metrics.enforcer_pass(done.is_ok());
+    done
+}
+
+async fn pass_now(app: &SharedState) -> Result<Vec<Action>, ApiError> {
     let now = app.now();
     let mut done = Vec::new();
     let policy = app.policy().await?;

@@ -6,33 +6,50 @@
 //!
 //! Handlers do not log their own failures: this layer writes the one line, so a failure
 //! is never logged twice or without the request it failed.
+//!
+//! It also counts every answer a store error made, by kind ([`StoreFailure`]), whatever
+//! its status: a conflict answers 409, and is still the store's.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::Method;
 use axum::response::Response;
 
-use crate::error::ErrorCause;
+use crate::error::{ErrorCause, StoreFailure};
+use crate::metrics::Metrics;
 
 /// Layer over every route and fallback; see the module documentation.
-#[derive(Clone, Copy, Debug)]
-pub struct ServerErrorLogLayer;
+#[derive(Clone)]
+pub struct ServerErrorLogLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl ServerErrorLogLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
 
 impl<S> tower::Layer<S> for ServerErrorLogLayer {
     type Service = ServerErrorLog<S>;
 
     fn layer(&self, inner: S) -> ServerErrorLog<S> {
-        ServerErrorLog { inner }
+        ServerErrorLog {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerErrorLog<S> {
     inner: S,
+    metrics: Arc<Metrics>,
 }
 
 // Generic over the body: inner layers (the panic catcher) answer with their own.
@@ -58,6 +75,7 @@ where
             method: req.method().clone(),
             route,
             inner: self.inner.call(req),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -67,6 +85,7 @@ pub struct Logged<F> {
     method: Method,
     route: Option<MatchedPath>,
     inner: F,
+    metrics: Arc<Metrics>,
 }
 
 impl<F, B> Future for Logged<F>
@@ -79,6 +98,9 @@ where
         let this = self.get_mut();
         let answer = std::task::ready!(Pin::new(&mut this.inner).poll(cx));
         if let Ok(resp) = &answer {
+            if let Some(StoreFailure(kind)) = resp.extensions().get::<StoreFailure>() {
+                this.metrics.store_error(*kind);
+            }
             if resp.status().is_server_error() {
                 log(&this.method, this.route.as_ref(), resp);
             }

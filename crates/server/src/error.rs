@@ -35,6 +35,11 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// The kind of store error an answer was made from, in its extensions, for the store
+/// error count of [`crate::errlog`].
+#[derive(Debug, Clone, Copy)]
+pub struct StoreFailure(pub keywarden_store::StoreErrorKind);
+
 /// Why a 5xx answer failed, put in the response's extensions for the line the
 /// [`crate::errlog`] layer writes; never in the body. It holds no secret: the store sees
 /// only keyed hashes, and the server's own failures name what failed, not the values.
@@ -115,6 +120,14 @@ impl ApiError {
         }
     }
 
+    /// The store error this answers, if it is one.
+    pub fn store_failure(&self) -> Option<StoreFailure> {
+        match self {
+            Self::Store(e) => Some(StoreFailure(e.kind())),
+            _ => None,
+        }
+    }
+
     /// What the log line of a 5xx answer says about it; `None` for other answers.
     pub fn cause(&self) -> Option<ErrorCause> {
         let code = self.code();
@@ -163,6 +176,7 @@ impl IntoResponse for ApiError {
         let code = self.code();
         let message = self.public_message();
         let cause = self.cause();
+        let store = self.store_failure();
         let violations = match self {
             Self::Validation(v) => v,
             _ => Vec::new(),
@@ -170,6 +184,9 @@ impl IntoResponse for ApiError {
         let mut resp = error_response(code, message, violations);
         if let Some(cause) = cause {
             resp.extensions_mut().insert(cause);
+        }
+        if let Some(store) = store {
+            resp.extensions_mut().insert(store);
         }
         resp
     }

@@ -63,6 +63,7 @@ pub fn permission(method: &Method, route: &str) -> Option<Permission> {
         "/v1/services/{id}/ack" | "/v1/events" => Events,
         "/v1/alerts" | "/v1/alerts/{seq}" => AlertsRead,
         "/v1/alerts/{seq}/ack" | "/v1/alerts/{seq}/resolve" => AlertsWrite,
+        "/metrics" => MetricsRead,
         r if r.starts_with("/scim/") => Scim,
         _ => return None,
     })

@@ -17,6 +17,7 @@ pub mod extract;
 pub mod guard;
 pub mod limits;
 pub mod listen;
+pub mod metrics;
 pub mod outbound;
 pub mod routes;
 pub mod state;
@@ -57,7 +58,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
     info(title = "keywarden", description = "Governs provisioning keys: issue, verify, govern, audit."),
     modifiers(&BearerAuth),
     paths(routes::gateway::auth_doc),
-    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "policy"), (name = "owners"), (name = "services"), (name = "alerts"), (name = "health"))
+    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "policy"), (name = "owners"), (name = "services"), (name = "alerts"), (name = "health"), (name = "metrics"))
 )]
 struct ApiDoc;
 
@@ -78,6 +79,7 @@ impl utoipa::Modify for BearerAuth {
 pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(routes::health::healthz))
+        .routes(routes!(routes::metrics::metrics))
         .routes(routes!(routes::keys::create_key, routes::keys::list_keys))
         .routes(routes!(routes::keys::get_key))
         .routes(routes!(routes::keys::suspend_key))
@@ -218,6 +220,7 @@ impl MakeRequestId for RequestIds {
 }
 
 pub fn router(state: SharedState) -> Router {
+    let metrics = state.metrics.clone();
     let (router, doc) = api(state);
     let doc = Arc::new(doc);
     let router = router
@@ -256,7 +259,7 @@ pub fn router(state: SharedState) -> Router {
     // request an allocation for the clone and one for the future.
     router.layer(
         tower::ServiceBuilder::new()
-            .layer(errlog::ServerErrorLogLayer)
+            .layer(errlog::ServerErrorLogLayer::new(metrics))
             .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(
@@ -265,6 +268,40 @@ pub fn router(state: SharedState) -> Router {
                 },
             )),
     )
+}
+
+/// The router of `--metrics-listen`: `GET /metrics` without a token, and nothing else.
+pub fn metrics_router(state: SharedState) -> Router {
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/metrics", get(routes::metrics::open_metrics))
+        .with_state(state)
+        .fallback(|| async {
+            error_response(
+                ErrorCode::RouteNotFound,
+                "this listener serves only GET /metrics".to_owned(),
+                vec![],
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error_response(
+                ErrorCode::MethodNotAllowed,
+                "method not allowed on this route".to_owned(),
+                vec![],
+            )
+        })
+        .layer(guard::JsonErrorsLayer)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(errlog::ServerErrorLogLayer::new(metrics))
+                .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                    |_: Box<dyn std::any::Any + Send>| {
+                        error_response(ErrorCode::Internal, "internal error".to_owned(), vec![])
+                    },
+                )),
+        )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +324,8 @@ pub enum StartError {
 /// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// Where `--metrics-listen` serves `/metrics`, when it is set.
+    pub metrics_addr: Option<SocketAddr>,
     /// The bootstrap admin token, when this start created one.
     pub bootstrap_token: Option<PlainKey>,
     pub state: SharedState,
@@ -294,7 +333,9 @@ pub struct RunningServer {
     stop_usage: watch::Sender<bool>,
     stop_jobs: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
+    metrics_http: Option<JoinHandle<std::io::Result<()>>>,
     usage: JoinHandle<()>,
+    upkeep: JoinHandle<()>,
     expiry: JoinHandle<()>,
     dispatcher: JoinHandle<()>,
     alerts: JoinHandle<()>,
@@ -331,6 +372,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         bootstrap::bootstrap_admin(&store, &hasher, &config.key_prefix, &config.data_dir, now)
             .await?;
 
+    let metrics = Arc::new(metrics::Metrics::new());
     let (usage_tx, usage_rx) = usage::channel(config.usage_queue_capacity);
     let (stop_usage, stop_usage_rx) = watch::channel(false);
     let usage = tokio::spawn(usage::run_writer(
@@ -341,6 +383,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
             fold: config.usage_fold_interval,
             fold_max_keys: config.usage_fold_max_keys,
         },
+        metrics.usage.clone(),
         stop_usage_rx,
     ));
 
@@ -354,6 +397,19 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         addr: config.listen,
         source,
     })?;
+    // Bound before anything else starts, so a taken address fails the start.
+    let metrics_listener = match config.metrics_listen {
+        None => None,
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|source| StartError::Listen { addr: at, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| StartError::Listen { addr: at, source })?;
+            Some((l, bound))
+        }
+    };
     bootstrap::record_listen(&config.data_dir, addr)?;
     for lock in &data_locks {
         lock.record(Some(addr))
@@ -372,6 +428,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         usage: usage_tx,
         alerts: alerts_tx,
         outbound,
+        metrics,
     };
     let state: SharedState = Arc::new(AppState::new(store, hasher, clock, config, signer, links));
     // Verify reads the cached policy; load the stored one before the first request.
@@ -388,6 +445,20 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         stop_jobs_rx.clone(),
     ));
     let dispatcher = tokio::spawn(dispatch::run(state.clone(), stop_jobs_rx.clone()));
+    let upkeep = tokio::spawn({
+        let recorded = state.metrics.clone();
+        let mut stop = stop_jobs_rx.clone();
+        async move {
+            let mut tick = tokio::time::interval(metrics::UPKEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => recorded.upkeep(),
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    });
     let alerts = tokio::spawn(alerts::run(state.clone(), alerts_rx, stop_jobs_rx.clone()));
     let sync = tokio::spawn({
         let state = state.clone();
@@ -414,17 +485,30 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
             "the open-file limit cannot hold max_connections; lowered"
         );
     }
-    let http = tokio::spawn(listen::serve(listener, app, limits, stop_http_rx));
+    let http = tokio::spawn(listen::serve(listener, app, limits, stop_http_rx.clone()));
     tracing::info!(%addr, "keywarden listening");
+    let metrics_addr = metrics_listener.as_ref().map(|(_, bound)| *bound);
+    let metrics_http = metrics_listener.map(|(l, bound)| {
+        tracing::info!(addr = %bound, "metrics listening (GET /metrics, no token)");
+        tokio::spawn(listen::serve(
+            l,
+            metrics_router(state.clone()),
+            limits,
+            stop_http_rx,
+        ))
+    });
     Ok(RunningServer {
         addr,
+        metrics_addr,
         bootstrap_token,
         state,
         stop_http,
         stop_usage,
         stop_jobs,
         http,
+        metrics_http,
         usage,
+        upkeep,
         expiry,
         dispatcher,
         alerts,
@@ -444,8 +528,12 @@ impl RunningServer {
         let _ = self.stop_jobs.send(true);
         let _ = self.stop_usage.send(true);
         self.http.abort();
+        if let Some(m) = &self.metrics_http {
+            m.abort();
+        }
         for task in [
             &self.usage,
+            &self.upkeep,
             &self.expiry,
             &self.dispatcher,
             &self.alerts,
@@ -465,8 +553,16 @@ impl RunningServer {
             Ok(Err(e)) => tracing::error!(error = %e, "http server failed"),
             Err(e) => tracing::error!(error = %e, "http server task failed"),
         }
+        if let Some(m) = self.metrics_http {
+            match m.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "metrics listener failed"),
+                Err(e) => tracing::error!(error = %e, "metrics listener task failed"),
+            }
+        }
         let _ = self.stop_jobs.send(true);
         for (name, task) in [
+            ("metrics upkeep", self.upkeep),
             ("enforcer", self.expiry),
             ("dispatcher", self.dispatcher),
             ("alerts", self.alerts),

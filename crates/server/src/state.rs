@@ -40,6 +40,8 @@ pub struct AppState {
     policy_generation: std::sync::atomic::AtomicU64,
     /// How far the background work has got.
     pub progress: Progress,
+    /// This server's metrics (a recorder of its own; see `metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What the background work has done so far, each a watch, so that whoever must know
@@ -101,6 +103,8 @@ pub struct Links {
     pub usage: mpsc::Sender<UsageEvent>,
     pub alerts: mpsc::Sender<crate::alerts::Sighting>,
     pub outbound: crate::outbound::Outbound,
+    /// Made before the state: the usage writer, started first, records into it.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -116,6 +120,7 @@ impl AppState {
             usage,
             alerts,
             outbound,
+            metrics,
         } = links;
         Self {
             store,
@@ -134,6 +139,7 @@ impl AppState {
             policy: std::sync::RwLock::new(Arc::new((0, Policy::default()))),
             policy_generation: std::sync::atomic::AtomicU64::new(0),
             progress: Progress::default(),
+            metrics,
         }
     }
 

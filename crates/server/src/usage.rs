@@ -10,6 +10,8 @@ use keywarden_core::model::UsageEvent;
 use keywarden_store::Store;
 use tokio::sync::{mpsc, watch};
 
+use crate::metrics::UsageMeters;
+
 /// Default bound of the queue: a stalled store pushes back on verify instead of eating
 /// memory, and the events held in memory stay a fraction of a second's worth at full load.
 pub const QUEUE_CAPACITY: usize = 16_384;
@@ -32,6 +34,7 @@ pub async fn run_writer(
     store: Store,
     mut rx: mpsc::Receiver<UsageEvent>,
     schedule: Schedule,
+    meters: UsageMeters,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(schedule.flush);
@@ -47,7 +50,7 @@ pub async fn run_writer(
         // Drain what is queued now, in batches; stop once a drain comes back short.
         loop {
             let full = drain(&mut rx, &mut batch);
-            write(&store, &mut batch, None).await;
+            write(&store, &mut batch, None, &meters).await;
             if !full {
                 break;
             }
@@ -75,7 +78,7 @@ pub async fn run_writer(
     let deadline = tokio::time::Instant::now() + SHUTDOWN_PATIENCE;
     let mut lost = 0;
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        lost += write(&store, &mut batch, Some(deadline)).await;
+        lost += write(&store, &mut batch, Some(deadline), &meters).await;
     }
     if lost > 0 {
         tracing::error!(lost, "usage events could not be written before shutdown");
@@ -96,6 +99,7 @@ async fn write(
     store: &Store,
     batch: &mut Vec<UsageEvent>,
     deadline: Option<tokio::time::Instant>,
+    meters: &UsageMeters,
 ) -> usize {
     let mut backoff = Duration::from_millis(50);
     while !batch.is_empty() {
@@ -107,8 +111,15 @@ async fn write(
         let (events, result) = store.record_usage(std::mem::take(batch)).await;
         *batch = events;
         match result {
-            Ok(()) => batch.clear(),
+            Ok(()) => {
+                let n = batch.len();
+                meters.events.increment(n as u64);
+                meters.batches.increment(1);
+                meters.batch_size.record(n as f64);
+                batch.clear();
+            }
             Err(e) => {
+                meters.failures.increment(1);
                 tracing::error!(error = %e, events = batch.len(), "writing usage events failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -253,6 +253,19 @@ impl Store {
         Ok(Some(true))
     }
 
+    /// Alerts not resolved yet, per kind.
+    pub async fn alert_counts(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT kind, COUNT(*) AS n FROM alerts WHERE state <> 'resolved' \
+             GROUP BY kind ORDER BY kind",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("kind")?, r.try_get("n")?)))
+            .collect()
+    }
+
     pub async fn alert(&self, seq: i64) -> Result<Option<AlertRecord>> {
         let row = sqlx::query(&format!(
             "SELECT {ALERT_COLUMNS} FROM alerts WHERE seq = $1"

@@ -48,6 +48,60 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// The kinds of [`StoreError`], without their payload: for counting failures by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreErrorKind {
+    Unavailable,
+    Busy,
+    Conflict,
+    Corrupt,
+    Migrate,
+    AuditPastHead,
+    UnsupportedUrl,
+    Internal,
+}
+
+impl StoreErrorKind {
+    pub const ALL: [StoreErrorKind; 8] = [
+        Self::Unavailable,
+        Self::Busy,
+        Self::Conflict,
+        Self::Corrupt,
+        Self::Migrate,
+        Self::AuditPastHead,
+        Self::UnsupportedUrl,
+        Self::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unavailable => "unavailable",
+            Self::Busy => "busy",
+            Self::Conflict => "conflict",
+            Self::Corrupt => "corrupt",
+            Self::Migrate => "migrate",
+            Self::AuditPastHead => "audit_past_head",
+            Self::UnsupportedUrl => "unsupported_url",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl StoreError {
+    pub fn kind(&self) -> StoreErrorKind {
+        match self {
+            Self::Unavailable(_) => StoreErrorKind::Unavailable,
+            Self::Busy(_) => StoreErrorKind::Busy,
+            Self::Conflict(_) => StoreErrorKind::Conflict,
+            Self::Corrupt(_) => StoreErrorKind::Corrupt,
+            Self::Migrate(_) => StoreErrorKind::Migrate,
+            Self::AuditPastHead { .. } => StoreErrorKind::AuditPastHead,
+            Self::UnsupportedUrl => StoreErrorKind::UnsupportedUrl,
+            Self::Internal(_) => StoreErrorKind::Internal,
+        }
+    }
+}
+
 /// A driver's error, with what the store was doing when it came when that says more
 /// than the error itself (the rusqlite connections: the usage sink, point reads).
 #[derive(Debug)]

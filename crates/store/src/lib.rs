@@ -47,7 +47,7 @@ pub use services::{DeliveryOutcome, DeliveryRecord, DueDelivery, ServiceRecord};
 pub use shadow::ShadowKey;
 pub use usage::FOLD_CHUNK;
 
-pub use error::{DriverError, Result, StoreError};
+pub use error::{DriverError, Result, StoreError, StoreErrorKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

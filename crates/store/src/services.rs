@@ -221,6 +221,22 @@ impl Store {
             .collect()
     }
 
+    /// Deliveries across all services in the states worth watching (`pending`, `failing`,
+    /// `abandoned`), per state; a state with none is left out. For the metrics endpoint:
+    /// `deliveries_open` (state, next_at) serves the first two, and abandoned rows stay
+    /// few unless services are gone for days.
+    pub async fn delivery_state_counts(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT state, COUNT(*) AS n FROM deliveries \
+             WHERE state IN ('pending', 'failing', 'abandoned') GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
+            .collect()
+    }
+
     /// The latest deliveries of a service, newest first.
     pub async fn recent_deliveries(
         &self,

@@ -5,6 +5,7 @@ pub mod events;
 pub mod gateway;
 pub mod health;
 pub mod keys;
+pub mod metrics;
 pub mod owners;
 pub mod policy;
 pub mod scim;

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::audit;
 use super::owners::change_status;
 use crate::auth::Principal;
-use crate::error::{ApiError, ErrorCause};
+use crate::error::{ApiError, ErrorCause, StoreFailure};
 use crate::state::SharedState;
 
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
@@ -27,7 +27,14 @@ const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
 const PATCH_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 
 /// A SCIM answer: `application/scim+json`, errors in SCIM's own shape.
-pub struct Scim(StatusCode, Value, Option<ErrorCause>);
+pub struct Scim(StatusCode, Value, Option<Failure>);
+
+/// What an error answer carries for the layers outside (the 5xx log, the store error
+/// count), as [`ApiError::into_response`] does.
+pub struct Failure {
+    cause: Option<ErrorCause>,
+    store: Option<StoreFailure>,
+}
 
 impl IntoResponse for Scim {
     fn into_response(self) -> Response {
@@ -37,8 +44,13 @@ impl IntoResponse for Scim {
             self.1.to_string(),
         )
             .into_response();
-        if let Some(cause) = self.2 {
-            resp.extensions_mut().insert(cause);
+        if let Some(failure) = self.2 {
+            if let Some(cause) = failure.cause {
+                resp.extensions_mut().insert(cause);
+            }
+            if let Some(store) = failure.store {
+                resp.extensions_mut().insert(store);
+            }
         }
         resp
     }
@@ -63,7 +75,11 @@ impl From<ApiError> for Scim {
             other => other.to_string(),
         };
         let Scim(status, body, _) = error(e.status(), None, detail);
-        Scim(status, body, e.cause())
+        let failure = Failure {
+            cause: e.cause(),
+            store: e.store_failure(),
+        };
+        Scim(status, body, Some(failure))
     }
 }
 

@@ -67,7 +67,7 @@ pub async fn verify(
 }
 
 /// Decides on a key and records the decision: its usage event (before the answer
-/// leaves) and, for a dead key, a KEY_STILL_IN_USE sighting. Shared by `/v1/verify` and
+/// leaves) and, for an answer the monitor watches, a sighting. Shared by `/v1/verify` and
 /// the gateway's `/v1/auth`.
 pub(crate) async fn judge(
     app: &AppState,
@@ -77,6 +77,8 @@ pub(crate) async fn judge(
     user_agent: Option<String>,
     asked_by: impl FnOnce() -> keywarden_core::model::Actor,
 ) -> Result<Outcome, ApiError> {
+    // One monotonic clock pair per verdict, for the latency histogram.
+    let started = std::time::Instant::now();
     let now = app.now();
     let now_us = micros(now);
     let throttle = app.with_cached_policy(|p| p.rules_for("").throttle_failures);
@@ -153,6 +155,7 @@ pub(crate) async fn judge(
             ));
         }
     }
+    app.metrics.verified(outcome.code, started.elapsed());
     Ok(outcome)
 }
 
@@ -358,11 +361,18 @@ async fn check(
         return Ok(Outcome::unknown(VerifyCode::NotFound, None));
     }
     let record = match app.keys.lookup(&parsed.id, now) {
-        Lookup::Fresh(record) => record,
+        Lookup::Fresh(record) => {
+            app.metrics.cache_lookup(true);
+            record
+        }
         Lookup::Stale(record, generation) => {
+            app.metrics.cache_lookup(false);
             Box::pin(renew_or_load(app, &parsed.id, record, generation, now)).await?
         }
-        Lookup::Missing(generation) => Box::pin(load(app, &parsed.id, generation, now)).await?,
+        Lookup::Missing(generation) => {
+            app.metrics.cache_lookup(false);
+            Box::pin(load(app, &parsed.id, generation, now)).await?
+        }
     };
     let Some(record) = record else {
         return Ok(Outcome::unknown(VerifyCode::NotFound, Some(parsed.id)));
