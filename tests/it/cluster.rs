@@ -1,7 +1,7 @@
 //! Issue 7: two server processes on one PostgreSQL database, behind no balancer: a
 //! revocation through one is honoured by the other within the bound, one-time keys stay
-//! exact across both, background jobs run once, and the survivor takes them over when a
-//! node dies.
+//! exact across both, and so are rate limits, one alert raised on both is one alert,
+//! background jobs run once, and the survivor takes them over when a node dies.
 
 use std::time::Duration;
 
@@ -140,6 +140,53 @@ async fn two_nodes_share_revocations_counters_and_jobs() {
         "{codes:?}"
     );
     assert_eq!(codes.iter().filter(|c| *c == "USAGE_EXHAUSTED").count(), 49);
+
+    // A rate limit is one limit for the cluster, not one per node: 60 verifies spread
+    // over both nodes within a few seconds pass 10 (the burst of 10/min; the next use is
+    // due 6 s later), where per-node limits would pass 20.
+    let (_, limited) = na.key("limited", json!({ "rate_limit": "10/min" })).await;
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let n = if i % 2 == 0 { node(&a) } else { node(&b) };
+        let limited = limited.clone();
+        tasks.push(tokio::spawn(async move { n.verify(&limited).await }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    let valid = codes.iter().filter(|c| *c == "VALID").count();
+    assert!(
+        (10..=11).contains(&valid),
+        "{valid} passed: {codes:?} (11 only if the run took over 6 s)"
+    );
+    assert_eq!(
+        codes.iter().filter(|c| *c == "RATE_LIMITED").count(),
+        60 - valid
+    );
+
+    // The same alert raised on both nodes is one alert: a canary presented through A and
+    // B from one network folds into a single CANARY_USED.
+    let (canary_id, canary) = na.key("tripwire", json!({ "canary": true })).await;
+    for n in [&na, &nb, &na, &nb] {
+        let v = n
+            .post(
+                "/v1/verify",
+                json!({ "key": canary, "source_ip": "192.0.2.10" }),
+            )
+            .await;
+        assert_eq!(v["code"], "NOT_FOUND");
+    }
+    eventually(WAIT, "one CANARY_USED alert with three repeats", || async {
+        let v = na.get(&format!("/v1/alerts?key={canary_id}")).await;
+        let alerts = v["alerts"].as_array().unwrap().clone();
+        if alerts.len() == 1 && alerts[0]["repeats"] == 3 {
+            Ok(())
+        } else {
+            Err(v)
+        }
+    })
+    .await;
 
     // The dispatcher runs on one node: the revocation is delivered once, not twice. Once
     // its delivery is recorded as confirmed no dispatcher sends it again, so a second one
