@@ -16,6 +16,7 @@ on_both_backends!(
     junk_from_one_source_raises_brute_force,
     denied_scopes_and_other_environments_raise_alerts,
     alerts_are_acknowledged_and_resolved,
+    the_policy_suspends_or_throttles_in_response,
 );
 
 async fn put_policy(s: &TestServer, text: &str) {
@@ -384,5 +385,85 @@ async fn alerts_are_acknowledged_and_resolved(b: Backend) {
         .map(|e| e["action"].as_str().unwrap())
         .collect();
     assert_eq!(actions, ["alert.acknowledged", "alert.resolved"], "{trail}");
+    s.stop().await;
+}
+
+async fn the_policy_suspends_or_throttles_in_response(b: Backend) {
+    let s = crate::services::start(b).await;
+    let r = crate::receiver::Receiver::start().await;
+    crate::services::add_service(
+        &s,
+        json!({ "name": "siem", "webhook_url": r.url, "events": ["alert", "suspend"] }),
+    )
+    .await;
+    put_policy(
+        &s,
+        "[environments.prod]\nalert_actions = { SECRET_GUESSING = \"suspend\", \
+         SCOPE_PROBING = \"throttle\" }\n",
+    )
+    .await;
+    let (id, key) = s.create_key(key_body("guessed")).await;
+    let guess = wrong_secret(&key);
+    for _ in 0..11 {
+        s.verify(json!({ "key": guess, "source_ip": "203.0.113.50" }))
+            .await;
+    }
+    // Suspended by the monitor, within the second, for everyone.
+    eventually(WAIT, "the guessed key to be suspended", || async {
+        let code = s.verify_code(&key).await;
+        if code == "SUSPENDED" {
+            Ok(())
+        } else {
+            Err(code)
+        }
+    })
+    .await;
+    let (_, k) = s.get(&format!("/v1/keys/{id}")).await;
+    assert_eq!(k["state_cause"], "ALERT_RESPONSE", "{k}");
+    assert!(
+        k["state_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("SECRET_GUESSING alert "),
+        "{k}"
+    );
+    let (_, trail) = s
+        .get(&format!("/v1/audit?key={id}&action=key.suspended"))
+        .await;
+    assert_eq!(trail["entries"][0]["actor"], "system:monitor", "{trail}");
+    // Delivered like any suspend, after the alert that caused it (and the suspended key
+    // presented above is a KEY_STILL_IN_USE of its own).
+    let got = r.wait_for(2, 10).await;
+    let types: Vec<&str> = got
+        .iter()
+        .map(|x| x.json["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types[..2], ["key.alert", "key.suspended"], "{types:?}");
+
+    // Throttle: the probing source is held back at once, before its own failures would.
+    let (_, other) = s.create_key(key_body("probed")).await;
+    for i in 0..11 {
+        let v = s
+            .verify(
+                json!({ "key": other, "scope": format!("x:{i}"), "source_ip": "198.51.100.77" }),
+            )
+            .await;
+        assert_eq!(v["code"], "SCOPE_DENIED");
+    }
+    eventually(WAIT, "the probing source to be throttled", || async {
+        let v = s
+            .verify(json!({ "key": other, "scope": "deploy:write", "source_ip": "198.51.100.77" }))
+            .await;
+        if v["code"] == "RATE_LIMITED" {
+            Ok(())
+        } else {
+            Err(v)
+        }
+    })
+    .await;
+    let v = s
+        .verify(json!({ "key": other, "scope": "deploy:write", "source_ip": "198.51.100.78" }))
+        .await;
+    assert_eq!(v["code"], "VALID", "only that source");
     s.stop().await;
 }

@@ -24,16 +24,19 @@ pub enum StateCause {
     RotationGraceEnded,
     RotationOverdue,
     PolicyViolation,
+    /// The monitor suspended it in response to an alert (the policy's `alert_actions`).
+    AlertResponse,
 }
 
 impl StateCause {
-    pub const ALL: [StateCause; 6] = [
+    pub const ALL: [StateCause; 7] = [
         Self::OwnerDisabled,
         Self::IdleExpired,
         Self::TtlExpired,
         Self::RotationGraceEnded,
         Self::RotationOverdue,
         Self::PolicyViolation,
+        Self::AlertResponse,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +47,7 @@ impl StateCause {
             Self::RotationGraceEnded => "ROTATION_GRACE_ENDED",
             Self::RotationOverdue => "ROTATION_OVERDUE",
             Self::PolicyViolation => "POLICY_VIOLATION",
+            Self::AlertResponse => "ALERT_RESPONSE",
         }
     }
 

@@ -85,6 +85,38 @@ pub struct Rules {
     pub throttle_failures: Option<Rate>,
 }
 
+/// Every alert kind the monitor raises.
+pub const ALERT_KINDS: [&str; 6] = [
+    "KEY_STILL_IN_USE",
+    "CANARY_USED",
+    "ENVIRONMENT_CROSSING",
+    "SECRET_GUESSING",
+    "SCOPE_PROBING",
+    "BRUTE_FORCE",
+];
+
+/// What the monitor does when an alert is raised, besides storing and delivering it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertAction {
+    /// Store it and deliver it to the services subscribed to `alert` (always done).
+    Notify,
+    /// Also throttle the sources in its evidence (RATE_LIMITED for one throttle period).
+    Throttle,
+    /// Also suspend the key (audited as `system:monitor`, propagated like any suspend).
+    Suspend,
+}
+
+impl AlertAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Notify => "notify",
+            Self::Throttle => "throttle",
+            Self::Suspend => "suspend",
+        }
+    }
+}
+
 /// Thresholds of the alerts that count events in a window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchRules {
@@ -94,6 +126,17 @@ pub struct WatchRules {
     pub scope_probing: Rate,
     /// MALFORMED and NOT_FOUND answers to one source (BRUTE_FORCE).
     pub brute_force: Rate,
+    /// Per alert kind, what to do beyond notifying; kinds not named only notify.
+    pub actions: BTreeMap<String, AlertAction>,
+}
+
+impl WatchRules {
+    pub fn action_for(&self, kind: &str) -> AlertAction {
+        self.actions
+            .get(kind)
+            .copied()
+            .unwrap_or(AlertAction::Notify)
+    }
 }
 
 impl Default for WatchRules {
@@ -110,6 +153,7 @@ impl Default for WatchRules {
             },
             scope_probing: per_min(10),
             brute_force: per_min(50),
+            actions: BTreeMap::new(),
         }
     }
 }
@@ -179,6 +223,7 @@ struct Section {
     alert_brute_force: Option<String>,
     /// A rate, or `off`.
     throttle_failures: Option<String>,
+    alert_actions: Option<BTreeMap<String, AlertAction>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -378,6 +423,26 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
             None => {}
         }
     }
+    if let Some(actions) = &s.alert_actions {
+        for (kind, action) in actions {
+            if !ALERT_KINDS.contains(&kind.as_str()) {
+                problems.push(format!(
+                    "{at}.alert_actions: unknown alert kind {kind:?}: expected one of {}",
+                    ALERT_KINDS.join(", ")
+                ));
+                continue;
+            }
+            let suspends_nothing = matches!(kind.as_str(), "BRUTE_FORCE" | "CANARY_USED");
+            if *action == AlertAction::Suspend && suspends_nothing {
+                problems.push(format!(
+                    "{at}.alert_actions.{kind}: suspend has no key to act on (a source, or a \
+                     canary); use throttle or notify"
+                ));
+                continue;
+            }
+            r.watch.actions.insert(kind.clone(), *action);
+        }
+    }
     if let (Some(d), Some(m)) = (r.rate_limit, r.max_rate_limit) {
         if !d.within(&m) {
             problems.push(format!(
@@ -552,6 +617,7 @@ mod tests {
         max_uses_limit = 100
         max_rate_limit = "6000/h"
         alert_secret_guessing = "5/min"
+        alert_actions = { SECRET_GUESSING = "suspend", SCOPE_PROBING = "throttle" }
     "#;
 
     fn scopes(s: &[&str]) -> Vec<Scope> {
@@ -578,6 +644,15 @@ mod tests {
         assert_eq!(prod.max_rate_limit.unwrap().to_string(), "6000/h");
         assert_eq!(prod.watch.secret_guessing, "5/min".parse().unwrap());
         assert_eq!(dev.watch, WatchRules::default());
+        assert_eq!(
+            prod.watch.action_for("SECRET_GUESSING"),
+            AlertAction::Suspend
+        );
+        assert_eq!(
+            prod.watch.action_for("SCOPE_PROBING"),
+            AlertAction::Throttle
+        );
+        assert_eq!(prod.watch.action_for("BRUTE_FORCE"), AlertAction::Notify);
         assert_eq!(dev.throttle_failures, Some(DEFAULT_THROTTLE));
         assert_eq!(
             Policy::default().rules_for("x").idle_expiry,
@@ -683,6 +758,21 @@ mod tests {
         assert!(
             e.0.iter()
                 .any(|p| p.contains("environments.prod.rate_limit")),
+            "{e}"
+        );
+        let e = Policy::from_toml(
+            "[default]\nalert_actions = { SECRET_GESSING = \"suspend\", CANARY_USED = \"suspend\" }\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        assert!(
+            e.0.iter()
+                .any(|p| p.contains("unknown alert kind \"SECRET_GESSING\"")),
+            "{e}"
+        );
+        assert!(
+            e.0.iter()
+                .any(|p| p.contains("CANARY_USED: suspend has no key")),
             "{e}"
         );
         let p = Policy::from_toml("[default]\nthrottle_failures = \"off\"\n").unwrap();

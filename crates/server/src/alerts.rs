@@ -22,7 +22,9 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use keywarden_core::model::StateCause;
 use keywarden_core::model::{Actor, AuditEntry};
+use keywarden_core::policy::{AlertAction, DEFAULT_THROTTLE};
 use keywarden_core::rate::Rate;
 use keywarden_core::{KeyRecord, KeyState, VerifyCode};
 use keywarden_store::{NewAlert, Raised};
@@ -41,14 +43,7 @@ pub const SCOPE_PROBING: &str = "SCOPE_PROBING";
 pub const BRUTE_FORCE: &str = "BRUTE_FORCE";
 
 /// Every kind the monitor raises.
-pub const KINDS: [&str; 6] = [
-    KEY_STILL_IN_USE,
-    CANARY_USED,
-    ENVIRONMENT_CROSSING,
-    SECRET_GUESSING,
-    SCOPE_PROBING,
-    BRUTE_FORCE,
-];
+pub const KINDS: [&str; 6] = keywarden_core::policy::ALERT_KINDS;
 
 const QUEUE: usize = 10_000;
 /// Places and counters remembered at most; the oldest are forgotten first when full.
@@ -352,10 +347,18 @@ impl Monitor {
             place: trip.place.clone(),
         };
         let entry = audit_entry(s, &trip, source_ip.as_deref(), since_ms);
+        let action = app.with_cached_policy(|p| {
+            p.rules_for(s.environment.as_deref().unwrap_or_default())
+                .watch
+                .action_for(trip.kind)
+        });
         if let Some(h) = held {
             h.unrecorded_repeats += 1;
             h.last_at = h.last_at.max(s.time);
             h.latest = Some(Box::new((alert, entry)));
+            if action == AlertAction::Throttle {
+                throttle(app, s);
+            }
             return;
         }
         match app.store.raise_alert(&alert, &entry, s.time - window).await {
@@ -363,6 +366,16 @@ impl Monitor {
                 if let Raised::New(seq) = raised {
                     tracing::warn!(kind = trip.kind, severity = trip.severity, key_id = ?s.key_id,
                         source_ip = ?source_ip, seq, "alert raised");
+                }
+                match action {
+                    AlertAction::Notify => {}
+                    AlertAction::Throttle => throttle(app, s),
+                    AlertAction::Suspend => {
+                        if let Err(e) = suspend(app, s, trip.kind, raised.seq()).await {
+                            tracing::error!(kind = trip.kind, key_id = ?s.key_id, error = %e,
+                                "cannot suspend the key an alert names");
+                        }
+                    }
                 }
                 if self.held.len() >= MAX_PLACES {
                     self.forget_oldest();
@@ -504,6 +517,70 @@ pub fn monitor_actor() -> Actor {
         user_agent: None,
         request_id: None,
     }
+}
+
+/// The `throttle` response: the sighting's source answers RATE_LIMITED on this node for
+/// one throttle period.
+fn throttle(app: &SharedState, s: &Sighting) {
+    let Some(ip) = s.source_ip else {
+        return;
+    };
+    let rate = app
+        .with_cached_policy(|p| p.rules_for("").throttle_failures)
+        .unwrap_or(DEFAULT_THROTTLE);
+    app.limits.penalize(ip, &rate, micros(s.time));
+}
+
+/// The `suspend` response: the key the alert names is suspended, as a person's suspend
+/// would be (audited, evicted, delivered to services), by `system:monitor`, with the
+/// cause ALERT_RESPONSE so that it is told apart from a person's.
+async fn suspend(
+    app: &SharedState,
+    s: &Sighting,
+    kind: &str,
+    seq: i64,
+) -> Result<(), crate::error::ApiError> {
+    let Some(id) = s.key_id.as_deref() else {
+        return Ok(());
+    };
+    let id = keywarden_core::KeyId::parse(id)
+        .map_err(|e| crate::error::ApiError::Internal(format!("alert key id: {e}")))?;
+    // A few tries: a concurrent change (a person's suspend, a use folded) moves the
+    // version under us.
+    for _ in 0..3 {
+        let Some(key) = app.store.get_key(&id).await? else {
+            return Ok(());
+        };
+        if key.effective_state(s.time) != KeyState::Active {
+            return Ok(());
+        }
+        let mut held = key.clone();
+        held.state = KeyState::Suspended;
+        held.state_reason = Some(format!("{kind} alert {seq}"));
+        held.state_cause = Some(StateCause::AlertResponse);
+        held.state_changed_at = Some(s.time);
+        let entry = AuditEntry {
+            time: s.time,
+            actor: monitor_actor(),
+            action: "key.suspended".to_owned(),
+            target: format!("key:{id}"),
+            reason: held.state_reason.clone(),
+            details: json!({
+                "state": {"before": key.state.as_str(), "after": "suspended"},
+                "alert": kind,
+                "alert_seq": seq,
+            })
+            .to_string(),
+        };
+        if app.store.update_key_state(&held, &entry).await? {
+            app.keys.evict(&id);
+            tracing::warn!(key_id = %id, kind, seq, "key suspended in response to an alert");
+            return Ok(());
+        }
+    }
+    Err(crate::error::ApiError::Internal(
+        "the key kept changing while the monitor tried to suspend it".to_owned(),
+    ))
 }
 
 fn ms_between(from: OffsetDateTime, to: OffsetDateTime) -> i64 {

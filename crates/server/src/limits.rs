@@ -153,6 +153,23 @@ impl Limits {
             .is_err()
     }
 
+    /// Throttles `source` at once, for one period of `rate` (an alert's response).
+    pub fn penalize(&self, source: IpAddr, rate: &Rate, now_us: i64) {
+        // A cell this far ahead refuses until one period from now.
+        let until = now_us
+            .saturating_add(rate.burst_us())
+            .saturating_add(rate.interval_us().saturating_mul(i64::from(rate.count)));
+        let k = canonical(source);
+        let mut shard = self
+            .sources
+            .shard(&k)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if shard.insert(k, until).is_none() {
+            self.sources.len.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Forgets cells at rest; the monitor calls it every few seconds.
     pub fn sweep(&self, now_us: i64) {
         self.keys.sweep(now_us);
