@@ -17,6 +17,7 @@ on_both_backends!(
     denied_scopes_and_other_environments_raise_alerts,
     alerts_are_acknowledged_and_resolved,
     the_policy_suspends_or_throttles_in_response,
+    unusual_use_raises_rate_spike_new_source_and_new_subject,
 );
 
 async fn put_policy(s: &TestServer, text: &str) {
@@ -465,5 +466,57 @@ async fn the_policy_suspends_or_throttles_in_response(b: Backend) {
         .verify(json!({ "key": other, "scope": "deploy:write", "source_ip": "198.51.100.78" }))
         .await;
     assert_eq!(v["code"], "VALID", "only that source");
+    s.stop().await;
+}
+
+async fn unusual_use_raises_rate_spike_new_source_and_new_subject(b: Backend) {
+    let s = TestServer::start(b).await;
+    put_policy(&s, "[environments.prod]\nalert_warmup = \"1h\"\n").await;
+    let (id, key) = s.create_key(key_body("steady")).await;
+    let from = |ip: &str, subject: &str| json!({ "key": key, "source_ip": ip, "subject": subject });
+    // Seventy minutes of steady use, 10 a minute from two networks and one host; a
+    // third network shows up during the warm-up, which learns it quietly.
+    for minute in 0..70 {
+        for i in 0..10 {
+            let ip = if i % 2 == 0 { "10.0.0.1" } else { "10.0.1.1" };
+            assert_eq!(s.verify(from(ip, "host-1")).await["code"], "VALID");
+        }
+        if minute == 5 {
+            s.verify(from("172.16.0.9", "host-1")).await;
+        }
+        s.clock.advance(time::Duration::minutes(1));
+    }
+    s.verify(from("10.0.0.1", "host-1")).await;
+    s.verify(from("192.0.2.1", "host-1")).await;
+    s.verify(from("10.0.0.1", "host-2")).await;
+    let alerts = alerts_of(&s, &format!("key={id}"), |a| a.len() == 2).await;
+    let new_source = alerts.iter().find(|a| a["kind"] == "NEW_SOURCE").unwrap();
+    assert_eq!(new_source["source_ip"], "192.0.2.1");
+    assert_eq!(new_source["evidence"]["network"], "192.0.2.0/24");
+    assert_eq!(
+        new_source["evidence"]["known_networks"], 3,
+        "two steady, one in the warm-up"
+    );
+    let new_subject = alerts.iter().find(|a| a["kind"] == "NEW_SUBJECT").unwrap();
+    assert_eq!(new_subject["subject"], "host-2");
+    assert_eq!(new_subject["severity"], "low");
+
+    // Then ten times the usual rate in one minute.
+    s.clock.advance(time::Duration::minutes(1));
+    for _ in 0..150 {
+        s.verify(from("10.0.0.1", "host-1")).await;
+    }
+    let alerts = alerts_of(&s, &format!("key={id}&kind=RATE_SPIKE"), |a| {
+        a.len() == 1 && a[0]["repeats"].as_i64() >= Some(49)
+    })
+    .await;
+    let spike = &alerts[0];
+    assert_eq!(spike["severity"], "high");
+    // The threshold: 10 times a baseline of about 10 a minute.
+    let first = spike["evidence"]["uses_this_minute"].as_u64().unwrap();
+    assert!((95..=105).contains(&first), "{spike}");
+    assert_eq!(spike["evidence"]["factor"], 10);
+    let (_, all) = s.get(&format!("/v1/alerts?key={id}")).await;
+    assert_eq!(all["alerts"].as_array().unwrap().len(), 3, "{all}");
     s.stop().await;
 }

@@ -86,13 +86,16 @@ pub struct Rules {
 }
 
 /// Every alert kind the monitor raises.
-pub const ALERT_KINDS: [&str; 6] = [
+pub const ALERT_KINDS: [&str; 9] = [
     "KEY_STILL_IN_USE",
     "CANARY_USED",
     "ENVIRONMENT_CROSSING",
     "SECRET_GUESSING",
     "SCOPE_PROBING",
     "BRUTE_FORCE",
+    "RATE_SPIKE",
+    "NEW_SOURCE",
+    "NEW_SUBJECT",
 ];
 
 /// What the monitor does when an alert is raised, besides storing and delivering it.
@@ -128,6 +131,14 @@ pub struct WatchRules {
     pub brute_force: Rate,
     /// Per alert kind, what to do beyond notifying; kinds not named only notify.
     pub actions: BTreeMap<String, AlertAction>,
+    /// How long a key learns its normal use quietly before RATE_SPIKE, NEW_SOURCE and
+    /// NEW_SUBJECT are raised for it.
+    pub warmup: Duration,
+    /// RATE_SPIKE: a minute with more than this many times the key's usual uses a
+    /// minute ...
+    pub spike_factor: u32,
+    /// ... and more than this many uses.
+    pub spike_floor: u32,
 }
 
 impl WatchRules {
@@ -154,6 +165,9 @@ impl Default for WatchRules {
             scope_probing: per_min(10),
             brute_force: per_min(50),
             actions: BTreeMap::new(),
+            warmup: Duration::days(1),
+            spike_factor: 10,
+            spike_floor: 60,
         }
     }
 }
@@ -224,6 +238,9 @@ struct Section {
     /// A rate, or `off`.
     throttle_failures: Option<String>,
     alert_actions: Option<BTreeMap<String, AlertAction>>,
+    alert_warmup: Option<String>,
+    alert_rate_spike_factor: Option<u32>,
+    alert_rate_spike_floor: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -333,6 +350,9 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
         r.idle_expiry = d;
     }
     let token_ttl = duration("max_token_ttl", &s.max_token_ttl, false);
+    if let Some(d) = duration("alert_warmup", &s.alert_warmup, true) {
+        r.watch.warmup = d;
+    }
     if let Some(d) = duration("rotation_period", &s.rotation_period, false) {
         r.rotation_period = Some(d);
     }
@@ -422,6 +442,16 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
             }
             None => {}
         }
+    }
+    match s.alert_rate_spike_factor {
+        Some(0 | 1) => problems.push(format!(
+            "{at}.alert_rate_spike_factor: must be 2 or more (times the usual rate)"
+        )),
+        Some(f) => r.watch.spike_factor = f,
+        None => {}
+    }
+    if let Some(f) = s.alert_rate_spike_floor {
+        r.watch.spike_floor = f;
     }
     if let Some(actions) = &s.alert_actions {
         for (kind, action) in actions {

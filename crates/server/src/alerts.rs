@@ -32,6 +32,8 @@ use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
+use crate::behaviour::{Behaviour, Use};
+use crate::cache::Lookup;
 use crate::limits::micros;
 use crate::state::SharedState;
 
@@ -43,7 +45,7 @@ pub const SCOPE_PROBING: &str = "SCOPE_PROBING";
 pub const BRUTE_FORCE: &str = "BRUTE_FORCE";
 
 /// Every kind the monitor raises.
-pub const KINDS: [&str; 6] = keywarden_core::policy::ALERT_KINDS;
+pub const KINDS: [&str; 9] = keywarden_core::policy::ALERT_KINDS;
 
 const QUEUE: usize = 10_000;
 /// Places and counters remembered at most; the oldest are forgotten first when full.
@@ -64,6 +66,8 @@ pub enum What {
     ScopeDenied,
     /// The key's environment is not the one asked for (the asked one).
     EnvironmentCrossing(Option<String>),
+    /// A valid use unlike the key's usual ones (`behaviour`).
+    Unusual,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +114,11 @@ pub fn channel() -> (mpsc::Sender<Sighting>, mpsc::Receiver<Sighting>) {
     mpsc::channel(QUEUE)
 }
 
+/// Batches of valid uses from the usage writer, for `behaviour`.
+pub fn uses_channel() -> (mpsc::Sender<Vec<Use>>, mpsc::Receiver<Vec<Use>>) {
+    mpsc::channel(1024)
+}
+
 /// The network an address belongs to for alert places (a /24 of IPv4, a /64 of IPv6).
 /// A client can change its user agent and subject per request, so neither is part of
 /// a place: each change would otherwise be a new alert.
@@ -148,6 +157,7 @@ struct Counter {
 struct Monitor {
     held: HashMap<String, Held>,
     counters: HashMap<String, Counter>,
+    behaviour: Behaviour,
 }
 
 /// An alert to raise (or count a repeat of).
@@ -161,16 +171,19 @@ struct Trip {
 pub async fn run(
     app: SharedState,
     mut rx: mpsc::Receiver<Sighting>,
+    mut uses: mpsc::Receiver<Vec<Use>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut m = Monitor::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             s = rx.recv() => match s {
                 Some(s) => m.sighting(&app, s).await,
                 None => break,
             },
+            Some(batch) = uses.recv() => m.uses(&app, batch).await,
             _ = tick.tick() => {
                 m.flush_repeats(&app).await;
                 let dropped = app.alerts_dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
@@ -180,6 +193,10 @@ pub async fn run(
                 let now = app.now();
                 m.counters.retain(|_, c| c.tat > micros(now));
                 app.limits.sweep(micros(now));
+                ticks += 1;
+                if ticks % 60 == 0 {
+                    m.behaviour.forget_idle(now);
+                }
             }
             _ = stop.changed() => {
                 while let Ok(s) = rx.try_recv() {
@@ -193,6 +210,47 @@ pub async fn run(
 }
 
 impl Monitor {
+    /// Learns from a batch of valid uses; raises what is unusual about them.
+    async fn uses(&mut self, app: &SharedState, batch: Vec<Use>) {
+        for u in batch {
+            let environment = match app.keys.lookup(&u.key_id, u.time) {
+                Lookup::Fresh(Some(k)) | Lookup::Stale(Some(k), _) => Some(k.environment.clone()),
+                _ => None,
+            };
+            let rules = app.with_cached_policy(|p| {
+                p.rules_for(environment.as_deref().unwrap_or_default())
+                    .watch
+                    .clone()
+            });
+            let unusual = self.behaviour.observe(&u, &rules);
+            if unusual.is_empty() {
+                continue;
+            }
+            let key = u.key_id.to_string();
+            let s = Sighting {
+                time: u.time,
+                what: What::Unusual,
+                key_id: Some(key.clone()),
+                environment,
+                code: VerifyCode::Valid,
+                source_ip: u.source_ip,
+                user_agent: None,
+                subject: u.subject.clone(),
+                scope: None,
+                asked_by: monitor_actor(),
+            };
+            for x in unusual {
+                let trip = Trip {
+                    kind: x.kind,
+                    severity: x.severity,
+                    place: format!("{} key:{key} {}", x.kind, x.about),
+                    evidence: x.evidence,
+                };
+                self.raise(app, &s, trip).await;
+            }
+        }
+    }
+
     async fn sighting(&mut self, app: &SharedState, s: Sighting) {
         for trip in self.judge(app, &s) {
             self.raise(app, &s, trip).await;
@@ -251,7 +309,7 @@ impl Monitor {
                     });
                 }
             }
-            What::WrongSecret | What::Unknown => {}
+            What::WrongSecret | What::Unknown | What::Unusual => {}
         }
         if s.what == What::WrongSecret {
             if let Some(evidence) =

@@ -5,6 +5,7 @@
 
 pub mod alerts;
 pub mod auth;
+pub mod behaviour;
 pub mod bootstrap;
 pub mod cache;
 pub mod cluster;
@@ -374,6 +375,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
 
     let metrics = Arc::new(metrics::Metrics::new());
     let (usage_tx, usage_rx) = usage::channel(config.usage_queue_capacity);
+    let (uses_tx, uses_rx) = alerts::uses_channel();
     let (stop_usage, stop_usage_rx) = watch::channel(false);
     let usage = tokio::spawn(usage::run_writer(
         store.clone(),
@@ -384,6 +386,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
             fold_max_keys: config.usage_fold_max_keys,
         },
         metrics.usage.clone(),
+        Some(uses_tx),
         stop_usage_rx,
     ));
 
@@ -459,7 +462,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
             }
         }
     });
-    let alerts = tokio::spawn(alerts::run(state.clone(), alerts_rx, stop_jobs_rx.clone()));
+    let alerts = tokio::spawn(alerts::run(
+        state.clone(),
+        alerts_rx,
+        uses_rx,
+        stop_jobs_rx.clone(),
+    ));
     let sync = tokio::spawn({
         let state = state.clone();
         async move {

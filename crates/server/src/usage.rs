@@ -35,8 +35,10 @@ pub async fn run_writer(
     mut rx: mpsc::Receiver<UsageEvent>,
     schedule: Schedule,
     meters: UsageMeters,
+    uses: Option<mpsc::Sender<Vec<crate::behaviour::Use>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let sinks = Sinks { meters, uses };
     let mut tick = tokio::time::interval(schedule.flush);
     let mut last_fold = tokio::time::Instant::now();
     let mut fold_retry_at: Option<tokio::time::Instant> = None;
@@ -50,7 +52,7 @@ pub async fn run_writer(
         // Drain what is queued now, in batches; stop once a drain comes back short.
         loop {
             let full = drain(&mut rx, &mut batch);
-            write(&store, &mut batch, None, &meters).await;
+            write(&store, &mut batch, None, &sinks).await;
             if !full {
                 break;
             }
@@ -78,7 +80,7 @@ pub async fn run_writer(
     let deadline = tokio::time::Instant::now() + SHUTDOWN_PATIENCE;
     let mut lost = 0;
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        lost += write(&store, &mut batch, Some(deadline), &meters).await;
+        lost += write(&store, &mut batch, Some(deadline), &sinks).await;
     }
     if lost > 0 {
         tracing::error!(lost, "usage events could not be written before shutdown");
@@ -93,14 +95,22 @@ pub async fn run_writer(
 
 const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(30);
 
+/// Who hears of each stored batch besides the store: the metrics, and the monitor's
+/// learning of normal use (`behaviour`), one message per batch.
+struct Sinks {
+    meters: UsageMeters,
+    uses: Option<mpsc::Sender<Vec<crate::behaviour::Use>>>,
+}
+
 /// Writes a batch, retrying until it lands (usage is an audit record, not telemetry) or
 /// until `deadline`; returns how many events were given up.
 async fn write(
     store: &Store,
     batch: &mut Vec<UsageEvent>,
     deadline: Option<tokio::time::Instant>,
-    meters: &UsageMeters,
+    sinks: &Sinks,
 ) -> usize {
+    let meters = &sinks.meters;
     let mut backoff = Duration::from_millis(50);
     while !batch.is_empty() {
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
@@ -116,6 +126,14 @@ async fn write(
                 meters.events.increment(n as u64);
                 meters.batches.increment(1);
                 meters.batch_size.record(n as f64);
+                if let Some(tx) = &sinks.uses {
+                    let uses = crate::behaviour::Use::of(batch);
+                    // A monitor that cannot keep up misses uses to learn from; the uses
+                    // themselves are stored.
+                    if !uses.is_empty() && tx.try_send(uses).is_err() {
+                        tracing::debug!("the monitor's queue of uses is full; a batch was skipped");
+                    }
+                }
                 batch.clear();
             }
             Err(e) => {
