@@ -327,6 +327,8 @@ fn table(
                 let id = k.key_id.clone().unwrap_or_default();
                 let state = if revoked.contains_key(&id) {
                     "REVOKED NOW".to_owned()
+                } else if k.canary {
+                    "CANARY (a tripwire, not revoked)".to_owned()
                 } else if k.live {
                     "LIVE".to_owned()
                 } else {

@@ -18,7 +18,7 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(p, text).unwrap();
 }
 
-async fn run(
+pub async fn run(
     s: &TestServer,
     args: &[&str],
     stdin: Option<&str>,

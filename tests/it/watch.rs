@@ -18,6 +18,7 @@ on_both_backends!(
     alerts_are_acknowledged_and_resolved,
     the_policy_suspends_or_throttles_in_response,
     unusual_use_raises_rate_spike_new_source_and_new_subject,
+    a_scan_finds_a_canary_and_leaves_it_alone,
 );
 
 async fn put_policy(s: &TestServer, text: &str) {
@@ -518,5 +519,44 @@ async fn unusual_use_raises_rate_spike_new_source_and_new_subject(b: Backend) {
     assert_eq!(spike["evidence"]["factor"], 10);
     let (_, all) = s.get(&format!("/v1/alerts?key={id}")).await;
     assert_eq!(all["alerts"].as_array().unwrap().len(), 3, "{all}");
+    s.stop().await;
+}
+
+async fn a_scan_finds_a_canary_and_leaves_it_alone(b: Backend) {
+    let s = TestServer::start(b).await;
+    let mut body = key_body("planted");
+    body["canary"] = json!(true);
+    let (id, canary) = s.create_key(body).await;
+    let (live_id, live) = s.create_key(key_body("leaked")).await;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("ci.env"),
+        format!("DEPLOY_KEY={canary}\nOTHER={live}\n"),
+    )
+    .unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let (rc, out, err) =
+        crate::scan::run(&s, &["scan", dir, "--revoke-leaked", "--json"], None, true).await;
+    assert_eq!(rc, 1, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let found = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["keywarden_key"]["id"] == id.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("the canary is found: {out}"));
+    assert_eq!(found["inventory"]["canary"], true);
+    assert_eq!(found["inventory"]["live"], false);
+    assert!(err.contains(&format!("revoked key {live_id}")), "{err}");
+    assert!(!err.contains(&id), "the canary is not revoked: {err}");
+    let (_, k) = s.get(&format!("/v1/keys/{id}")).await;
+    assert_eq!(k["state"], "active", "a canary stays planted");
+    // The table names it for what it is.
+    let (_, table, _) = crate::scan::run(&s, &["scan", dir], None, true).await;
+    assert!(table.contains("CANARY"), "{table}");
+    // Identifying is not presenting: no CANARY_USED.
+    let (_, alerts) = s.get("/v1/alerts?kind=CANARY_USED").await;
+    assert_eq!(alerts["alerts"], json!([]));
     s.stop().await;
 }

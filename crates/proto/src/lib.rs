@@ -291,8 +291,12 @@ pub struct IdentifiedKey {
     pub kind: Option<String>,
     /// The inventory holds this id and the presented secret hashes to it.
     pub genuine: bool,
-    /// Still usable: active (keys), not revoked or expired (tokens).
+    /// Still usable: active (keys), not revoked or expired (tokens). A canary is never
+    /// live: it verifies for no one.
     pub live: bool,
+    /// A canary key (a tripwire): found where it was planted, it is not a leak to revoke.
+    #[serde(default)]
+    pub canary: bool,
     pub name: Option<String>,
     pub owner: Option<String>,
     pub environment: Option<String>,

@@ -47,6 +47,7 @@ pub async fn identify(
             kind: None,
             genuine: false,
             live: false,
+            canary: false,
             name: None,
             owner: None,
             environment: None,
@@ -73,7 +74,8 @@ pub async fn identify(
                     {
                         let state = k.effective_state(now);
                         r.genuine = true;
-                        r.live = state == keywarden_core::KeyState::Active;
+                        r.canary = k.canary;
+                        r.live = state == keywarden_core::KeyState::Active && !k.canary;
                         r.name = Some(k.name.clone());
                         r.owner = Some(k.owner.clone());
                         r.environment = Some(k.environment.clone());
