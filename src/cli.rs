@@ -153,6 +153,10 @@ pub enum ServiceCommand {
         /// (comma-separated or repeated). Default: revoke,suspend,rotate,expire,alert.
         #[arg(long, value_delimiter = ',')]
         events: Vec<String>,
+        /// standard (Standard Webhooks JSON, for machines) or slack (a Slack-compatible
+        /// incoming webhook: readable messages for people).
+        #[arg(long)]
+        format: Option<String>,
     },
     /// Connected services and their delivery health.
     List,

@@ -16,11 +16,13 @@ pub async fn service(cli: &Cli, cmd: &ServiceCommand) -> Result<u8> {
             name,
             webhook,
             events,
+            format,
         } => {
             let req = CreateServiceRequest {
                 name: name.clone(),
                 webhook_url: webhook.clone(),
                 events: (!events.is_empty()).then(|| events.clone()),
+                format: format.clone(),
             };
             let created = c.create_service(&req).await?;
             print(cli, &created, |c| {

@@ -19,6 +19,7 @@ on_both_backends!(
     the_policy_suspends_or_throttles_in_response,
     unusual_use_raises_rate_spike_new_source_and_new_subject,
     a_scan_finds_a_canary_and_leaves_it_alone,
+    alerts_reach_people_as_slack_messages,
 );
 
 async fn put_policy(s: &TestServer, text: &str) {
@@ -558,5 +559,43 @@ async fn a_scan_finds_a_canary_and_leaves_it_alone(b: Backend) {
     // Identifying is not presenting: no CANARY_USED.
     let (_, alerts) = s.get("/v1/alerts?kind=CANARY_USED").await;
     assert_eq!(alerts["alerts"], json!([]));
+    s.stop().await;
+}
+
+async fn alerts_reach_people_as_slack_messages(b: Backend) {
+    let s = crate::services::start(b).await;
+    let r = crate::receiver::Receiver::start().await;
+    let (st, v) = s
+        .post(
+            "/v1/services",
+            json!({ "name": "chat", "webhook_url": r.url, "events": ["alert"], "format": "slack" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["service"]["format"], "slack");
+    let (st, v) = s
+        .post(
+            "/v1/services",
+            json!({ "name": "odd", "webhook_url": r.url, "format": "teams" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["violations"][0]["field"], "format");
+
+    let mut body = key_body("tripwire");
+    body["canary"] = json!(true);
+    let (id, canary) = s.create_key(body).await;
+    s.verify(json!({ "key": canary, "source_ip": "192.0.2.44" }))
+        .await;
+    let got = r.wait_for(1, 10).await;
+    let text = got[0].json["text"].as_str().unwrap_or_else(|| panic!("{:?}", got[0].json));
+    assert!(
+        text.starts_with("*keywarden: key tripwire (prod) CANARY_USED (critical) from 192.0.2.44*"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("({id})")), "{text}");
+    assert!(text.contains("owned by alice@example.com"), "{text}");
+    assert!(text.contains("What to do: someone read where this canary was planted"), "{text}");
+    assert!(!text.contains(&canary[20..]), "no secret in a message");
     s.stop().await;
 }

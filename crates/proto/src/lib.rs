@@ -192,6 +192,10 @@ pub struct CreateServiceRequest {
     /// `all`. Default: revoke, suspend, rotate, expire, alert.
     #[serde(default)]
     pub events: Option<Vec<String>>,
+    /// `standard` (the default: Standard Webhooks JSON, for machines) or `slack` (a
+    /// Slack-compatible incoming webhook: a readable message for people).
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -200,6 +204,9 @@ pub struct ServiceView {
     pub name: String,
     pub webhook_url: Option<String>,
     pub events: Vec<String>,
+    /// `standard` or `slack`.
+    #[serde(default)]
+    pub format: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     pub created_by: String,

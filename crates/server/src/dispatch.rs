@@ -195,7 +195,10 @@ async fn deliver(app: &AppState, d: DueDelivery) {
             d.pepper_version
         )),
         Some(secret) => {
-            let body = event_body(app, &d.event).await;
+            let mut body = event_body(app, &d.event).await;
+            if d.format == "slack" {
+                body = crate::messages::slack(&body);
+            }
             send(app, &d.webhook_url, &secret, &format!("evt_{seq}"), &body).await
         }
     };

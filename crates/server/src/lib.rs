@@ -18,6 +18,7 @@ pub mod extract;
 pub mod guard;
 pub mod limits;
 pub mod listen;
+pub mod messages;
 pub mod metrics;
 pub mod outbound;
 pub mod routes;

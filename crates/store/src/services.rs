@@ -31,6 +31,8 @@ pub struct ServiceRecord {
     pub start_seq: i64,
     pub fanout_seq: i64,
     pub acked_seq: i64,
+    /// `standard` or `slack`: how its webhook messages are shaped.
+    pub format: String,
 }
 
 impl ServiceRecord {
@@ -63,6 +65,7 @@ pub struct DueDelivery {
     pub webhook_url: String,
     pub secret_salt: String,
     pub pepper_version: u32,
+    pub format: String,
     pub attempts: i64,
     pub created_at: OffsetDateTime,
     pub event: KeyEvent,
@@ -81,7 +84,7 @@ pub enum DeliveryOutcome {
 }
 
 const SERVICE_COLUMNS: &str = "id, name, webhook_url, events, secret_salt, pepper_version, \
-    created_at, created_by, start_seq, fanout_seq, acked_seq";
+    created_at, created_by, start_seq, fanout_seq, acked_seq, format";
 const DELIVERY_COLUMNS: &str = "service_id, seq, key_id, event, state, attempts, next_at, \
     last_error, created_at, confirmed_at";
 fn service_from_row(r: &AnyRow) -> Result<ServiceRecord> {
@@ -100,6 +103,7 @@ fn service_from_row(r: &AnyRow) -> Result<ServiceRecord> {
         start_seq: r.try_get("start_seq")?,
         fanout_seq: r.try_get("fanout_seq")?,
         acked_seq: r.try_get("acked_seq")?,
+        format: r.try_get("format")?,
     })
 }
 
@@ -147,7 +151,7 @@ impl Store {
         .try_get("head")?;
         sqlx::query(&format!(
             "INSERT INTO services ({SERVICE_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
         ))
         .bind(&s.id)
         .bind(&s.name)
@@ -160,6 +164,7 @@ impl Store {
         .bind(head)
         .bind(head)
         .bind(0_i64)
+        .bind(&s.format)
         .execute(&mut **tx)
         .await?;
         crate::audit::append(&mut tx, audit).await?;
@@ -344,7 +349,7 @@ impl Store {
     ) -> Result<Vec<DueDelivery>> {
         let rows = sqlx::query(
             "SELECT d.service_id, d.attempts, d.created_at AS d_created, s.name, s.webhook_url, \
-                    s.secret_salt, s.pepper_version, \
+                    s.secret_salt, s.pepper_version, s.format, \
                     e.seq, e.time, e.key_id, e.event, e.reason, e.actor, e.details \
              FROM deliveries d \
              JOIN services s ON s.id = d.service_id \
@@ -371,6 +376,7 @@ impl Store {
                     pepper_version: u32::try_from(pv).map_err(|_| {
                         StoreError::Corrupt(format!("services.pepper_version {pv}"))
                     })?,
+                    format: r.try_get("format")?,
                     attempts: r.try_get("attempts")?,
                     created_at: from_millis(r.try_get("d_created")?),
                     event: key_event_from_row(r)?,

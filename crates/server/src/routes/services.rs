@@ -90,6 +90,7 @@ async fn view(app: &AppState, s: ServiceRecord, recent: bool) -> Result<ServiceV
         name: s.name,
         webhook_url: s.webhook_url.as_deref().map(shown_url),
         events: s.events,
+        format: s.format,
         created_at: s.created_at,
         created_by: s.created_by,
         acked_seq: s.acked_seq,
@@ -195,6 +196,24 @@ pub async fn create_service(
             },
         },
     };
+    let format = match req.format.as_deref().unwrap_or("standard") {
+        f @ ("standard" | "slack") => f.to_owned(),
+        _ => {
+            v.push(violation(
+                ErrorCode::FieldInvalid,
+                "format",
+                "standard (Standard Webhooks JSON) or slack (a Slack-compatible incoming webhook)",
+            ));
+            String::new()
+        }
+    };
+    if format == "slack" && webhook_url.is_none() && req.webhook_url.is_none() {
+        v.push(violation(
+            ErrorCode::FieldInvalid,
+            "format",
+            "a slack service needs a webhook_url: messages are posted to it",
+        ));
+    }
     if !v.is_empty() {
         return Err(ApiError::Validation(v));
     }
@@ -212,6 +231,7 @@ pub async fn create_service(
         start_seq: 0,
         fanout_seq: 0,
         acked_seq: 0,
+        format,
     };
     let secret = service_secret(&app, &record.id, &record.secret_salt, record.pepper_version)
         .ok_or_else(|| ApiError::internal("the current pepper cannot derive a signing secret"))?;
@@ -225,6 +245,7 @@ pub async fn create_service(
             "name": record.name,
             "webhook": record.webhook_url.as_deref().map(origin),
             "events": record.events,
+            "format": record.format,
         }),
     );
     if !app.store.create_service(&record, &entry).await? {
