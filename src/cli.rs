@@ -337,6 +337,18 @@ pub struct ServeArgs {
     /// never bind it to a public address. The main listener's /metrics needs a token.
     #[arg(long, env = "KEYWARDEN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// SMTP relay for e-mail to key owners (services added with --format email):
+    /// smtp://relay:25, smtp://user:pass@relay:587?tls=required (STARTTLS) or
+    /// smtps://relay:465.
+    #[arg(long, env = "KEYWARDEN_SMTP", hide_env_values = true)]
+    pub smtp: Option<String>,
+    /// The From address of that e-mail.
+    #[arg(
+        long,
+        env = "KEYWARDEN_SMTP_FROM",
+        default_value = "keywarden@localhost"
+    )]
+    pub smtp_from: String,
     /// `sqlite://PATH` or `postgres://…`; default: SQLite in the data directory.
     #[arg(long, env = "KEYWARDEN_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,

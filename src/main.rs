@@ -97,6 +97,8 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
     let mut config = keywarden_server::Config::new(cli.data_dir.clone());
     config.listen = args.listen;
     config.metrics_listen = args.metrics_listen;
+    config.smtp_url.clone_from(&args.smtp);
+    config.smtp_from.clone_from(&args.smtp_from);
     config.database_url.clone_from(&args.database_url);
     config.key_prefix.clone_from(&args.key_prefix);
     config.pepper = std::env::var("KEYWARDEN_PEPPER").ok();

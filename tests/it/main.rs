@@ -26,6 +26,7 @@ mod receiver;
 mod scan;
 mod scim;
 mod services;
+mod smtp;
 mod tokens;
 mod usage_log;
 mod verify;

@@ -20,6 +20,7 @@ on_both_backends!(
     unusual_use_raises_rate_spike_new_source_and_new_subject,
     a_scan_finds_a_canary_and_leaves_it_alone,
     alerts_reach_people_as_slack_messages,
+    owners_are_mailed_about_their_keys,
 );
 
 async fn put_policy(s: &TestServer, text: &str) {
@@ -588,14 +589,84 @@ async fn alerts_reach_people_as_slack_messages(b: Backend) {
     s.verify(json!({ "key": canary, "source_ip": "192.0.2.44" }))
         .await;
     let got = r.wait_for(1, 10).await;
-    let text = got[0].json["text"].as_str().unwrap_or_else(|| panic!("{:?}", got[0].json));
+    let text = got[0].json["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{:?}", got[0].json));
     assert!(
         text.starts_with("*keywarden: key tripwire (prod) CANARY_USED (critical) from 192.0.2.44*"),
         "{text}"
     );
     assert!(text.contains(&format!("({id})")), "{text}");
     assert!(text.contains("owned by alice@example.com"), "{text}");
-    assert!(text.contains("What to do: someone read where this canary was planted"), "{text}");
+    assert!(
+        text.contains("What to do: someone read where this canary was planted"),
+        "{text}"
+    );
     assert!(!text.contains(&canary[20..]), "no secret in a message");
+    s.stop().await;
+}
+
+async fn owners_are_mailed_about_their_keys(b: Backend) {
+    // Without a relay, an email service is refused with what to do.
+    let plain = TestServer::start(b).await;
+    let (st, v) = plain
+        .post(
+            "/v1/services",
+            json!({ "name": "owners", "format": "email" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v.to_string().contains("--smtp"), "{v}");
+    plain.stop().await;
+
+    let sink = crate::smtp::SmtpSink::start().await;
+    let url = sink.url();
+    let s = TestServer::start_with(b, |c| {
+        c.smtp_url = Some(url);
+        c.smtp_from = "keywarden@example.com".to_owned();
+        c.dispatch_poll = std::time::Duration::from_millis(50);
+    })
+    .await;
+    let (st, v) = s
+        .post(
+            "/v1/services",
+            json!({ "name": "owners", "format": "email", "events": ["alert", "notice"] }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert!(v.get("secret").is_none(), "nothing to sign: {v}");
+    let (id, key) = s.create_key(key_body("mailed")).await;
+    let guess = wrong_secret(&key);
+    for _ in 0..11 {
+        s.verify(json!({ "key": guess, "source_ip": "203.0.113.60" }))
+            .await;
+    }
+    let mails = sink.wait_for(1, 10).await;
+    let m = &mails[0];
+    assert_eq!(m.to, ["<alice@example.com>"]);
+    assert_eq!(m.from, "<keywarden@example.com>");
+    let text = m.readable();
+    assert!(
+        text.contains(
+            "Subject: keywarden: key mailed (prod) SECRET_GUESSING (high) from 203.0.113.60"
+        ),
+        "{text}"
+    );
+    assert!(text.contains(&format!("({id})")), "{text}");
+    assert!(
+        text.contains("What to do: someone is guessing secrets"),
+        "{text}"
+    );
+    assert!(!text.contains(&key[20..]) && !text.contains(&guess[20..]));
+    // Confirmed like any delivery.
+    eventually(WAIT, "the mail's delivery to be confirmed", || async {
+        let (_, v) = s.get("/v1/services/owners").await;
+        if v["deliveries"]["confirmed"] == 1 {
+            Ok(())
+        } else {
+            Err(v)
+        }
+    })
+    .await;
     s.stop().await;
 }

@@ -13,6 +13,12 @@ pub struct Config {
     /// scraper on a private interface. Anyone who reaches it reads the metrics: never a
     /// public address.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where e-mail to key owners goes (services of format `email`): `smtp://host:port`
+    /// (plain, for a local relay), `smtp://host:587?tls=required` (STARTTLS) or
+    /// `smtps://host:465`, with `user:password@` if the relay asks.
+    pub smtp_url: Option<String>,
+    /// The From address of that e-mail.
+    pub smtp_from: String,
     pub data_dir: PathBuf,
     /// `sqlite://…` or `postgres://…`; default: SQLite in the data directory.
     pub database_url: Option<String>,
@@ -104,6 +110,8 @@ impl Config {
             verify_cache_ttl: Duration::from_secs(60),
             enforcer_interval: Duration::from_secs(60),
             outbound_allow: Vec::new(),
+            smtp_url: None,
+            smtp_from: "keywarden@localhost".to_owned(),
             outbound_proxy: None,
             webhook_timeout: Duration::from_secs(10),
             webhook_retry_for: Duration::from_secs(72 * 3600),

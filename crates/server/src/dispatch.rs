@@ -189,6 +189,22 @@ async fn deliver(app: &AppState, d: DueDelivery) {
             return;
         }
     }
+    if d.format == "email" {
+        let event = event_body(app, &d.event).await;
+        let sent = match &app.mailer {
+            Some(m) => m.send_event(&event).await,
+            None => Err(crate::mail::MailError {
+                message: "no SMTP relay is set (serve --smtp)".to_owned(),
+                retry: true,
+            }),
+        };
+        let outcome = match sent {
+            Ok(()) => DeliveryOutcome::Confirmed { at: app.now() },
+            Err(e) => failed(app, &d, e.message, e.retry),
+        };
+        record(app, &d, &outcome).await;
+        return;
+    }
     let answer = match service_secret(app, &d.service_id, &d.secret_salt, d.pepper_version) {
         None => Err(format!(
             "pepper version {} is not loaded; the signing secret cannot be derived",
@@ -202,43 +218,48 @@ async fn deliver(app: &AppState, d: DueDelivery) {
             send(app, &d.webhook_url, &secret, &format!("evt_{seq}"), &body).await
         }
     };
-    let now = app.now();
     let outcome = match answer {
-        Ok(status) if (200..300).contains(&status) => DeliveryOutcome::Confirmed { at: now },
-        other => {
-            let error = match other {
-                Ok(status) => format!("HTTP {status}"),
-                Err(e) => e,
-            };
-            let attempts = u32::try_from(d.attempts + 1).unwrap_or(u32::MAX);
-            let window = time::Duration::try_from(app.config.webhook_retry_for)
-                .unwrap_or(time::Duration::days(3));
-            let next_at = (now - d.created_at < window).then(|| {
-                let wait = backoff(
-                    app.config.webhook_backoff,
-                    app.config.webhook_backoff_cap,
-                    attempts,
-                    rand::thread_rng().gen::<f64>(),
-                );
-                now + time::Duration::try_from(wait).unwrap_or(time::Duration::hours(1))
-            });
-            tracing::warn!(
-                service = %d.service_name,
-                seq,
-                attempts,
-                error = %error,
-                abandoned = next_at.is_none(),
-                "webhook delivery failed"
-            );
-            DeliveryOutcome::Failed { error, next_at }
-        }
+        Ok(status) if (200..300).contains(&status) => DeliveryOutcome::Confirmed { at: app.now() },
+        Ok(status) => failed(app, &d, format!("HTTP {status}"), true),
+        Err(e) => failed(app, &d, e, true),
     };
+    record(app, &d, &outcome).await;
+}
+
+/// A failed attempt: tried again after a jittered backoff while the retry window lasts
+/// and trying again can help, abandoned otherwise.
+fn failed(app: &AppState, d: &DueDelivery, error: String, retry: bool) -> DeliveryOutcome {
+    let now = app.now();
+    let attempts = u32::try_from(d.attempts + 1).unwrap_or(u32::MAX);
+    let window =
+        time::Duration::try_from(app.config.webhook_retry_for).unwrap_or(time::Duration::days(3));
+    let next_at = (retry && now - d.created_at < window).then(|| {
+        let wait = backoff(
+            app.config.webhook_backoff,
+            app.config.webhook_backoff_cap,
+            attempts,
+            rand::thread_rng().gen::<f64>(),
+        );
+        now + time::Duration::try_from(wait).unwrap_or(time::Duration::hours(1))
+    });
+    tracing::warn!(
+        service = %d.service_name,
+        seq = d.event.seq,
+        attempts,
+        error = %error,
+        abandoned = next_at.is_none(),
+        "delivery failed"
+    );
+    DeliveryOutcome::Failed { error, next_at }
+}
+
+async fn record(app: &AppState, d: &DueDelivery, outcome: &DeliveryOutcome) {
     if let Err(e) = app
         .store
-        .record_delivery(&d.service_id, seq, &outcome)
+        .record_delivery(&d.service_id, d.event.seq, outcome)
         .await
     {
         // The delivery stays open and is made again: at least once, never lost.
-        tracing::error!(service = %d.service_name, seq, error = %e, "cannot record a delivery");
+        tracing::error!(service = %d.service_name, seq = d.event.seq, error = %e, "cannot record a delivery");
     }
 }

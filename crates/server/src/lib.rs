@@ -18,6 +18,7 @@ pub mod extract;
 pub mod guard;
 pub mod limits;
 pub mod listen;
+pub mod mail;
 pub mod messages;
 pub mod metrics;
 pub mod outbound;
@@ -316,6 +317,8 @@ pub enum StartError {
     Policy(String),
     #[error("outbound HTTP client: {0}")]
     Outbound(#[from] outbound::OutboundError),
+    #[error("{0}")]
+    Smtp(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -428,11 +431,18 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         config.outbound_proxy.as_deref(),
     )?;
     let (alerts_tx, alerts_rx) = alerts::channel();
+    let mailer = config
+        .smtp_url
+        .as_deref()
+        .map(|url| mail::Mailer::new(url, &config.smtp_from))
+        .transpose()
+        .map_err(StartError::Smtp)?;
     let links = state::Links {
         usage: usage_tx,
         alerts: alerts_tx,
         outbound,
         metrics,
+        mailer,
     };
     let state: SharedState = Arc::new(AppState::new(store, hasher, clock, config, signer, links));
     // Verify reads the cached policy; load the stored one before the first request.

@@ -26,6 +26,8 @@ pub struct AppState {
     pub signer: CheckpointSigner,
     /// The one client for outbound requests (webhooks), with its address guard.
     pub outbound: crate::outbound::Outbound,
+    /// E-mail to key owners (services of format `email`), when an SMTP relay is set.
+    pub mailer: Option<crate::mail::Mailer>,
     /// What verify saw that the monitor must judge (`alerts::run`).
     pub alerts: mpsc::Sender<crate::alerts::Sighting>,
     /// Sightings dropped because the monitor's queue was full.
@@ -105,6 +107,8 @@ pub struct Links {
     pub outbound: crate::outbound::Outbound,
     /// Made before the state: the usage writer, started first, records into it.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// E-mail to key owners, when `serve --smtp` is set.
+    pub mailer: Option<crate::mail::Mailer>,
 }
 
 impl AppState {
@@ -121,6 +125,7 @@ impl AppState {
             alerts,
             outbound,
             metrics,
+            mailer,
         } = links;
         Self {
             store,
@@ -132,6 +137,7 @@ impl AppState {
             usage,
             signer,
             outbound,
+            mailer,
             alerts,
             alerts_dropped: std::sync::atomic::AtomicU64::new(0),
             limits: crate::limits::Limits::new(),

@@ -348,14 +348,15 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
         let rows = sqlx::query(
-            "SELECT d.service_id, d.attempts, d.created_at AS d_created, s.name, s.webhook_url, \
+            "SELECT d.service_id, d.attempts, d.created_at AS d_created, s.name, \
+                    COALESCE(s.webhook_url, '') AS webhook_url, \
                     s.secret_salt, s.pepper_version, s.format, \
                     e.seq, e.time, e.key_id, e.event, e.reason, e.actor, e.details \
              FROM deliveries d \
              JOIN services s ON s.id = d.service_id \
              JOIN key_events e ON e.seq = d.seq \
              WHERE d.state IN ('pending', 'failing') AND d.next_at <= $1 \
-               AND s.webhook_url IS NOT NULL \
+               AND (s.webhook_url IS NOT NULL OR s.format = 'email') \
                AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.key_id = d.key_id \
                    AND p.service_id = d.service_id AND p.seq < d.seq \
                    AND p.state IN ('pending', 'failing')) \

@@ -197,16 +197,33 @@ pub async fn create_service(
         },
     };
     let format = match req.format.as_deref().unwrap_or("standard") {
-        f @ ("standard" | "slack") => f.to_owned(),
+        f @ ("standard" | "slack" | "email") => f.to_owned(),
         _ => {
             v.push(violation(
                 ErrorCode::FieldInvalid,
                 "format",
-                "standard (Standard Webhooks JSON) or slack (a Slack-compatible incoming webhook)",
+                "standard (Standard Webhooks JSON), slack (a Slack-compatible incoming \
+                 webhook) or email (to each key's owner)",
             ));
             String::new()
         }
     };
+    if format == "email" {
+        if req.webhook_url.is_some() {
+            v.push(violation(
+                ErrorCode::FieldInvalid,
+                "webhook_url",
+                "an email service mails each key's owner; it has no webhook",
+            ));
+        }
+        if app.mailer.is_none() {
+            v.push(violation(
+                ErrorCode::FieldInvalid,
+                "format",
+                "email needs an SMTP relay: start the server with --smtp URL",
+            ));
+        }
+    }
     if format == "slack" && webhook_url.is_none() && req.webhook_url.is_none() {
         v.push(violation(
             ErrorCode::FieldInvalid,
