@@ -21,6 +21,7 @@ mod keys;
 mod owners;
 mod policies;
 mod postgres;
+pub mod rollups;
 mod rows;
 mod services;
 mod shadow;
@@ -45,6 +46,7 @@ pub use policies::StoredPolicy;
 pub use postgres::{ChangeListener, CHANNEL};
 pub use services::{DeliveryOutcome, DeliveryRecord, DueDelivery, ServiceRecord};
 pub use shadow::ShadowKey;
+pub use fold::{hour_of, Network, ValueKind, HOUR_MS};
 pub use usage::FOLD_CHUNK;
 
 pub use error::{DriverError, Result, StoreError, StoreErrorKind};
