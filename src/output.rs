@@ -235,22 +235,24 @@ fn top_table(title: &str, values: &[keywarden_proto::TopValueView]) -> String {
 /// `key usage --stats`: daily valid uses over the window as a sparkline, then the top
 /// sources and subjects.
 pub fn key_usage_stats(s: &keywarden_proto::KeyUsageStats) -> String {
-    const DAY: time::Duration = time::Duration::DAY;
-    let mut daily = Vec::new();
-    let mut day = s.since;
-    while day < s.until {
-        let valid = s
-            .buckets
-            .iter()
-            .filter(|b| b.start >= day && b.start < day + DAY)
-            .map(|b| b.codes.get("VALID").copied().unwrap_or(0))
-            .sum::<i64>();
-        daily.push(valid);
-        day += DAY;
-    }
+    // The 30 UTC days up to the window's end, as the day buckets start.
+    let last = (s.until - time::Duration::MILLISECOND)
+        .date()
+        .midnight()
+        .assume_utc();
+    let daily: Vec<i64> = (0..30)
+        .map(|i| {
+            let day = last - time::Duration::days(29 - i);
+            s.buckets
+                .iter()
+                .filter(|b| b.start == day)
+                .map(|b| b.codes.get("VALID").copied().unwrap_or(0))
+                .sum()
+        })
+        .collect();
     let total = &s.total;
     let mut out = format!(
-        "Key {}: {} to {}\nValid uses a day  {}  (max {})\n{} events, {} valid; {} networks, {} subjects, {} user agents, {} scopes\n",
+        "Key {}: {} to {}\nValid uses a day, last 30 days  {}  (max {})\n{} events, {} valid; {} networks, {} subjects, {} user agents, {} scopes\n",
         s.key_id,
         ts(s.since),
         ts(s.until),

@@ -28,5 +28,6 @@ mod scim;
 mod services;
 mod tokens;
 mod usage_log;
+mod usage_stats;
 mod verify;
 mod watch;
