@@ -266,17 +266,31 @@ pub fn key_usage_stats(s: &keywarden_proto::KeyUsageStats) -> String {
         total.distinct_scopes,
     );
     if !total.codes.is_empty() {
-        let codes: Vec<String> = total.codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        let codes: Vec<String> = total
+            .codes
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
         out.push_str(&format!("By code: {}\n", codes.join(", ")));
     }
-    out.push_str(&format!("\n{}\n", top_table("TOP SOURCES", &s.top_networks)));
+    out.push_str(&format!(
+        "\n{}\n",
+        top_table("TOP SOURCES", &s.top_networks)
+    ));
     out.push_str(&top_table("TOP SUBJECTS", &s.top_subjects));
     out
 }
 
 pub fn usage_stats_table(s: &keywarden_proto::UsageStats) -> String {
     let title = s.group_by.to_uppercase();
-    let mut t = table(&[title.as_str(), "NAME", "EVENTS", "VALID", "DENIED", "BY CODE"]);
+    let mut t = table(&[
+        title.as_str(),
+        "NAME",
+        "EVENTS",
+        "VALID",
+        "DENIED",
+        "BY CODE",
+    ]);
     for g in &s.groups {
         let valid = g.codes.get("VALID").copied().unwrap_or(0);
         let codes: Vec<String> = g.codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
@@ -294,7 +308,15 @@ pub fn usage_stats_table(s: &keywarden_proto::UsageStats) -> String {
 
 pub fn usage_search_table(s: &keywarden_proto::UsageSearch) -> String {
     let mut t = table(&[
-        "KEY", "NAME", "OWNER", "ENV", "EVENTS", "VALID", "FIRST SEEN", "LAST SEEN", "NETWORKS",
+        "KEY",
+        "NAME",
+        "OWNER",
+        "ENV",
+        "EVENTS",
+        "VALID",
+        "FIRST SEEN",
+        "LAST SEEN",
+        "NETWORKS",
     ]);
     for h in &s.keys {
         t.add_row(vec![
@@ -309,7 +331,12 @@ pub fn usage_search_table(s: &keywarden_proto::UsageSearch) -> String {
             h.networks.join(" "),
         ]);
     }
-    format!("Used from {} between {} and {}\n{t}", s.source, ts(s.since), ts(s.until))
+    format!(
+        "Used from {} between {} and {}\n{t}",
+        s.source,
+        ts(s.since),
+        ts(s.until)
+    )
 }
 
 pub fn tokens_table(tokens: &[TokenView]) -> String {

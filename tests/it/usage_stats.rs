@@ -109,18 +109,24 @@ async fn seed(s: &TestServer) -> Seeded {
     s.wait_for_usage(&a_id, 13).await;
     s.wait_for_usage(&b_id, 3).await;
     // The keyless events have no key to list them by: wait for them in the rollups.
-    crate::harness::eventually(crate::harness::WAIT, "the junk verifies in the rollups", || async {
-        let (_, v) = s.get(&format!("/v1/usage/stats?group_by=code&{}", window())).await;
-        let total: i64 = v["groups"]
-            .as_array()
-            .map(|g| g.iter().map(|g| g["events"].as_i64().unwrap_or(0)).sum())
-            .unwrap_or(0);
-        if total == 13 + 3 + 2 {
-            Ok(())
-        } else {
-            Err(format!("{total} events: {v}"))
-        }
-    })
+    crate::harness::eventually(
+        crate::harness::WAIT,
+        "the junk verifies in the rollups",
+        || async {
+            let (_, v) = s
+                .get(&format!("/v1/usage/stats?group_by=code&{}", window()))
+                .await;
+            let total: i64 = v["groups"]
+                .as_array()
+                .map(|g| g.iter().map(|g| g["events"].as_i64().unwrap_or(0)).sum())
+                .unwrap_or(0);
+            if total == 13 + 3 + 2 {
+                Ok(())
+            } else {
+                Err(format!("{total} events: {v}"))
+            }
+        },
+    )
     .await;
     Seeded {
         a: a_id,
@@ -200,8 +206,7 @@ fn recount(events: &[Value], bucket_secs: i64) -> BTreeMap<String, Recount> {
 }
 
 fn as_recount(bucket: &Value, want: &Recount) -> (BTreeMap<String, i64>, [i64; 4]) {
-    let codes: BTreeMap<String, i64> =
-        serde_json::from_value(bucket["codes"].clone()).unwrap();
+    let codes: BTreeMap<String, i64> = serde_json::from_value(bucket["codes"].clone()).unwrap();
     let _ = want;
     (
         codes,
@@ -231,11 +236,17 @@ async fn rollups_match_a_recount_of_the_events(b: Backend) {
         for (bucket, secs) in [("hour", 3600), ("day", 86_400)] {
             let want = recount(&events, secs);
             let (st, v) = s
-                .get(&format!("/v1/keys/{id}/usage/stats?bucket={bucket}&{}", window()))
+                .get(&format!(
+                    "/v1/keys/{id}/usage/stats?bucket={bucket}&{}",
+                    window()
+                ))
                 .await;
             assert_eq!(st, StatusCode::OK, "{v}");
             let buckets = v["buckets"].as_array().unwrap();
-            let starts: Vec<&str> = buckets.iter().map(|b| b["start"].as_str().unwrap()).collect();
+            let starts: Vec<&str> = buckets
+                .iter()
+                .map(|b| b["start"].as_str().unwrap())
+                .collect();
             let want_starts: Vec<&str> = want.keys().map(String::as_str).collect();
             assert_eq!(starts, want_starts, "{bucket} buckets of {id}");
             for b in buckets {
@@ -255,17 +266,28 @@ async fn rollups_match_a_recount_of_the_events(b: Backend) {
     }
     // Day buckets are the sums of their hours.
     let (_, hours) = s
-        .get(&format!("/v1/keys/{}/usage/stats?bucket=hour&{}", seeded.a, window()))
+        .get(&format!(
+            "/v1/keys/{}/usage/stats?bucket=hour&{}",
+            seeded.a,
+            window()
+        ))
         .await;
     let (_, days) = s
-        .get(&format!("/v1/keys/{}/usage/stats?bucket=day&{}", seeded.a, window()))
+        .get(&format!(
+            "/v1/keys/{}/usage/stats?bucket=day&{}",
+            seeded.a,
+            window()
+        ))
         .await;
     let mut summed: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     for h in hours["buckets"].as_array().unwrap() {
         let day = bucket_start(h["start"].as_str().unwrap(), 86_400);
         for (code, n) in h["codes"].as_object().unwrap() {
-            *summed.entry(day.clone()).or_default().entry(code.clone()).or_default() +=
-                n.as_i64().unwrap();
+            *summed
+                .entry(day.clone())
+                .or_default()
+                .entry(code.clone())
+                .or_default() += n.as_i64().unwrap();
         }
     }
     let by_day: BTreeMap<String, BTreeMap<String, i64>> = days["buckets"]
@@ -305,7 +327,9 @@ fn groups(v: &Value) -> BTreeMap<String, i64> {
 }
 
 async fn stats(s: &TestServer, query: &str) -> BTreeMap<String, i64> {
-    let (st, v) = s.get(&format!("/v1/usage/stats?{query}&{}", window())).await;
+    let (st, v) = s
+        .get(&format!("/v1/usage/stats?{query}&{}", window()))
+        .await;
     assert_eq!(st, StatusCode::OK, "{query}: {v}");
     groups(&v)
 }
@@ -325,7 +349,11 @@ async fn groups_and_filters_total_right(b: Backend) {
     );
     assert_eq!(
         stats(&s, "group_by=owner").await,
-        map(&[("alice@example.com", 13), ("bob@example.com", 3), ("(none)", 2)])
+        map(&[
+            ("alice@example.com", 13),
+            ("bob@example.com", 3),
+            ("(none)", 2)
+        ])
     );
     assert_eq!(
         stats(&s, "group_by=environment").await,
@@ -338,7 +366,12 @@ async fn groups_and_filters_total_right(b: Backend) {
     );
     assert_eq!(
         stats(&s, "group_by=code").await,
-        map(&[("VALID", 12), ("SCOPE_DENIED", 3), ("NOT_FOUND", 2), ("MALFORMED", 1)])
+        map(&[
+            ("VALID", 12),
+            ("SCOPE_DENIED", 3),
+            ("NOT_FOUND", 2),
+            ("MALFORMED", 1)
+        ])
     );
     assert_eq!(
         stats(&s, "group_by=network").await,
@@ -378,13 +411,27 @@ async fn groups_and_filters_total_right(b: Backend) {
         map(&[("VALID", 9)])
     );
     // Key groups carry the key's name.
-    let (_, v) = s.get(&format!("/v1/usage/stats?group_by=key&limit=1&{}", window())).await;
+    let (_, v) = s
+        .get(&format!(
+            "/v1/usage/stats?group_by=key&limit=1&{}",
+            window()
+        ))
+        .await;
     assert_eq!(v["groups"].as_array().unwrap().len(), 1);
     assert_eq!(v["groups"][0]["name"], "alpha");
     assert_eq!(v["groups"][0]["codes"]["VALID"], 9);
     // The CLI shows the same.
-    let (code, out, err) = s.cli(&["--json", "usage", "stats", "--group-by", "code",
-        "--since", &(START - time::Duration::hours(1)).format(&Rfc3339).unwrap()]).await;
+    let (code, out, err) = s
+        .cli(&[
+            "--json",
+            "usage",
+            "stats",
+            "--group-by",
+            "code",
+            "--since",
+            &(START - time::Duration::hours(1)).format(&Rfc3339).unwrap(),
+        ])
+        .await;
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["groups"][0]["group"], "VALID", "{v}");
@@ -416,11 +463,18 @@ async fn search_finds_exactly_the_keys_used_from_a_network(b: Backend) {
     assert_eq!(hit["first_seen"], START.format(&Rfc3339).unwrap());
     assert_eq!(
         hit["last_seen"],
-        (START + time::Duration::minutes(80)).format(&Rfc3339).unwrap()
+        (START + time::Duration::minutes(80))
+            .format(&Rfc3339)
+            .unwrap()
     );
     assert_eq!(hit["networks"][0], "10.2.1.0/24");
     let v = search(format!("source=192.0.2.0/24&{}", window())).await;
-    let ids: Vec<&str> = v["keys"].as_array().unwrap().iter().map(|k| k["key_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, [bk.as_str()]);
     let v = search(format!("source=2001:db8::/32&{}", window())).await;
     assert_eq!(v["keys"][0]["key_id"], a.as_str());
@@ -428,14 +482,27 @@ async fn search_finds_exactly_the_keys_used_from_a_network(b: Backend) {
     // Junk from a network: listed without a key.
     let v = search(format!("source=203.0.113.0/24&{}", window())).await;
     assert_eq!(v["keys"].as_array().unwrap().len(), 2, "{v}");
-    assert!(v["keys"].as_array().unwrap().iter().all(|k| k["name"].is_null()));
+    assert!(v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["name"].is_null()));
     // The window: a week later, the default 7d window no longer holds them.
     s.clock.advance(time::Duration::days(8));
     let v = search("source=10.2.0.0/16".to_owned()).await;
     assert_eq!(v["keys"].as_array().unwrap().len(), 0, "{v}");
     let v = search("source=10.2.0.0/16&since=9d".to_owned()).await;
     assert_eq!(v["keys"].as_array().unwrap().len(), 1, "{v}");
-    let (code, out, err) = s.cli(&["usage", "search", "--source", "10.2.0.0/16", "--since", "9d"]).await;
+    let (code, out, err) = s
+        .cli(&[
+            "usage",
+            "search",
+            "--source",
+            "10.2.0.0/16",
+            "--since",
+            "9d",
+        ])
+        .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&a) && !out.contains(&bk), "{out}");
     s.stop().await;
@@ -448,11 +515,18 @@ async fn environment_limited_tokens_see_only_their_keys(b: Backend) {
     let get = |path: String| {
         let s = &s;
         let staging = staging.clone();
-        async move { s.call(reqwest::Method::GET, &path, Some(&staging), None).await }
+        async move {
+            s.call(reqwest::Method::GET, &path, Some(&staging), None)
+                .await
+        }
     };
     let (st, v) = get(format!("/v1/usage/stats?group_by=key&{}", window())).await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(groups(&v), map(&[(&bk, 3)]), "no other key, no keyless events");
+    assert_eq!(
+        groups(&v),
+        map(&[(&bk, 3)]),
+        "no other key, no keyless events"
+    );
     let (_, v) = get(format!("/v1/usage/stats?group_by=network&{}", window())).await;
     assert_eq!(groups(&v), map(&[("192.0.2.0/24", 3)]));
     let (st, v) = get(format!("/v1/keys/{a}/usage/stats?{}", window())).await;
@@ -461,11 +535,20 @@ async fn environment_limited_tokens_see_only_their_keys(b: Backend) {
     assert_eq!(st, StatusCode::OK);
     let (_, v) = get(format!("/v1/usage/search?source=10.0.0.0/8&{}", window())).await;
     assert_eq!(v["keys"].as_array().unwrap().len(), 0, "{v}");
-    let (_, v) = get(format!("/v1/usage/search?source=203.0.113.0/24&{}", window())).await;
+    let (_, v) = get(format!(
+        "/v1/usage/search?source=203.0.113.0/24&{}",
+        window()
+    ))
+    .await;
     assert_eq!(v["keys"].as_array().unwrap().len(), 0, "{v}");
     let verifier = s.token("verifier", None).await;
     let (st, _) = s
-        .call(reqwest::Method::GET, "/v1/usage/stats", Some(&verifier), None)
+        .call(
+            reqwest::Method::GET,
+            "/v1/usage/stats",
+            Some(&verifier),
+            None,
+        )
         .await;
     assert_eq!(st, StatusCode::FORBIDDEN);
     s.stop().await;
@@ -495,22 +578,67 @@ async fn bad_parameters_are_refused_precisely() {
     let s = TestServer::start(Backend::Sqlite).await;
     let (id, _) = s.create_key(key_body("k")).await;
     let cases = [
-        (format!("/v1/keys/{id}/usage/stats?since=yesterday"), "since must be an RFC 3339 time"),
-        (format!("/v1/keys/{id}/usage/stats?until=soon"), "until must be an RFC 3339 time"),
-        (format!("/v1/keys/{id}/usage/stats?since=1h&until=2h"), "since must be before until"),
-        (format!("/v1/keys/{id}/usage/stats?bucket=week"), "bucket must be hour or day"),
-        (format!("/v1/keys/{id}/usage/stats?bucket=hour&since=40d"), "bucket=hour covers at most 31 days"),
-        (format!("/v1/keys/{id}/usage/stats?top=3"), "unknown field `top`"),
-        ("/v1/usage/stats?group_by=team".to_owned(), "group_by must be one of key, owner, system, environment, network, code"),
-        ("/v1/usage/stats?code=OK".to_owned(), "code must be one of VALID, MALFORMED"),
-        ("/v1/usage/stats?network=10.2.3.0/28".to_owned(), "network 10.2.3.0/28 is narrower than the rollups keep sources"),
-        ("/v1/usage/stats?network=2001:db8::/96".to_owned(), "is narrower than the rollups keep sources"),
-        ("/v1/usage/stats?network=10.2".to_owned(), "network must be a network in CIDR notation"),
-        ("/v1/usage/stats?environment=".to_owned(), "environment must be 1-256 characters"),
-        ("/v1/usage/stats?limit=0".to_owned(), "limit must be between 1 and 1000"),
+        (
+            format!("/v1/keys/{id}/usage/stats?since=yesterday"),
+            "since must be an RFC 3339 time",
+        ),
+        (
+            format!("/v1/keys/{id}/usage/stats?until=soon"),
+            "until must be an RFC 3339 time",
+        ),
+        (
+            format!("/v1/keys/{id}/usage/stats?since=1h&until=2h"),
+            "since must be before until",
+        ),
+        (
+            format!("/v1/keys/{id}/usage/stats?bucket=week"),
+            "bucket must be hour or day",
+        ),
+        (
+            format!("/v1/keys/{id}/usage/stats?bucket=hour&since=40d"),
+            "bucket=hour covers at most 31 days",
+        ),
+        (
+            format!("/v1/keys/{id}/usage/stats?top=3"),
+            "unknown field `top`",
+        ),
+        (
+            "/v1/usage/stats?group_by=team".to_owned(),
+            "group_by must be one of key, owner, system, environment, network, code",
+        ),
+        (
+            "/v1/usage/stats?code=OK".to_owned(),
+            "code must be one of VALID, MALFORMED",
+        ),
+        (
+            "/v1/usage/stats?network=10.2.3.0/28".to_owned(),
+            "network 10.2.3.0/28 is narrower than the rollups keep sources",
+        ),
+        (
+            "/v1/usage/stats?network=2001:db8::/96".to_owned(),
+            "is narrower than the rollups keep sources",
+        ),
+        (
+            "/v1/usage/stats?network=10.2".to_owned(),
+            "network must be a network in CIDR notation",
+        ),
+        (
+            "/v1/usage/stats?environment=".to_owned(),
+            "environment must be 1-256 characters",
+        ),
+        (
+            "/v1/usage/stats?limit=0".to_owned(),
+            "limit must be between 1 and 1000",
+        ),
         ("/v1/usage/search?since=7d".to_owned(), "source is required"),
-        ("/v1/usage/search?source=10.0.0.1".to_owned(), "source must be a network in CIDR notation"),
-        ("/v1/usage/search?source=10.0.0.0/8&since=-3d".to_owned(), "since must be an RFC 3339 time"),
+        (
+            "/v1/usage/search?source=10.0.0.1".to_owned(),
+            "source must be a network in CIDR notation",
+        ),
+        (
+            "/v1/usage/search?source=10.0.0.0/8&since=-3d".to_owned(),
+            "since must be an RFC 3339 time",
+        ),
     ];
     for (path, message) in cases {
         let (st, v) = s.get(&path).await;
@@ -531,12 +659,21 @@ async fn key_usage_stats_on_the_command_line() {
     let (code, out, err) = s.cli(&["key", "usage", &a, "--stats"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("Valid uses a day"), "{out}");
-    let line = out.lines().find(|l| l.starts_with("Valid uses a day, last 30 days")).unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("Valid uses a day, last 30 days"))
+        .unwrap();
     let spark: String = line.chars().filter(|c| ('▁'..='█').contains(c)).collect();
     assert_eq!(spark.chars().count(), 30, "{line}");
     assert!(spark.ends_with('█'), "today's uses are the most: {line}");
-    assert!(out.contains("TOP SOURCES") && out.contains("10.2.1.0/24"), "{out}");
-    assert!(out.contains("TOP SUBJECTS") && out.contains("host-1"), "{out}");
+    assert!(
+        out.contains("TOP SOURCES") && out.contains("10.2.1.0/24"),
+        "{out}"
+    );
+    assert!(
+        out.contains("TOP SUBJECTS") && out.contains("host-1"),
+        "{out}"
+    );
     let (code, out, _) = s.cli(&["--json", "key", "usage", &a, "--stats"]).await;
     assert_eq!(code, 0);
     let v: Value = serde_json::from_str(&out).unwrap();
@@ -593,9 +730,11 @@ async fn sqlite_crash_before_or_during_a_fold_counts_each_event_once_in_rollups(
         verify_with(&s, body, "tail").await;
     }
     let store = s.state().store.clone();
-    crate::harness::eventually(crate::harness::WAIT, "the tail stored in the log", || async {
-        store.count_usage().await.unwrap() >= before + 4
-    })
+    crate::harness::eventually(
+        crate::harness::WAIT,
+        "the tail stored in the log",
+        || async { store.count_usage().await.unwrap() >= before + 4 },
+    )
     .await;
     assert_eq!(store.unfolded_keys(), 2, "the tail is not folded");
 
@@ -619,7 +758,12 @@ async fn sqlite_crash_before_or_during_a_fold_counts_each_event_once_in_rollups(
             let got = totals(store.usage_stats(&by_code, 100).await.unwrap());
             assert_eq!(
                 got,
-                map(&[("VALID", 14), ("SCOPE_DENIED", 3), ("NOT_FOUND", 3), ("MALFORMED", 2)])
+                map(&[
+                    ("VALID", 14),
+                    ("SCOPE_DENIED", 3),
+                    ("NOT_FOUND", 3),
+                    ("MALFORMED", 2)
+                ])
             );
             let id = keywarden_core::KeyId::parse(&c).unwrap();
             let r = store.key_rollups(&id, window, 3_600_000, 10).await.unwrap();

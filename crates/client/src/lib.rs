@@ -639,10 +639,7 @@ impl Client {
         self.get("/v1/usage/stats", Some(q)).await
     }
 
-    pub async fn usage_search(
-        &self,
-        q: &UsageSearchQuery,
-    ) -> Result<keywarden_proto::UsageSearch> {
+    pub async fn usage_search(&self, q: &UsageSearchQuery) -> Result<keywarden_proto::UsageSearch> {
         self.get("/v1/usage/search", Some(q)).await
     }
 }

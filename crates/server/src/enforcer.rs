@@ -253,7 +253,9 @@ async fn prune_rollups(app: &SharedState) {
     match app.store.prune_usage_rollups(before).await {
         Ok(0) => {}
         Ok(rows) => tracing::info!(rows, "usage rollups past their retention removed"),
-        Err(e) => tracing::error!(error = %e, "removing old usage rollups failed; retrying on the next pass"),
+        Err(e) => {
+            tracing::error!(error = %e, "removing old usage rollups failed; retrying on the next pass")
+        }
     }
 }
 

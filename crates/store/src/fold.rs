@@ -130,7 +130,9 @@ impl Network {
 
     pub fn from_stored(s: &str) -> Option<Self> {
         match (s.get(..1), s.get(1..)) {
-            (Some("4"), Some(hex)) if hex.len() == 8 => u32::from_str_radix(hex, 16).ok().map(Self::V4),
+            (Some("4"), Some(hex)) if hex.len() == 8 => {
+                u32::from_str_radix(hex, 16).ok().map(Self::V4)
+            }
             (Some("6"), Some(hex)) if hex.len() == 16 => {
                 u64::from_str_radix(hex, 16).ok().map(Self::V6)
             }
@@ -337,7 +339,8 @@ impl Rollup {
             }
             for (k, s) in &h.values {
                 if let Some((kind, code, v)) = split_value_key(k) {
-                    out.values.push((*hour, kind, v.to_owned(), code.as_str(), *s));
+                    out.values
+                        .push((*hour, kind, v.to_owned(), code.as_str(), *s));
                 }
             }
         }
@@ -368,7 +371,8 @@ pub(crate) struct RollupRows {
 
 impl RollupRows {
     pub fn sort(&mut self) {
-        self.codes.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        self.codes
+            .sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         self.values
             .sort_unstable_by(|a, b| (a.0, a.1, &a.2, a.3).cmp(&(b.0, b.1, &b.2, b.3)));
     }
@@ -606,20 +610,36 @@ mod tests {
         junk.code = VerifyCode::Malformed;
         p.add(&junk);
         let rows = p.keys[key()].rollup.rows();
-        assert_eq!(rows.codes, vec![(0, "VALID", 2), (HOUR_MS, "SCOPE_DENIED", 1)]);
+        assert_eq!(
+            rows.codes,
+            vec![(0, "VALID", 2), (HOUR_MS, "SCOPE_DENIED", 1)]
+        );
         let nets: Vec<(i64, String, i64)> = rows
             .values
             .iter()
             .filter(|v| v.1 == ValueKind::Network)
-            .map(|v| (v.0, Network::from_stored(&v.2).expect("stored").cidr(), v.4.events))
+            .map(|v| {
+                (
+                    v.0,
+                    Network::from_stored(&v.2).expect("stored").cidr(),
+                    v.4.events,
+                )
+            })
             .collect();
         assert_eq!(
             nets,
-            vec![(0, "10.0.0.0/24".to_owned(), 2), (HOUR_MS, "2001:db8::/64".to_owned(), 1)]
+            vec![
+                (0, "10.0.0.0/24".to_owned(), 2),
+                (HOUR_MS, "2001:db8::/64".to_owned(), 1)
+            ]
         );
         let keyless = p.keyless.rows();
         assert_eq!(keyless.codes, vec![(0, "MALFORMED", 1)]);
-        assert_eq!(keyless.values.len(), 1, "only the network of a keyless event");
+        assert_eq!(
+            keyless.values.len(),
+            1,
+            "only the network of a keyless event"
+        );
     }
 
     #[test]
@@ -627,7 +647,12 @@ mod tests {
         let net = |s: &str| Network::of(s.parse().expect("an address"));
         assert_eq!(net("::ffff:10.1.2.3"), net("10.1.2.77"));
         let (lo, hi) = Network::stored_range("10.2.0.0/16".parse().expect("cidr")).expect("range");
-        for (ip, inside) in [("10.2.0.1", true), ("10.2.255.9", true), ("10.3.0.1", false), ("10.1.255.255", false)] {
+        for (ip, inside) in [
+            ("10.2.0.1", true),
+            ("10.2.255.9", true),
+            ("10.3.0.1", false),
+            ("10.1.255.255", false),
+        ] {
             let s = net(ip).stored();
             assert_eq!(s >= lo && s <= hi, inside, "{ip}");
         }

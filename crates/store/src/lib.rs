@@ -40,13 +40,13 @@ pub use audit::{
     ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder, KeyEvent, Quarantined,
 };
 pub use cluster::{Changes, Leadership};
+pub use fold::{hour_of, Network, ValueKind, HOUR_MS};
 pub use keys::{KeyFilter, KeyStamp, StateFilter};
 pub use owners::Owner;
 pub use policies::StoredPolicy;
 pub use postgres::{ChangeListener, CHANNEL};
 pub use services::{DeliveryOutcome, DeliveryRecord, DueDelivery, ServiceRecord};
 pub use shadow::ShadowKey;
-pub use fold::{hour_of, Network, ValueKind, HOUR_MS};
 pub use usage::FOLD_CHUNK;
 
 pub use error::{DriverError, Result, StoreError, StoreErrorKind};

@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use keywarden_core::KeyId;
 use sqlx::Row;
 
+pub use crate::fold::hour_of;
 use crate::fold::{Network, ValueKind, HOUR_MS};
 use crate::rows::Params;
-pub use crate::fold::hour_of;
 use crate::{Engine, Result, Store};
 
 /// Follows `VALUES (key_id, hour, code, events)` or an `UNNEST` of them.
@@ -510,7 +510,11 @@ impl Store {
                 hit
             })
             .collect();
-        out.sort_by(|a, b| b.events.cmp(&a.events).then_with(|| a.key_id.cmp(&b.key_id)));
+        out.sort_by(|a, b| {
+            b.events
+                .cmp(&a.events)
+                .then_with(|| a.key_id.cmp(&b.key_id))
+        });
         out.truncate(limit);
         Ok(out)
     }

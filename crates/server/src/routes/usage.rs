@@ -243,10 +243,7 @@ pub async fn usage_stats(
         environments: principal.token.environments.clone(),
     };
     let limit = parse_limit(q.limit)?;
-    let groups = app
-        .store
-        .usage_stats(&filter, limit as usize)
-        .await?;
+    let groups = app.store.usage_stats(&filter, limit as usize).await?;
     let mut out = Vec::with_capacity(groups.len());
     for g in groups {
         let name = match (&g.group, group_by) {

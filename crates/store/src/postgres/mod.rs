@@ -17,9 +17,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
 
 use crate::fold::Pending;
-use crate::rows::{decode_error, key_from_row, ms, KEY_COLUMNS, KEY_FROM, STAMP_SQL};
 use crate::fold::RollupRows;
 use crate::rollups::{UPSERT_ROLLUP_CODES_TAIL, UPSERT_ROLLUP_VALUES_TAIL};
+use crate::rows::{decode_error, key_from_row, ms, KEY_COLUMNS, KEY_FROM, STAMP_SQL};
 use crate::usage::{UPSERT_KEY_USAGE_TAIL, UPSERT_SUBJECT_TAIL};
 use crate::{KeyStamp, Result, StoreError};
 

@@ -365,9 +365,9 @@ fn recover(conn: &Connection) -> Result<Pending> {
         let subject: Option<String> = row.get(6).map_err(err)?;
         let scope: Option<String> = row.get(7).map_err(err)?;
         let user_agent: Option<String> = row.get(8).map_err(err)?;
-        let code: VerifyCode = code
-            .parse()
-            .map_err(|_| StoreError::Corrupt(format!("usage event {seq}: unknown code {code:?}")))?;
+        let code: VerifyCode = code.parse().map_err(|_| {
+            StoreError::Corrupt(format!("usage event {seq}: unknown code {code:?}"))
+        })?;
         pending.add(&LoggedEvent {
             seq,
             key_id: key_id.as_ref(),
