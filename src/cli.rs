@@ -64,6 +64,9 @@ pub enum Command {
     /// The key event stream a pull service reads, and its acknowledgements.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Usage analytics from the hourly rollups: totals grouped, and keys used from a network.
+    #[command(subcommand)]
+    Usage(UsageCommand),
     /// KEY_STILL_IN_USE alerts: dead keys that were presented again.
     #[command(subcommand)]
     Alert(AlertCommand),
@@ -202,6 +205,63 @@ pub enum EventsCommand {
         /// The last seq applied.
         seq: i64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// Events over a window, grouped (by key unless --group-by says otherwise), most
+    /// events first, with counts by verify code.
+    Stats(UsageStatsArgs),
+    /// Which keys were used from a network in a window, with counts and first and last
+    /// sightings from there.
+    Search(UsageSearchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UsageStatsArgs {
+    /// From: RFC 3339 or a duration ago such as 7d (default 7d); rounded to its hour.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Up to: RFC 3339 or a duration ago (default now).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// key, owner, system, environment, network or code (default key).
+    #[arg(long)]
+    pub group_by: Option<String>,
+    /// Only keys of this environment.
+    #[arg(long)]
+    pub environment: Option<String>,
+    /// Only keys of this owner.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Only keys that touch this system.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Only events answered with this code, e.g. MALFORMED or SCOPE_DENIED.
+    #[arg(long)]
+    pub code: Option<String>,
+    /// Only events from this network (CIDR; /24 or wider for IPv4, /64 for IPv6).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// How many groups to show (1-1000, default 100).
+    #[arg(long)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageSearchArgs {
+    /// The network, e.g. 10.2.0.0/16 (/24 or wider for IPv4, /64 or wider for IPv6).
+    #[arg(long)]
+    pub source: String,
+    /// From: RFC 3339 or a duration ago such as 7d (default 7d); rounded to its hour.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Up to: RFC 3339 or a duration ago (default now).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// How many keys to show (1-1000, default 100).
+    #[arg(long)]
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -427,7 +487,8 @@ pub enum KeyCommand {
     Revoke(StateArgs),
     /// Make a successor; the old key works until the grace period ends.
     Rotate(RotateArgs),
-    /// Show a key's usage events, newest first.
+    /// Show a key's usage events, newest first; with --stats, its daily valid uses as a
+    /// sparkline and its top sources and subjects.
     Usage(UsageArgs),
 }
 
@@ -529,11 +590,18 @@ pub struct UsageArgs {
     /// The key's id.
     pub id: String,
     /// How many to show (1-1000, default 100).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "stats")]
     pub limit: Option<u32>,
     /// Where the previous page ended (its `next_cursor`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "stats")]
     pub cursor: Option<String>,
+    /// Show the rollups instead of events: daily valid uses as a sparkline, top source
+    /// networks and subjects.
+    #[arg(long)]
+    pub stats: bool,
+    /// With --stats: from when, RFC 3339 or a duration ago (default 30d).
+    #[arg(long, requires = "stats")]
+    pub since: Option<String>,
 }
 
 #[derive(Debug, Args)]

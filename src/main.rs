@@ -76,6 +76,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Owner(ref cmd) => owner(&cli, cmd).await,
         Command::Service(ref cmd) => services::service(&cli, cmd).await,
         Command::Alert(ref cmd) => services::alert(&cli, cmd).await,
+        Command::Usage(ref cmd) => usage(&cli, cmd).await,
         Command::Events(ref cmd) => services::events(&cli, cmd).await,
         Command::Scan(ref args) => scan::run(&cli, args).await,
         Command::Shadow(cli::ShadowCommand::List) => scan::shadow_list(&cli).await,
@@ -379,6 +380,15 @@ async fn key(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
                 )
             })?;
         }
+        KeyCommand::Usage(a) if a.stats => {
+            let q = keywarden_client::KeyStatsQuery {
+                since: Some(a.since.clone().unwrap_or_else(|| "30d".to_owned())),
+                until: None,
+                bucket: Some("day".to_owned()),
+            };
+            let stats = c.key_usage_stats(&a.id, &q).await?;
+            print(cli, &stats, output::key_usage_stats)?;
+        }
         KeyCommand::Usage(a) => {
             let page = c
                 .key_usage(
@@ -390,6 +400,36 @@ async fn key(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
                 )
                 .await?;
             print(cli, &page, |p| output::usage_table(&p.events))?;
+        }
+    }
+    Ok(0)
+}
+
+async fn usage(cli: &Cli, cmd: &cli::UsageCommand) -> Result<u8> {
+    let c = client(cli)?;
+    match cmd {
+        cli::UsageCommand::Stats(a) => {
+            let q = keywarden_client::UsageStatsQuery {
+                since: a.since.clone(),
+                until: a.until.clone(),
+                group_by: a.group_by.clone(),
+                environment: a.environment.clone(),
+                owner: a.owner.clone(),
+                system: a.system.clone(),
+                code: a.code.clone(),
+                network: a.network.clone(),
+                limit: a.limit,
+            };
+            print(cli, &c.usage_stats(&q).await?, output::usage_stats_table)?;
+        }
+        cli::UsageCommand::Search(a) => {
+            let q = keywarden_client::UsageSearchQuery {
+                source: a.source.clone(),
+                since: a.since.clone(),
+                until: a.until.clone(),
+                limit: a.limit,
+            };
+            print(cli, &c.usage_search(&q).await?, output::usage_search_table)?;
         }
     }
     Ok(0)

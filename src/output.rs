@@ -202,6 +202,143 @@ pub fn usage_table(events: &[UsageEventView]) -> String {
     t.to_string()
 }
 
+/// Values as a one-line chart, one character each: ▁ for none, then ▂ to █ by share
+/// of the largest (any use at all shows above ▁).
+pub fn sparkline(values: &[i64]) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let max = values.iter().copied().max().unwrap_or(0).max(1);
+    values
+        .iter()
+        .map(|&v| {
+            let v = v.clamp(0, max);
+            // Rounded up, so the smallest use is one step above none.
+            let step = (v * 7 + max - 1) / max;
+            BARS[usize::try_from(step).unwrap_or(0).min(7)]
+        })
+        .collect()
+}
+
+fn top_table(title: &str, values: &[keywarden_proto::TopValueView]) -> String {
+    let mut t = table(&[title, "EVENTS", "VALID", "FIRST SEEN", "LAST SEEN"]);
+    for v in values {
+        t.add_row(vec![
+            v.value.clone(),
+            v.events.to_string(),
+            v.valid.to_string(),
+            ts(v.first_seen),
+            ts(v.last_seen),
+        ]);
+    }
+    t.to_string()
+}
+
+/// `key usage --stats`: daily valid uses over the window as a sparkline, then the top
+/// sources and subjects.
+pub fn key_usage_stats(s: &keywarden_proto::KeyUsageStats) -> String {
+    // The 30 UTC days up to the window's end, as the day buckets start.
+    let last = (s.until - time::Duration::MILLISECOND)
+        .date()
+        .midnight()
+        .assume_utc();
+    let daily: Vec<i64> = (0..30)
+        .map(|i| {
+            let day = last - time::Duration::days(29 - i);
+            s.buckets
+                .iter()
+                .filter(|b| b.start == day)
+                .map(|b| b.codes.get("VALID").copied().unwrap_or(0))
+                .sum()
+        })
+        .collect();
+    let total = &s.total;
+    let mut out = format!(
+        "Key {}: {} to {}\nValid uses a day, last 30 days  {}  (max {})\n{} events, {} valid; {} networks, {} subjects, {} user agents, {} scopes\n",
+        s.key_id,
+        ts(s.since),
+        ts(s.until),
+        sparkline(&daily),
+        daily.iter().max().copied().unwrap_or(0),
+        total.events,
+        total.codes.get("VALID").copied().unwrap_or(0),
+        total.distinct_networks,
+        total.distinct_subjects,
+        total.distinct_user_agents,
+        total.distinct_scopes,
+    );
+    if !total.codes.is_empty() {
+        let codes: Vec<String> = total
+            .codes
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        out.push_str(&format!("By code: {}\n", codes.join(", ")));
+    }
+    out.push_str(&format!(
+        "\n{}\n",
+        top_table("TOP SOURCES", &s.top_networks)
+    ));
+    out.push_str(&top_table("TOP SUBJECTS", &s.top_subjects));
+    out
+}
+
+pub fn usage_stats_table(s: &keywarden_proto::UsageStats) -> String {
+    let title = s.group_by.to_uppercase();
+    let mut t = table(&[
+        title.as_str(),
+        "NAME",
+        "EVENTS",
+        "VALID",
+        "DENIED",
+        "BY CODE",
+    ]);
+    for g in &s.groups {
+        let valid = g.codes.get("VALID").copied().unwrap_or(0);
+        let codes: Vec<String> = g.codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        t.add_row(vec![
+            g.group.clone().unwrap_or_else(|| "(no key)".to_owned()),
+            opt(&g.name),
+            g.events.to_string(),
+            valid.to_string(),
+            (g.events - valid).to_string(),
+            codes.join(", "),
+        ]);
+    }
+    format!("{} to {}\n{t}", ts(s.since), ts(s.until))
+}
+
+pub fn usage_search_table(s: &keywarden_proto::UsageSearch) -> String {
+    let mut t = table(&[
+        "KEY",
+        "NAME",
+        "OWNER",
+        "ENV",
+        "EVENTS",
+        "VALID",
+        "FIRST SEEN",
+        "LAST SEEN",
+        "NETWORKS",
+    ]);
+    for h in &s.keys {
+        t.add_row(vec![
+            h.key_id.clone().unwrap_or_else(|| "(no key)".to_owned()),
+            opt(&h.name),
+            opt(&h.owner),
+            opt(&h.environment),
+            h.events.to_string(),
+            h.valid.to_string(),
+            ts(h.first_seen),
+            ts(h.last_seen),
+            h.networks.join(" "),
+        ]);
+    }
+    format!(
+        "Used from {} between {} and {}\n{t}",
+        s.source,
+        ts(s.since),
+        ts(s.until)
+    )
+}
+
 pub fn tokens_table(tokens: &[TokenView]) -> String {
     let mut t = table(&[
         "ID",
@@ -395,4 +532,15 @@ pub fn alert_details(a: &keywarden_proto::AlertView) -> String {
         t.add_row(vec![k.to_owned(), v]);
     }
     t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sparkline_scales_to_the_largest_and_shows_any_use() {
+        assert_eq!(super::sparkline(&[0, 1, 7, 14, 0]), "▁▂▅█▁");
+        assert_eq!(super::sparkline(&[0, 0]), "▁▁");
+        assert_eq!(super::sparkline(&[5]), "█");
+        assert_eq!(super::sparkline(&[1, 1000]), "▂█");
+    }
 }

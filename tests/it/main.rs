@@ -29,5 +29,6 @@ mod services;
 mod smtp;
 mod tokens;
 mod usage_log;
+mod usage_stats;
 mod verify;
 mod watch;

@@ -579,6 +579,71 @@ impl Client {
     }
 }
 
+/// The query of `GET /v1/keys/{id}/usage/stats`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KeyStatsQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+}
+
+/// The query of `GET /v1/usage/stats`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UsageStatsQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// The query of `GET /v1/usage/search`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UsageSearchQuery {
+    pub source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+impl Client {
+    pub async fn key_usage_stats(
+        &self,
+        id: &str,
+        q: &KeyStatsQuery,
+    ) -> Result<keywarden_proto::KeyUsageStats> {
+        self.get(&format!("/v1/keys/{}/usage/stats", seg(id)), Some(q))
+            .await
+    }
+
+    pub async fn usage_stats(&self, q: &UsageStatsQuery) -> Result<keywarden_proto::UsageStats> {
+        self.get("/v1/usage/stats", Some(q)).await
+    }
+
+    pub async fn usage_search(&self, q: &UsageSearchQuery) -> Result<keywarden_proto::UsageSearch> {
+        self.get("/v1/usage/search", Some(q)).await
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AlertQuery {
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -768,3 +768,114 @@ pub struct Health {
     pub status: String,
     pub version: String,
 }
+
+/// One bucket of usage rollups (an hour or a UTC day), or a whole window.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageBucketView {
+    #[serde(with = "time::serde::rfc3339")]
+    pub start: OffsetDateTime,
+    /// Every verify of the bucket, allowed or denied.
+    pub events: i64,
+    /// Events by verify code (`VALID`, `SCOPE_DENIED`, …); codes with none are left out.
+    pub codes: BTreeMap<String, i64>,
+    /// Distinct source networks (/24 of IPv4, /64 of IPv6) events came from.
+    pub distinct_networks: i64,
+    /// Distinct scopes asked for.
+    pub distinct_scopes: i64,
+    /// Distinct subjects named.
+    pub distinct_subjects: i64,
+    /// Distinct user agents seen.
+    pub distinct_user_agents: i64,
+}
+
+/// A value among the most frequent of a window.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TopValueView {
+    /// A network as CIDR (`10.2.3.0/24`); a scope, subject or user agent as sent.
+    pub value: String,
+    pub events: i64,
+    /// Of those, events answered VALID.
+    pub valid: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+}
+
+/// `GET /v1/keys/{id}/usage/stats`: a key's usage rollups over a window of whole hours.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyUsageStats {
+    pub key_id: String,
+    /// The window, rounded out to whole hours: `since` inclusive, `until` exclusive.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub until: OffsetDateTime,
+    /// `hour` or `day` (UTC days).
+    pub bucket: String,
+    /// The whole window; its distinct counts are over the window.
+    pub total: UsageBucketView,
+    /// Buckets with events, oldest first.
+    pub buckets: Vec<UsageBucketView>,
+    pub top_networks: Vec<TopValueView>,
+    pub top_scopes: Vec<TopValueView>,
+    pub top_subjects: Vec<TopValueView>,
+    pub top_user_agents: Vec<TopValueView>,
+}
+
+/// One group of `GET /v1/usage/stats`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageStatsGroup {
+    /// The key id, owner, system, environment, network (CIDR) or code. Absent for events
+    /// that named no key (grouped by key or network or code), or no stored key (grouped
+    /// by a key's owner, system or environment).
+    pub group: Option<String>,
+    /// Grouped by key: the key's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub events: i64,
+    pub codes: BTreeMap<String, i64>,
+}
+
+/// `GET /v1/usage/stats`: events over a window, grouped, most events first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageStats {
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub until: OffsetDateTime,
+    pub group_by: String,
+    pub groups: Vec<UsageStatsGroup>,
+}
+
+/// A key used from the searched network.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageSearchHit {
+    /// Absent for events that named no key (malformed keys).
+    pub key_id: Option<String>,
+    /// Absent when the id names no stored key (a guessed id).
+    pub name: Option<String>,
+    pub owner: Option<String>,
+    pub environment: Option<String>,
+    /// Events from the network in the window, allowed or denied.
+    pub events: i64,
+    /// Of those, events answered VALID.
+    pub valid: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    /// The /24 (/64) networks inside the searched one the events came from.
+    pub networks: Vec<String>,
+}
+
+/// `GET /v1/usage/search`: which keys were used from a network.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageSearch {
+    pub source: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub until: OffsetDateTime,
+    pub keys: Vec<UsageSearchHit>,
+}

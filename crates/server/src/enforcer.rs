@@ -239,7 +239,24 @@ pub async fn plan_under(app: &SharedState, candidate: Policy) -> Result<Vec<Acti
 pub async fn pass(app: &SharedState) -> Result<Vec<Action>, ApiError> {
     let done = pass_now(app).await;
     app.metrics.enforcer_pass(done.is_ok());
+    prune_rollups(app).await;
     done
+}
+
+/// Removes usage rollups of hours older than the retention. A small job: with the hour
+/// index it costs one probe when nothing is due, so it runs on every pass. A failure is
+/// logged and retried on the next pass; it does not fail the pass's key actions.
+async fn prune_rollups(app: &SharedState) {
+    let before = keywarden_store::hour_of(keywarden_core::clock::to_millis(
+        app.now() - app.config.usage_rollup_retention,
+    ));
+    match app.store.prune_usage_rollups(before).await {
+        Ok(0) => {}
+        Ok(rows) => tracing::info!(rows, "usage rollups past their retention removed"),
+        Err(e) => {
+            tracing::error!(error = %e, "removing old usage rollups failed; retrying on the next pass")
+        }
+    }
 }
 
 async fn pass_now(app: &SharedState) -> Result<Vec<Action>, ApiError> {

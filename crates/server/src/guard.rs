@@ -46,7 +46,10 @@ pub fn permission(method: &Method, route: &str) -> Option<Permission> {
         | "/v1/keys/{id}/resume"
         | "/v1/keys/{id}/revoke"
         | "/v1/keys/{id}/rotate" => KeysWrite,
-        "/v1/keys/{id}/usage" => UsageRead,
+        "/v1/keys/{id}/usage"
+        | "/v1/keys/{id}/usage/stats"
+        | "/v1/usage/stats"
+        | "/v1/usage/search" => UsageRead,
         "/v1/verify" => Verify,
         "/v1/tokens" => read_or_write(TokensRead, TokensWrite),
         "/v1/tokens/{id}/revoke" => TokensWrite,

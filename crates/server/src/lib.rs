@@ -61,7 +61,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
     info(title = "keywarden", description = "Governs provisioning keys: issue, verify, govern, audit."),
     modifiers(&BearerAuth),
     paths(routes::gateway::auth_doc),
-    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "policy"), (name = "owners"), (name = "services"), (name = "alerts"), (name = "health"), (name = "metrics"))
+    tags((name = "keys"), (name = "verify"), (name = "tokens"), (name = "audit"), (name = "policy"), (name = "owners"), (name = "services"), (name = "alerts"), (name = "usage"), (name = "health"), (name = "metrics"))
 )]
 struct ApiDoc;
 
@@ -90,6 +90,9 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::keys::revoke_key))
         .routes(routes!(routes::keys::rotate_key))
         .routes(routes!(routes::keys::key_usage))
+        .routes(routes!(routes::usage::key_usage_stats))
+        .routes(routes!(routes::usage::usage_stats))
+        .routes(routes!(routes::usage::usage_search))
         .routes(routes!(routes::verify::verify))
         .routes(routes!(
             routes::tokens::create_token,

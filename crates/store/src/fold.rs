@@ -28,6 +28,8 @@ pub(crate) struct KeyDelta {
     pub head: i64,
     /// (subject, first seen, last seen), unix ms; a key enrolls few subjects.
     pub subjects: Vec<(String, i64, i64)>,
+    /// Every event of the key (valid or not), by hour: what the rollups gain.
+    pub rollup: Rollup,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +53,13 @@ pub(crate) struct Pending {
     /// Fold steps that have ended; a point read that saw this move while it read the
     /// tables reads again.
     pub folds: u64,
+    /// Events that named no key, rolled up under no key. They have no `last_seq` to
+    /// say which are folded, so they go with `folded_seq`: when a fold starts, what is
+    /// here then (exactly the keyless events up to `fold_upto`) moves to
+    /// `keyless_folding`, and the fold's last step writes it in the transaction that
+    /// moves `folded_seq` to `fold_upto`.
+    pub keyless: Rollup,
+    pub keyless_folding: Rollup,
 }
 
 pub(crate) const HEADS_CACHED: usize = 1_000_000;
@@ -64,6 +73,9 @@ pub(crate) struct LoggedEvent<'a> {
     pub counted: bool,
     pub source_ip: Option<IpAddr>,
     pub subject: Option<&'a str>,
+    pub code: VerifyCode,
+    pub scope: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
 }
 
 impl<'a> LoggedEvent<'a> {
@@ -76,7 +88,293 @@ impl<'a> LoggedEvent<'a> {
             counted: e.counted,
             source_ip: e.source_ip,
             subject: e.subject.as_deref(),
+            code: e.code,
+            scope: e.scope.as_deref(),
+            user_agent: e.user_agent.as_deref(),
         }
+    }
+}
+
+/// An hour in unix ms: the rollups' unit.
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// The start of the hour (UTC) that `ms` falls in.
+pub fn hour_of(ms: i64) -> i64 {
+    ms - ms.rem_euclid(HOUR_MS)
+}
+
+/// A source network as rollups keep it: the /24 of an IPv4 address, the /64 of an IPv6
+/// one (an IPv4-mapped IPv6 address counts as the IPv4 address). Finer than that, one
+/// client's addresses spread over many rows; coarser, unrelated clients merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Network {
+    V4(u32),
+    V6(u64),
+}
+
+impl Network {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => Self::V4(u32::from(v4) & 0xffff_ff00),
+            IpAddr::V6(v6) => Self::V6(u64::try_from(u128::from(v6) >> 64).unwrap_or(0)),
+        }
+    }
+
+    /// The stored text: sortable, so that the networks inside a CIDR are one range.
+    pub fn stored(self) -> String {
+        match self {
+            Self::V4(n) => format!("4{n:08x}"),
+            Self::V6(n) => format!("6{n:016x}"),
+        }
+    }
+
+    pub fn from_stored(s: &str) -> Option<Self> {
+        match (s.get(..1), s.get(1..)) {
+            (Some("4"), Some(hex)) if hex.len() == 8 => {
+                u32::from_str_radix(hex, 16).ok().map(Self::V4)
+            }
+            (Some("6"), Some(hex)) if hex.len() == 16 => {
+                u64::from_str_radix(hex, 16).ok().map(Self::V6)
+            }
+            _ => None,
+        }
+    }
+
+    /// The network as people write it: `10.2.3.0/24`, `2001:db8:0:1::/64`.
+    pub fn cidr(self) -> String {
+        match self {
+            Self::V4(n) => format!("{}/24", std::net::Ipv4Addr::from(n)),
+            Self::V6(n) => format!("{}/64", std::net::Ipv6Addr::from(u128::from(n) << 64)),
+        }
+    }
+
+    /// The stored values of the rollup networks inside `net`, as an inclusive range; `None`
+    /// when `net` is narrower than a rollup network (/24, /64), which rollups cannot tell.
+    pub fn stored_range(net: ipnet::IpNet) -> Option<(String, String)> {
+        match net.trunc() {
+            ipnet::IpNet::V4(v4) if v4.prefix_len() <= 24 => Some((
+                Self::V4(u32::from(v4.network())).stored(),
+                Self::V4(u32::from(v4.broadcast()) & 0xffff_ff00).stored(),
+            )),
+            ipnet::IpNet::V6(v6) if v6.prefix_len() <= 64 => {
+                let hi = |a: std::net::Ipv6Addr| u64::try_from(u128::from(a) >> 64).unwrap_or(0);
+                Some((
+                    Self::V6(hi(v6.network())).stored(),
+                    Self::V6(hi(v6.broadcast())).stored(),
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the rollups keep of a value an event carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ValueKind {
+    Network,
+    Scope,
+    Subject,
+    Agent,
+}
+
+impl ValueKind {
+    pub const ALL: [Self; 4] = [Self::Network, Self::Scope, Self::Subject, Self::Agent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Network => "network",
+            Self::Scope => "scope",
+            Self::Subject => "subject",
+            Self::Agent => "agent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// Sightings of one value: how many events, the first and the last (unix ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Seen {
+    pub events: i64,
+    pub first: i64,
+    pub last: i64,
+}
+
+impl Seen {
+    fn new(at: i64) -> Self {
+        Self {
+            events: 1,
+            first: at,
+            last: at,
+        }
+    }
+
+    fn add(&mut self, at: i64) {
+        self.events += 1;
+        self.first = self.first.min(at);
+        self.last = self.last.max(at);
+    }
+}
+
+/// One hour of one key's events as rollups count them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HourRollup {
+    /// Events by verify code; a key sees few codes in an hour.
+    pub codes: Vec<(VerifyCode, i64)>,
+    /// By code, since a network's events may be allowed and denied alike.
+    pub networks: HashMap<(Network, VerifyCode), Seen>,
+    /// Scope, subject and user agent by [`value_key`] (kind, code and the text as the
+    /// client sent it in one string), so a value already seen is found without
+    /// allocating.
+    pub values: HashMap<String, Seen>,
+}
+
+/// The key of [`HourRollup::values`]: the kind's letter, the code's index in
+/// `VerifyCode::ALL` as two digits, then the value.
+fn value_key(out: &mut String, kind: ValueKind, code: VerifyCode, value: &str) {
+    out.clear();
+    out.push(match kind {
+        ValueKind::Network => 'n',
+        ValueKind::Scope => 's',
+        ValueKind::Subject => 'u',
+        ValueKind::Agent => 'a',
+    });
+    let idx = VerifyCode::ALL.iter().position(|c| *c == code).unwrap_or(0);
+    out.push(char::from(b'0' + u8::try_from(idx / 10).unwrap_or(0)));
+    out.push(char::from(b'0' + u8::try_from(idx % 10).unwrap_or(0)));
+    out.push_str(value);
+}
+
+fn split_value_key(key: &str) -> Option<(ValueKind, VerifyCode, &str)> {
+    let kind = match key.get(..1)? {
+        "n" => ValueKind::Network,
+        "s" => ValueKind::Scope,
+        "u" => ValueKind::Subject,
+        "a" => ValueKind::Agent,
+        _ => return None,
+    };
+    let idx: usize = key.get(1..3)?.parse().ok()?;
+    Some((kind, *VerifyCode::ALL.get(idx)?, key.get(3..)?))
+}
+
+/// A key's (or the keyless) events by hour, not yet written to the rollup tables.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Rollup {
+    pub hours: HashMap<i64, HourRollup>,
+    /// Reused for [`value_key`]s.
+    scratch: String,
+}
+
+impl Rollup {
+    pub fn is_empty(&self) -> bool {
+        self.hours.is_empty()
+    }
+
+    /// Counts one event. Events that named no key keep only their code and network:
+    /// what a client sends along with junk is junk too, and would fill the tables.
+    pub fn add(&mut self, e: &LoggedEvent<'_>) {
+        let h = self.hours.entry(hour_of(e.time)).or_default();
+        match h.codes.iter_mut().find(|(c, _)| *c == e.code) {
+            Some((_, n)) => *n += 1,
+            None => h.codes.push((e.code, 1)),
+        }
+        if let Some(ip) = e.source_ip {
+            h.networks
+                .entry((Network::of(ip), e.code))
+                .and_modify(|s| s.add(e.time))
+                .or_insert_with(|| Seen::new(e.time));
+        }
+        if e.key_id.is_none() {
+            return;
+        }
+        for (kind, value) in [
+            (ValueKind::Scope, e.scope),
+            (ValueKind::Subject, e.subject),
+            (ValueKind::Agent, e.user_agent),
+        ] {
+            let Some(value) = value else { continue };
+            value_key(&mut self.scratch, kind, e.code, value);
+            match h.values.get_mut(self.scratch.as_str()) {
+                Some(seen) => seen.add(e.time),
+                None => {
+                    h.values.insert(self.scratch.clone(), Seen::new(e.time));
+                }
+            }
+        }
+    }
+
+    /// Adds another rollup's counts to this one.
+    pub fn merge(&mut self, other: Rollup) {
+        for (hour, o) in other.hours {
+            let h = self.hours.entry(hour).or_default();
+            for (code, n) in o.codes {
+                match h.codes.iter_mut().find(|(c, _)| *c == code) {
+                    Some((_, m)) => *m += n,
+                    None => h.codes.push((code, n)),
+                }
+            }
+            for (k, s) in o.networks {
+                merge_seen(h.networks.entry(k).or_insert(Seen { events: 0, ..s }), s);
+            }
+            for (k, s) in o.values {
+                merge_seen(h.values.entry(k).or_insert(Seen { events: 0, ..s }), s);
+            }
+        }
+    }
+
+    /// The rows this rollup adds, in one order whatever the maps': codes as (hour, code,
+    /// events), values as (hour, kind, value, code, seen). Concurrent writers of shared
+    /// rows (PostgreSQL nodes) lock them in this order.
+    pub fn rows(&self) -> RollupRows {
+        let mut out = RollupRows::default();
+        for (hour, h) in &self.hours {
+            for (code, n) in &h.codes {
+                out.codes.push((*hour, code.as_str(), *n));
+            }
+            for ((net, code), s) in &h.networks {
+                out.values
+                    .push((*hour, ValueKind::Network, net.stored(), code.as_str(), *s));
+            }
+            for (k, s) in &h.values {
+                if let Some((kind, code, v)) = split_value_key(k) {
+                    out.values
+                        .push((*hour, kind, v.to_owned(), code.as_str(), *s));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl PartialEq for Rollup {
+    fn eq(&self, other: &Self) -> bool {
+        self.rows() == other.rows()
+    }
+}
+
+impl Eq for Rollup {}
+
+fn merge_seen(into: &mut Seen, s: Seen) {
+    into.events += s.events;
+    into.first = into.first.min(s.first);
+    into.last = into.last.max(s.last);
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct RollupRows {
+    pub codes: Vec<(i64, &'static str, i64)>,
+    pub values: Vec<(i64, ValueKind, String, &'static str, Seen)>,
+}
+
+impl RollupRows {
+    pub fn sort(&mut self) {
+        self.codes
+            .sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        self.values
+            .sort_unstable_by(|a, b| (a.0, a.1, &a.2, a.3).cmp(&(b.0, b.1, &b.2, b.3)));
     }
 }
 
@@ -90,8 +388,9 @@ impl Pending {
         folded
     }
 
+    /// Nothing to fold: no key's events, and no keyless ones.
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.keys.is_empty() && self.keyless.is_empty()
     }
 
     /// The key's newest event, if it is pending.
@@ -102,9 +401,13 @@ impl Pending {
     /// Adds one logged event; events must come in `seq` order.
     pub fn add(&mut self, e: &LoggedEvent<'_>) {
         self.max_seq = self.max_seq.max(e.seq);
-        let Some(id) = e.key_id else { return };
+        let Some(id) = e.key_id else {
+            self.keyless.add(e);
+            return;
+        };
         let d = self.keys.entry(id.clone()).or_default();
         d.head = d.head.max(e.seq);
+        d.rollup.add(e);
         if !e.valid {
             return;
         }
@@ -286,7 +589,76 @@ mod tests {
             counted: false,
             source_ip: from.map(|ip| ip.parse().expect("an address")),
             subject: Some("host-a"),
+            code: if valid {
+                VerifyCode::Valid
+            } else {
+                VerifyCode::ScopeDenied
+            },
+            scope: Some("deploy:write"),
+            user_agent: None,
         }
+    }
+
+    #[test]
+    fn rollups_count_every_event_by_hour_code_and_value() {
+        let mut p = Pending::default();
+        p.add(&ev(1, 10, true, Some("10.0.0.1")));
+        p.add(&ev(2, 20, true, Some("10.0.0.200")));
+        p.add(&ev(3, HOUR_MS + 5, false, Some("2001:db8::1")));
+        let mut junk = ev(4, 30, false, Some("192.0.2.9"));
+        junk.key_id = None;
+        junk.code = VerifyCode::Malformed;
+        p.add(&junk);
+        let rows = p.keys[key()].rollup.rows();
+        assert_eq!(
+            rows.codes,
+            vec![(0, "VALID", 2), (HOUR_MS, "SCOPE_DENIED", 1)]
+        );
+        let nets: Vec<(i64, String, i64)> = rows
+            .values
+            .iter()
+            .filter(|v| v.1 == ValueKind::Network)
+            .map(|v| {
+                (
+                    v.0,
+                    Network::from_stored(&v.2).expect("stored").cidr(),
+                    v.4.events,
+                )
+            })
+            .collect();
+        assert_eq!(
+            nets,
+            vec![
+                (0, "10.0.0.0/24".to_owned(), 2),
+                (HOUR_MS, "2001:db8::/64".to_owned(), 1)
+            ]
+        );
+        let keyless = p.keyless.rows();
+        assert_eq!(keyless.codes, vec![(0, "MALFORMED", 1)]);
+        assert_eq!(
+            keyless.values.len(),
+            1,
+            "only the network of a keyless event"
+        );
+    }
+
+    #[test]
+    fn networks_sort_as_their_addresses_and_cidrs_are_ranges() {
+        let net = |s: &str| Network::of(s.parse().expect("an address"));
+        assert_eq!(net("::ffff:10.1.2.3"), net("10.1.2.77"));
+        let (lo, hi) = Network::stored_range("10.2.0.0/16".parse().expect("cidr")).expect("range");
+        for (ip, inside) in [
+            ("10.2.0.1", true),
+            ("10.2.255.9", true),
+            ("10.3.0.1", false),
+            ("10.1.255.255", false),
+        ] {
+            let s = net(ip).stored();
+            assert_eq!(s >= lo && s <= hi, inside, "{ip}");
+        }
+        assert!(Network::stored_range("10.2.3.0/25".parse().expect("cidr")).is_none());
+        assert!(Network::stored_range("2001:db8::/48".parse().expect("cidr")).is_some());
+        assert!(Network::stored_range("2001:db8::/65".parse().expect("cidr")).is_none());
     }
 
     #[test]

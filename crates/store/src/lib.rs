@@ -21,6 +21,7 @@ mod keys;
 mod owners;
 mod policies;
 mod postgres;
+pub mod rollups;
 mod rows;
 mod services;
 mod shadow;
@@ -39,6 +40,7 @@ pub use audit::{
     ArchiveOutcome, ArchiveRecord, ArchiveRequest, AuditFilter, AuditOrder, KeyEvent, Quarantined,
 };
 pub use cluster::{Changes, Leadership};
+pub use fold::{hour_of, Network, ValueKind, HOUR_MS};
 pub use keys::{KeyFilter, KeyStamp, StateFilter};
 pub use owners::Owner;
 pub use policies::StoredPolicy;

@@ -452,7 +452,7 @@ pub async fn list_keys(
     }))
 }
 
-async fn load_in_reach(
+pub(crate) async fn load_in_reach(
     app: &SharedState,
     principal: &Principal,
     id: &str,

@@ -17,6 +17,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
 
 use crate::fold::Pending;
+use crate::fold::RollupRows;
+use crate::rollups::{UPSERT_ROLLUP_CODES_TAIL, UPSERT_ROLLUP_VALUES_TAIL};
 use crate::rows::{decode_error, key_from_row, ms, KEY_COLUMNS, KEY_FROM, STAMP_SQL};
 use crate::usage::{UPSERT_KEY_USAGE_TAIL, UPSERT_SUBJECT_TAIL};
 use crate::{KeyStamp, Result, StoreError};
@@ -154,8 +156,8 @@ impl Engine {
         Ok(Err(retry.max(1)))
     }
 
-    /// Writes a batch of usage events and folds it into the keys' stats, in one
-    /// transaction: three statements whatever the batch's size.
+    /// Writes a batch of usage events and folds it into the keys' stats and the usage
+    /// rollups, in one transaction: five statements whatever the batch's size.
     pub async fn record_usage(&self, events: &[UsageEvent]) -> Result<()> {
         let mut batch = EventColumns::default();
         for e in events {
@@ -183,6 +185,16 @@ impl Engine {
                 stats.first_seen.push(*first);
                 stats.last_seen.push(*last);
             }
+        }
+        // Rollups: aggregated here first, so each (key, hour, code) and each value is one
+        // row of the batch (an upsert may not touch a row twice), in key order like the
+        // stats. Every key with events gets rows, and the keyless ones go under ''.
+        let mut rollup = RollupColumns::default();
+        rollup.push("", &folded.keyless.rows());
+        let mut keyed: Vec<_> = folded.keys.iter().collect();
+        keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (id, d) in keyed {
+            rollup.push(id.as_str(), &d.rollup.rows());
         }
         let mut tx = self.pool.begin().await?;
         sqlx::query(INSERT_EVENTS)
@@ -212,6 +224,28 @@ impl Engine {
                 .bind(&stats.subject)
                 .bind(&stats.first_seen)
                 .bind(&stats.last_seen)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !rollup.key_id.is_empty() {
+            sqlx::query(&UPSERT_ROLLUP_CODES)
+                .bind(&rollup.key_id)
+                .bind(&rollup.hour)
+                .bind(&rollup.code)
+                .bind(&rollup.events)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !rollup.v_key_id.is_empty() {
+            sqlx::query(&UPSERT_ROLLUP_VALUES)
+                .bind(&rollup.v_key_id)
+                .bind(&rollup.v_hour)
+                .bind(&rollup.v_kind)
+                .bind(&rollup.v_value)
+                .bind(&rollup.v_code)
+                .bind(&rollup.v_events)
+                .bind(&rollup.v_first)
+                .bind(&rollup.v_last)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -287,6 +321,61 @@ static UPSERT_SUBJECTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
          {UPSERT_SUBJECT_TAIL}"
     )
 });
+
+static UPSERT_ROLLUP_CODES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO usage_rollups (key_id, hour, code, events) \
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[]) \
+         {UPSERT_ROLLUP_CODES_TAIL}"
+    )
+});
+
+static UPSERT_ROLLUP_VALUES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO usage_rollup_values (key_id, hour, kind, value, code, events, first_seen, \
+         last_seen) SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], \
+         $5::text[], $6::bigint[], $7::bigint[], $8::bigint[]) {UPSERT_ROLLUP_VALUES_TAIL}"
+    )
+});
+
+/// A batch's rollup rows, one array per column of `usage_rollups` and
+/// `usage_rollup_values`.
+#[derive(Default)]
+struct RollupColumns<'a> {
+    key_id: Vec<&'a str>,
+    hour: Vec<i64>,
+    code: Vec<&'static str>,
+    events: Vec<i64>,
+    v_key_id: Vec<&'a str>,
+    v_hour: Vec<i64>,
+    v_kind: Vec<&'static str>,
+    v_value: Vec<String>,
+    v_code: Vec<&'static str>,
+    v_events: Vec<i64>,
+    v_first: Vec<i64>,
+    v_last: Vec<i64>,
+}
+
+impl<'a> RollupColumns<'a> {
+    fn push(&mut self, key_id: &'a str, rows: &RollupRows) {
+        for (hour, code, n) in &rows.codes {
+            self.key_id.push(key_id);
+            self.hour.push(*hour);
+            self.code.push(code);
+            self.events.push(*n);
+        }
+        for (hour, kind, value, code, seen) in &rows.values {
+            self.v_key_id.push(key_id);
+            self.v_hour.push(*hour);
+            self.v_kind.push(kind.as_str());
+            self.v_value.push(value.clone());
+            self.v_code.push(code);
+            self.v_events.push(seen.events);
+            self.v_first.push(seen.first);
+            self.v_last.push(seen.last);
+        }
+    }
+}
 
 /// A batch of usage events as one array per column.
 #[derive(Default)]

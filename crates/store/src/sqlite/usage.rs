@@ -15,11 +15,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use keywarden_core::model::UsageEvent;
+use keywarden_core::verify::VerifyCode;
 use keywarden_core::KeyId;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::fold::fold_last_use_sql;
-use crate::fold::{LoggedEvent, Pending, HEADS_CACHED};
+use crate::fold::{LoggedEvent, Pending, Rollup, RollupRows, HEADS_CACHED};
+use crate::rollups::{UPSERT_ROLLUP_CODES, UPSERT_ROLLUP_VALUES};
 use crate::rows::ms;
 use crate::usage::UPSERT_SUBJECT_TAIL;
 use crate::{Result, StoreError};
@@ -45,9 +47,13 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
         .map_err(|_| StoreError::Internal("usage sink lock poisoned".to_owned()))
 }
 
+/// Every id the log names gets a row, also one that names no stored key (a NOT_FOUND of
+/// a guessed id, which never has a use): its `last_seq` says which of its events the
+/// usage rollups already hold, so a refold after a crash counts none of them twice.
+/// Readers reach `key_usage` only from `keys`, so such rows show nowhere.
 const FOLD_KEY: &str = concat!(
     "INSERT INTO key_usage (key_id, batched_uses, last_used_at, last_used_from, last_seq) \
-     SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM keys WHERE id = ?1) \
+     VALUES (?1, ?2, ?3, ?4, ?5) \
      ON CONFLICT (key_id) DO UPDATE SET \
      batched_uses = key_usage.batched_uses + excluded.batched_uses, ",
     fold_last_use_sql!(
@@ -169,16 +175,20 @@ impl SqliteUsageSink {
     /// overlay is not locked during the transaction: the chunk waits in `in_flight`.
     pub fn fold_step(&self, max_keys: usize) -> Result<bool> {
         let mut conn = lock(&self.conn)?;
-        let (chunk, last_chunk, fold_upto) = {
+        let (chunk, last_chunk, fold_upto, keyless) = {
             let mut pending = lock(&self.pending)?;
             if pending.fold_queue.is_empty() {
-                if pending.is_empty() {
+                if pending.is_empty() && pending.keyless_folding.is_empty() {
                     return Ok(true);
                 }
                 let mut queue: Vec<KeyId> = pending.keys.keys().cloned().collect();
                 queue.sort_unstable_by(|a, b| b.cmp(a));
                 pending.fold_queue = queue;
                 pending.fold_upto = pending.max_seq;
+                // Exactly the keyless events up to fold_upto (plus any a failed last step
+                // left), written with folded_seq by the fold's last step.
+                let keyless = std::mem::take(&mut pending.keyless);
+                pending.keyless_folding.merge(keyless);
             }
             let at = pending.fold_queue.len().saturating_sub(max_keys.max(1));
             let ids: Vec<KeyId> = pending.fold_queue.drain(at..).rev().collect();
@@ -191,7 +201,9 @@ impl SqliteUsageSink {
                     chunk.push((id, d));
                 }
             }
-            (chunk, pending.fold_queue.is_empty(), pending.fold_upto)
+            let last_chunk = pending.fold_queue.is_empty();
+            let keyless = last_chunk.then(|| pending.keyless_folding.rows());
+            (chunk, last_chunk, pending.fold_upto, keyless)
         };
         let result = (|| {
             let tx = conn
@@ -212,12 +224,17 @@ impl SqliteUsageSink {
                     if fold_known_key.execute(stats).map_err(err)? == 0 {
                         fold_key.execute(stats).map_err(err)?;
                     }
+                    // With the key's last_seq: the crash-recovery refold covers them.
+                    write_rollup(&tx, id.as_str(), &d.rollup.rows())?;
                     // Subjects only come with valid uses, so the key exists.
                     for (subject, first, last) in &d.subjects {
                         fold_subject
                             .execute(params![id.as_str(), subject, first, last])
                             .map_err(err)?;
                     }
+                }
+                if let Some(rows) = &keyless {
+                    write_rollup(&tx, "", rows)?;
                 }
                 if last_chunk {
                     tx.execute(
@@ -247,6 +264,9 @@ impl SqliteUsageSink {
         for (id, d) in chunk {
             pending.folded_heads.insert(id, d.head);
         }
+        if last_chunk {
+            pending.keyless_folding = Rollup::default();
+        }
         Ok(last_chunk)
     }
 
@@ -259,6 +279,34 @@ impl SqliteUsageSink {
     pub fn folding(&self) -> Result<bool> {
         Ok(!lock(&self.pending)?.fold_queue.is_empty())
     }
+}
+
+/// Adds a rollup's rows to the rollup tables under `key_id` ('' for no key).
+fn write_rollup(tx: &rusqlite::Transaction<'_>, key_id: &str, rows: &RollupRows) -> Result<()> {
+    if !rows.codes.is_empty() {
+        let mut codes = tx.prepare_cached(&UPSERT_ROLLUP_CODES).map_err(err)?;
+        for (hour, code, n) in &rows.codes {
+            codes.execute(params![key_id, hour, code, n]).map_err(err)?;
+        }
+    }
+    if !rows.values.is_empty() {
+        let mut values = tx.prepare_cached(&UPSERT_ROLLUP_VALUES).map_err(err)?;
+        for (hour, kind, value, code, seen) in &rows.values {
+            values
+                .execute(params![
+                    key_id,
+                    hour,
+                    kind.as_str(),
+                    value,
+                    code,
+                    seen.events,
+                    seen.first,
+                    seen.last
+                ])
+                .map_err(err)?;
+        }
+    }
+    Ok(())
 }
 
 /// The overlay of events after `folded_seq`: empty after a clean stop (the writer folds
@@ -275,8 +323,8 @@ fn recover(conn: &Connection) -> Result<Pending> {
     };
     let mut stmt = conn
         .prepare(
-            "SELECT seq, key_id, time, code, counted, source_ip, subject FROM usage_events \
-             WHERE seq > ?1 ORDER BY seq",
+            "SELECT seq, key_id, time, code, counted, source_ip, subject, scope, user_agent \
+             FROM usage_events WHERE seq > ?1 ORDER BY seq",
         )
         .map_err(err)?;
     let mut folded_upto = conn
@@ -315,14 +363,22 @@ fn recover(conn: &Connection) -> Result<Pending> {
         let source_ip: Option<String> = row.get(5).map_err(err)?;
         let source_ip = source_ip.and_then(|ip| ip.parse().ok());
         let subject: Option<String> = row.get(6).map_err(err)?;
+        let scope: Option<String> = row.get(7).map_err(err)?;
+        let user_agent: Option<String> = row.get(8).map_err(err)?;
+        let code: VerifyCode = code.parse().map_err(|_| {
+            StoreError::Corrupt(format!("usage event {seq}: unknown code {code:?}"))
+        })?;
         pending.add(&LoggedEvent {
             seq,
             key_id: key_id.as_ref(),
             time: row.get(2).map_err(err)?,
-            valid: code == keywarden_core::verify::VerifyCode::Valid.as_str(),
+            valid: code == VerifyCode::Valid,
             counted: row.get::<_, i64>(4).map_err(err)? != 0,
             source_ip,
             subject: subject.as_deref(),
+            code,
+            scope: scope.as_deref(),
+            user_agent: user_agent.as_deref(),
         });
     }
     if !pending.is_empty() {
