@@ -213,15 +213,30 @@ impl Monitor {
     /// Learns from a batch of valid uses; raises what is unusual about them.
     async fn uses(&mut self, app: &SharedState, batch: Vec<Use>) {
         for u in batch {
-            let environment = match app.keys.lookup(&u.key_id, u.time) {
-                Lookup::Fresh(Some(k)) | Lookup::Stale(Some(k), _) => Some(k.environment.clone()),
-                _ => None,
+            // The key's environment picks its rules. Evicted from the cache (another
+            // node's change, this node's own alert on it), it is read from the store:
+            // judging it by the default rules would be judging it by the wrong ones.
+            let record = match app.keys.lookup(&u.key_id, u.time) {
+                Lookup::Fresh(Some(k)) | Lookup::Stale(Some(k), _) => Some(k),
+                _ => match app.store.get_key(&u.key_id).await {
+                    Ok(k) => k.map(|k| std::sync::Arc::new(crate::cache::CachedKey::new(k))),
+                    Err(e) => {
+                        tracing::warn!(key_id = %u.key_id, error = %e, "cannot read a key the monitor judges; its use is skipped");
+                        continue;
+                    }
+                },
             };
+            let environment = record.as_ref().map(|k| k.environment.clone());
             let rules = app.with_cached_policy(|p| {
                 p.rules_for(environment.as_deref().unwrap_or_default())
                     .watch
                     .clone()
             });
+            if let Some(k) = record
+                .filter(|k| !self.behaviour.knows(&k.id) && u.time - k.created_at >= rules.warmup)
+            {
+                self.seed(app, &k, u.time).await;
+            }
             let unusual = self.behaviour.observe(&u, &rules);
             if unusual.is_empty() {
                 continue;
@@ -247,6 +262,26 @@ impl Monitor {
                     evidence: x.evidence,
                 };
                 self.raise(app, &s, trip).await;
+            }
+        }
+    }
+
+    /// Starts a key past its warm-up from its rollups; on a store error it learns afresh
+    /// (quiet for a warm-up) rather than alert on every source.
+    async fn seed(&mut self, app: &SharedState, k: &crate::cache::CachedKey, now: OffsetDateTime) {
+        let since = now - time::Duration::days(30);
+        let ms =
+            |t: OffsetDateTime| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        match app.store.known_sources(&k.id, ms(since), ms(now)).await {
+            Ok(known) => self.behaviour.seed(
+                &k.id,
+                k.created_at,
+                now,
+                known.networks.iter().filter_map(|n| n.parse().ok()),
+                known.subjects,
+            ),
+            Err(e) => {
+                tracing::warn!(key_id = %k.id, error = %e, "cannot read a key's usage rollups; it learns afresh");
             }
         }
     }

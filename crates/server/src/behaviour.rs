@@ -5,10 +5,12 @@
 //!
 //! The usage writer hands every batch's valid uses here (off the verify path, one
 //! message per batch). A key learns quietly for the warm-up (the policy's
-//! `alert_warmup`, from when this node first saw it): a new key's first networks and
-//! subjects, and its rate, are its normal. Learned state lives in memory: after a
-//! restart each key learns again, so a restart can hide a new source for one warm-up,
-//! never raise a false one.
+//! `alert_warmup`): a new key's first networks and subjects, and its rate, are its
+//! normal. Learned state lives in memory. A key this node sees for the first time but
+//! that is older than its warm-up starts from its usage rollups (the networks and
+//! subjects of its valid uses over the last 30 days, `Store::known_sources`), so a
+//! restart neither hides a new source nor raises a false one; its rate is learned
+//! again, and RATE_SPIKE needs one minute of it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -156,8 +158,7 @@ impl Behaviour {
                 }
             }
         }
-        if warm {
-            let baseline = k.baseline.unwrap_or(0.0);
+        if let (true, Some(baseline)) = (warm, k.baseline) {
             let floor = f64::from(rules.spike_floor);
             let threshold = (baseline * f64::from(rules.spike_factor)).max(floor);
             if k.in_minute as f64 > threshold {
@@ -175,6 +176,32 @@ impl Behaviour {
             }
         }
         out
+    }
+
+    pub fn knows(&self, key: &KeyId) -> bool {
+        self.keys.contains_key(key)
+    }
+
+    /// Starts a key from what it is known to have used: learning since `since` (its
+    /// creation), with these networks and subjects already seen.
+    pub fn seed(
+        &mut self,
+        key: &KeyId,
+        since: OffsetDateTime,
+        now: OffsetDateTime,
+        networks: impl IntoIterator<Item = IpNet>,
+        subjects: impl IntoIterator<Item = String>,
+    ) {
+        let learned = Learned {
+            since,
+            last_use: now,
+            minute: now.unix_timestamp().div_euclid(60),
+            in_minute: 0,
+            baseline: None,
+            networks: networks.into_iter().take(MAX_PLACES_PER_KEY).collect(),
+            subjects: subjects.into_iter().take(MAX_PLACES_PER_KEY).collect(),
+        };
+        self.keys.insert(key.clone(), learned);
     }
 
     /// Forgets keys unused for a day.

@@ -100,6 +100,14 @@ impl Bucket {
     }
 }
 
+/// What a key's valid uses came from, by `known_sources`.
+#[derive(Debug, Clone, Default)]
+pub struct KnownSources {
+    /// CIDRs (`10.2.3.0/24`, `2001:db8::/64`).
+    pub networks: Vec<String>,
+    pub subjects: Vec<String>,
+}
+
 /// A value among the most frequent of a window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopValue {
@@ -257,6 +265,41 @@ impl Store {
             Engine::Sqlite(_) => self.fold_usage().await,
             Engine::Postgres(_) => Ok(()),
         }
+    }
+
+    /// The source networks (as CIDR) and subjects of a key's valid uses from `since_ms`
+    /// and first seen before `before_ms`, as far as its rollups have them (on SQLite, up
+    /// to the last fold): what the monitor starts from for a key it has not seen since it
+    /// started. `before_ms` keeps out the uses it is about to judge, which PostgreSQL has
+    /// already rolled up.
+    pub async fn known_sources(
+        &self,
+        id: &KeyId,
+        since_ms: i64,
+        before_ms: i64,
+    ) -> Result<KnownSources> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT kind, value FROM usage_rollup_values WHERE key_id = $1 \
+             AND hour >= $2 AND first_seen < $3 AND code = 'VALID' \
+             AND kind IN ('network', 'subject')",
+        )
+        .bind(id.as_str())
+        .bind(hour_of(since_ms))
+        .bind(before_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = KnownSources::default();
+        for row in &rows {
+            let kind: String = row.try_get("kind")?;
+            let value: String = row.try_get("value")?;
+            match kind.as_str() {
+                "network" => out
+                    .networks
+                    .extend(Network::from_stored(&value).map(Network::cidr)),
+                _ => out.subjects.push(value),
+            }
+        }
+        Ok(out)
     }
 
     /// A key's rollups over `window`, in buckets of `bucket_ms` (an hour or a day), with
