@@ -83,6 +83,9 @@ pub struct Rules {
     /// before it is throttled (`RATE_LIMITED`); `None` turns throttling off. Read from
     /// `[default]` only: a malformed key names no environment.
     pub throttle_failures: Option<Rate>,
+    /// How long this environment's raw usage events are kept; `None`: the server's
+    /// `--usage-retention`. The server keeps the longer of the two.
+    pub usage_retention: Option<Duration>,
 }
 
 /// Thresholds of the alerts that count events in a window.
@@ -147,6 +150,7 @@ impl Default for Rules {
             max_rate_limit: None,
             watch: WatchRules::default(),
             throttle_failures: Some(DEFAULT_THROTTLE),
+            usage_retention: None,
         }
     }
 }
@@ -179,6 +183,7 @@ struct Section {
     alert_brute_force: Option<String>,
     /// A rate, or `off`.
     throttle_failures: Option<String>,
+    usage_retention: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -257,6 +262,23 @@ impl Policy {
         self.default.max_token_ttl
     }
 
+    /// How long usage events are kept, given the server's `floor` (`--usage-retention`):
+    /// for events of environments without a section, and of unknown ones, the longer of
+    /// the floor and `[default]`'s `usage_retention`; for each environment with a
+    /// section, the longer of the floor and its own (inherited from `[default]` when it
+    /// sets none). Only environments that differ from the first are listed.
+    pub fn usage_retention(&self, floor: Duration) -> (Duration, BTreeMap<String, Duration>) {
+        let keep = |r: &Rules| r.usage_retention.map_or(floor, |d| d.max(floor));
+        let default = keep(&self.default);
+        let environments = self
+            .environments
+            .iter()
+            .map(|(env, r)| (env.clone(), keep(r)))
+            .filter(|(_, d)| *d != default)
+            .collect();
+        (default, environments)
+    }
+
     pub fn rules_for(&self, environment: &str) -> &Rules {
         self.environments.get(environment).unwrap_or(&self.default)
     }
@@ -286,6 +308,9 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
     }
     if let Some(d) = duration("idle_expiry", &s.idle_expiry, false) {
         r.idle_expiry = d;
+    }
+    if let Some(d) = duration("usage_retention", &s.usage_retention, false) {
+        r.usage_retention = Some(d);
     }
     let token_ttl = duration("max_token_ttl", &s.max_token_ttl, false);
     if let Some(d) = duration("rotation_period", &s.rotation_period, false) {

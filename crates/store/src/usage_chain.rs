@@ -51,14 +51,13 @@ pub struct UsageRetention {
     pub retained_at: OffsetDateTime,
 }
 
-/// How long events are kept: `default` for every event, longer where an environment's
-/// rule says so. An event goes once it is older than its own; a batch once all of its
-/// events have gone.
+/// How long events are kept: each listed environment's events for its own duration, all
+/// others (and events without an environment) for `default`. An event is due once it is
+/// older than its own; a batch once all of its events are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetentionRule {
     pub default: time::Duration,
-    /// Environments kept longer than `default`.
-    pub longer: BTreeMap<String, time::Duration>,
+    pub environments: BTreeMap<String, time::Duration>,
 }
 
 const BATCH_COLUMNS: &str = "seq, first_seq, last_seq, events, time, prev_hash, hash, digests";
@@ -200,7 +199,12 @@ impl Store {
                 .try_get("folded_seq")?,
             Engine::Postgres(_) => i64::MAX,
         };
-        let floor = ms(now - rule.default);
+        // No event is due before the shortest retention says so.
+        let shortest = rule
+            .environments
+            .values()
+            .fold(rule.default, |a, b| a.min(*b));
+        let floor = ms(now - shortest);
         let rows = sqlx::query(&format!(
             "SELECT {BATCH_COLUMNS} FROM usage_batches WHERE seq < $1 ORDER BY seq LIMIT 1000"
         ))
@@ -219,25 +223,24 @@ impl Store {
             events += h.count;
             prefix.push(b);
         }
-        // Environments kept longer: the first event of the prefix still within its own
-        // retention ends the prefix before its batch.
+        // Environments kept for other durations: the first event of the prefix not due
+        // under its own ends the prefix before its batch.
         if let (Some(first), Some(last)) = (prefix.first(), prefix.last()) {
-            if !rule.longer.is_empty() {
+            if !rule.environments.is_empty() {
                 let mut sql = String::from(
-                    "SELECT MIN(seq) AS keep FROM usage_events WHERE seq >= $1 AND seq <= $2 AND (",
+                    "SELECT MIN(seq) AS keep FROM usage_events WHERE seq >= $1 AND seq <= $2 \
+                     AND time >= CASE",
                 );
-                for (i, _) in rule.longer.iter().enumerate() {
-                    if i > 0 {
-                        sql.push_str(" OR ");
-                    }
-                    let n = 3 + 2 * i;
-                    sql.push_str(&format!("(environment = ${n} AND time >= ${})", n + 1));
+                for i in 0..rule.environments.len() {
+                    let n = 4 + 2 * i;
+                    sql.push_str(&format!(" WHEN environment = ${n} THEN ${}", n + 1));
                 }
-                sql.push(')');
+                sql.push_str(" ELSE $3 END");
                 let mut q = sqlx::query(&sql)
                     .bind(first.header.first_seq)
-                    .bind(last.header.last_seq);
-                for (env, keep) in &rule.longer {
+                    .bind(last.header.last_seq)
+                    .bind(ms(now - rule.default));
+                for (env, keep) in &rule.environments {
                     q = q.bind(env.as_str()).bind(ms(now - *keep));
                 }
                 let keep: Option<i64> = q.fetch_one(&mut **tx).await?.try_get("keep")?;

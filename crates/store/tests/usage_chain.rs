@@ -121,7 +121,7 @@ async fn sqlite_retention_keeps_unfolded_events_and_the_rest_verifies() {
     }
     let rule = RetentionRule {
         default: Duration::days(30),
-        longer: Default::default(),
+        environments: Default::default(),
     };
     let later = START + Duration::days(31);
     // Nothing folded yet: nothing may go.

@@ -11,6 +11,7 @@ pub mod policy;
 pub mod scim;
 pub mod services;
 pub mod tokens;
+pub mod usage_chain;
 pub mod verify;
 
 use keywarden_core::model::{Actor, AuditEntry};
