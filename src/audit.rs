@@ -547,10 +547,9 @@ async fn verify_usage(cli: &Cli, c: &Client) -> Result<u8> {
     let head_hash = from_hex(&chain.head_hash).context("the server's head hash is not a hash")?;
     let mut notes = Vec::new();
     let mut walk = match chain.retained.last() {
-        Some(r) => UsageWalk::starting_after(
-            r.last_batch,
-            from_hex(&r.last_hash).unwrap_or([0xff; 32]),
-        ),
+        Some(r) => {
+            UsageWalk::starting_after(r.last_batch, from_hex(&r.last_hash).unwrap_or([0xff; 32]))
+        }
         None => UsageWalk::new(),
     };
     let retained_batches = chain.retained.last().map_or(0, |r| r.last_batch);

@@ -27,6 +27,7 @@ mod scan;
 mod scim;
 mod services;
 mod tokens;
+mod usage_chain;
 mod usage_log;
 mod verify;
 mod watch;

@@ -83,8 +83,8 @@ pub struct Rules {
     /// before it is throttled (`RATE_LIMITED`); `None` turns throttling off. Read from
     /// `[default]` only: a malformed key names no environment.
     pub throttle_failures: Option<Rate>,
-    /// How long this environment's raw usage events are kept; `None`: the server's
-    /// `--usage-retention`. The server keeps the longer of the two.
+    /// How long raw usage events of this environment's keys are kept; `None`: the
+    /// server's `--usage-retention`. The server keeps the longer of the two.
     pub usage_retention: Option<Duration>,
 }
 
@@ -263,8 +263,8 @@ impl Policy {
     }
 
     /// How long usage events are kept, given the server's `floor` (`--usage-retention`):
-    /// for events of environments without a section, and of unknown ones, the longer of
-    /// the floor and `[default]`'s `usage_retention`; for each environment with a
+    /// for events of keys in environments without a section, and of no known key, the
+    /// longer of the floor and `[default]`'s `usage_retention`; for each environment with a
     /// section, the longer of the floor and its own (inherited from `[default]` when it
     /// sets none). Only environments that differ from the first are listed.
     pub fn usage_retention(&self, floor: Duration) -> (Duration, BTreeMap<String, Duration>) {

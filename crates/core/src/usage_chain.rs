@@ -333,6 +333,7 @@ pub struct UsageWalk {
     last_pushed: Option<i64>,
     prev_pushed_hash: ChainHash,
     events: u64,
+    stop: bool,
 }
 
 impl UsageWalk {
@@ -351,11 +352,13 @@ impl UsageWalk {
             last_pushed: None,
             prev_pushed_hash: hash,
             events: 0,
+            stop: false,
         }
     }
 
+    /// Whether more input can change the verdict no more.
     pub fn is_broken(&self) -> bool {
-        self.walk.is_broken() || self.uncovered.is_some()
+        self.walk.is_broken() || self.stop
     }
 
     pub fn push(&mut self, line: ChainLine) {
@@ -368,6 +371,14 @@ impl UsageWalk {
     pub fn push_batch(&mut self, b: WalkedBatch) {
         if self.is_broken() {
             return;
+        }
+        if let Some((after, _)) = self.uncovered {
+            // Past a stray event, two more batches let the walk judge the one right after
+            // it (a batch row removed there explains the strays); more tell nothing.
+            if self.last_pushed.unwrap_or(0) >= after.unwrap_or(0) + 2 {
+                self.stop = true;
+                return;
+            }
         }
         // Only a batch that does not match its hash, or no longer links, is searched for
         // the event that broke it: an intact batch costs one hash.
@@ -643,7 +654,10 @@ mod tests {
         w.push_uncovered(&event(99));
         it.for_each(|b| w.push_batch(b));
         let b = w.finish(None).broken.expect("a break");
-        assert_eq!((b.kind, b.batch, b.event_seq), (BreakKind::Inserted, 2, Some(99)));
+        assert_eq!(
+            (b.kind, b.batch, b.event_seq),
+            (BreakKind::Inserted, 2, Some(99))
+        );
     }
 
     #[test]

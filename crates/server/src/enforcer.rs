@@ -356,7 +356,11 @@ const RETENTION_CHUNKS: usize = 50;
 /// Removes the usage batches past retention at `now`, each prefix with its
 /// `usage.retained` audit entry. A failure is logged and leaves the log as it was: key
 /// actions of the pass stand, and the next pass tries again.
-async fn retain_usage(app: &SharedState, policy: &Policy, now: OffsetDateTime) -> Vec<UsageRetention> {
+async fn retain_usage(
+    app: &SharedState,
+    policy: &Policy,
+    now: OffsetDateTime,
+) -> Vec<UsageRetention> {
     let (default, environments) = policy.usage_retention(app.config.usage_retention);
     let rule = RetentionRule {
         default,

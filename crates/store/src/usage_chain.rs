@@ -51,8 +51,8 @@ pub struct UsageRetention {
     pub retained_at: OffsetDateTime,
 }
 
-/// How long events are kept: each listed environment's events for its own duration, all
-/// others (and events without an environment) for `default`. An event is due once it is
+/// How long events are kept: events of keys in each listed environment for its own
+/// duration, all others (and events of no known key) for `default`. An event is due once it is
 /// older than its own; a batch once all of its events are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetentionRule {
@@ -173,6 +173,18 @@ impl Store {
         rows.iter().map(event_from_row).collect()
     }
 
+    /// Stored events after `after`, in seq order, at most `limit`.
+    pub async fn usage_events_after(&self, after: i64, limit: u32) -> Result<Vec<ChainEvent>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM usage_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
     /// Removes the next prefix of the log that is past retention at `now`, in one
     /// transaction with its `usage_retention` row and its audit entry (made by `audit`
     /// from the record); `None` when nothing is due. A prefix is whole batches, never the
@@ -186,9 +198,10 @@ impl Store {
         audit: impl FnOnce(&UsageRetention) -> AuditEntry,
     ) -> Result<Option<UsageRetention>> {
         let mut tx = self.begin_write().await?;
-        let head = sqlx::query("SELECT batch_seq, unchained_upto FROM usage_chain_head WHERE id = 1")
-            .fetch_one(&mut **tx)
-            .await?;
+        let head =
+            sqlx::query("SELECT batch_seq, unchained_upto FROM usage_chain_head WHERE id = 1")
+                .fetch_one(&mut **tx)
+                .await?;
         let head_batch: i64 = head.try_get("batch_seq")?;
         let unchained_upto: i64 = head.try_get("unchained_upto")?;
         // SQLite folds the log later; what is past folded_seq may not be counted yet.
@@ -216,7 +229,9 @@ impl Store {
         for r in &rows {
             let b = batch_from_row(r)?;
             let h = b.header;
-            if h.time >= floor || h.last_seq > folded || (events > 0 && events + h.count > RETENTION_CHUNK)
+            if h.time >= floor
+                || h.last_seq > folded
+                || (events > 0 && events + h.count > RETENTION_CHUNK)
             {
                 break;
             }
@@ -227,13 +242,16 @@ impl Store {
         // under its own ends the prefix before its batch.
         if let (Some(first), Some(last)) = (prefix.first(), prefix.last()) {
             if !rule.environments.is_empty() {
+                // By the environment of the event's key (the event's own `environment` is
+                // what the caller asked to check, not where the key lives); events of no
+                // known key take the default.
                 let mut sql = String::from(
-                    "SELECT MIN(seq) AS keep FROM usage_events WHERE seq >= $1 AND seq <= $2 \
-                     AND time >= CASE",
+                    "SELECT MIN(e.seq) AS keep FROM usage_events e LEFT JOIN keys k \
+                     ON k.id = e.key_id WHERE e.seq >= $1 AND e.seq <= $2 AND e.time >= CASE",
                 );
                 for i in 0..rule.environments.len() {
                     let n = 4 + 2 * i;
-                    sql.push_str(&format!(" WHEN environment = ${n} THEN ${}", n + 1));
+                    sql.push_str(&format!(" WHEN k.environment = ${n} THEN ${}", n + 1));
                 }
                 sql.push_str(" ELSE $3 END");
                 let mut q = sqlx::query(&sql)
@@ -279,7 +297,10 @@ impl Store {
         .bind(last_seq)
         .fetch_all(&mut **tx)
         .await?;
-        let mut stored = stored.iter().map(event_from_row).collect::<Result<Vec<_>>>()?;
+        let mut stored = stored
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>>>()?;
         let mut removed_events = 0;
         for b in prefix {
             let h = b.header;
@@ -298,7 +319,9 @@ impl Store {
                 "usage retention stopped: the log is broken at batch {}{}: {}: {}; the batches \
                  are kept as evidence (`keywarden audit verify --usage`)",
                 b.batch,
-                b.event_seq.map(|s| format!(" (event {s})")).unwrap_or_default(),
+                b.event_seq
+                    .map(|s| format!(" (event {s})"))
+                    .unwrap_or_default(),
                 b.kind.as_str(),
                 b.detail
             )));

@@ -116,7 +116,9 @@ async fn sqlite_retention_keeps_unfolded_events_and_the_rest_verifies() {
         .await
         .unwrap();
     for i in 0..4 {
-        let (_, r) = store.record_usage(vec![event(2 * i), event(2 * i + 1)]).await;
+        let (_, r) = store
+            .record_usage(vec![event(2 * i), event(2 * i + 1)])
+            .await;
         r.unwrap();
     }
     let rule = RetentionRule {
@@ -126,7 +128,10 @@ async fn sqlite_retention_keeps_unfolded_events_and_the_rest_verifies() {
     let later = START + Duration::days(31);
     // Nothing folded yet: nothing may go.
     assert_eq!(
-        store.retain_usage(&rule, later, retained_entry).await.unwrap(),
+        store
+            .retain_usage(&rule, later, retained_entry)
+            .await
+            .unwrap(),
         None
     );
     store.fold_usage().await.unwrap();
@@ -140,7 +145,10 @@ async fn sqlite_retention_keeps_unfolded_events_and_the_rest_verifies() {
     assert_eq!((r.first_seq, r.last_seq, r.events), (1, 6, 6));
     assert_eq!(store.count_usage().await.unwrap(), 2);
     assert_eq!(
-        store.retain_usage(&rule, later, retained_entry).await.unwrap(),
+        store
+            .retain_usage(&rule, later, retained_entry)
+            .await
+            .unwrap(),
         None
     );
 

@@ -111,8 +111,7 @@ impl Cursor {
             batches.iter().map(|b| b.header.first_seq).min(),
             batches.iter().map(|b| b.header.last_seq).max(),
         ) else {
-            self.done = true;
-            return Ok(Bytes::new());
+            return self.tail().await;
         };
         let events = self
             .store
@@ -142,6 +141,30 @@ impl Cursor {
             line(&mut out, &ChainLine::Event(e.clone()))?;
         }
         self.shown = self.shown.max(hi);
+        Ok(Bytes::from(out))
+    }
+}
+
+impl Cursor {
+    /// Past the last batch: events stored after every batch's range. They are read
+    /// first and the batches again after; a batch commits with its events, so when still
+    /// no batch follows, no batch covers them: they were written around the writer.
+    async fn tail(&mut self) -> Result<Bytes, ApiError> {
+        let events = self.store.usage_events_after(self.shown, PAGE).await?;
+        if !self
+            .store
+            .usage_batches_after(self.after, 1)
+            .await?
+            .is_empty()
+        {
+            // A batch was written meanwhile: page on.
+            return Ok(Bytes::new());
+        }
+        self.done = true;
+        let mut out = Vec::new();
+        for e in events {
+            line(&mut out, &ChainLine::Event(e))?;
+        }
         Ok(Bytes::from(out))
     }
 }
