@@ -18,6 +18,7 @@ on_both_backends!(
     retention_removes_whole_old_batches_and_the_rest_verifies,
     retention_keeps_environments_with_a_longer_rule,
     unfolded_events_are_never_removed,
+    retention_keeps_a_broken_prefix_as_evidence,
 );
 
 /// Folds only when the test says so (SQLite), and enforces only on `POST /v1/enforce`.
@@ -412,5 +413,26 @@ async fn unfolded_events_are_never_removed(b: Backend) {
     let (_, key) = s.get(&format!("/v1/keys/{id}")).await;
     assert_eq!(key["uses"], 5, "every use counted once, before and after");
     assert_eq!(verify(&s).await.0, 0);
+    s.stop().await;
+}
+
+async fn retention_keeps_a_broken_prefix_as_evidence(b: Backend) {
+    let s = start(b).await;
+    let (id, secret) = four_batches(&s).await;
+    let (_, second, _) = batches(&s).await[1];
+    s.sql(&[&format!(
+        "UPDATE usage_events SET code = 'VALID', subject = NULL WHERE seq = {second}"
+    )])
+    .await;
+    s.clock.advance(time::Duration::days(31));
+    use_key(&s, &id, &secret, "after").await;
+    fold(&s).await;
+    enforce(&s).await;
+    // Removing the old batches would erase the edit: they stay, and verify names it.
+    assert_eq!(chain(&s).await["retained"].as_array().unwrap().len(), 0);
+    assert_eq!(batches(&s).await.len(), 5);
+    let (rc, v) = verify(&s).await;
+    assert_eq!(rc, 1);
+    assert_eq!(brk(&v), ("altered".into(), 2, Some(second)), "{v}");
     s.stop().await;
 }
