@@ -148,28 +148,8 @@ async fn an_intact_log_verifies(b: Backend) {
 async fn an_edited_event_is_named_by_batch_and_seq(b: Backend) {
     let s = start(b).await;
     four_batches(&s).await;
-    // A batch of three events, written as the writer writes one.
-    let (id, _) = s.create_key(key_body("three")).await;
-    let event = |n: i64| keywarden_core::model::UsageEvent {
-        key_id: Some(keywarden_core::KeyId::parse(&id).unwrap()),
-        time: keywarden_core::clock::Clock::now(&*s.clock) + time::Duration::milliseconds(n),
-        code: keywarden_core::VerifyCode::Valid,
-        source_ip: Some("198.51.100.7".parse().unwrap()),
-        scope: None,
-        environment: Some("prod".into()),
-        subject: None,
-        user_agent: Some("ci/1".into()),
-        counted: false,
-    };
-    let (_, r) = s
-        .state()
-        .store
-        .record_usage(vec![event(1), event(2), event(3)])
-        .await;
-    r.unwrap();
-    let all = batches(&s).await;
-    let (batch, first, last) = all[4];
-    assert_eq!((batch, last - first), (5, 2), "{all:?}");
+    let (batch, first, last) = three_event_batch(&s).await;
+    assert_eq!((batch, last - first), (5, 2));
     assert_eq!(verify(&s).await.0, 0);
 
     let middle = first + 1;
@@ -187,7 +167,7 @@ async fn an_edited_event_is_named_by_batch_and_seq(b: Backend) {
     )])
     .await;
     assert_eq!(verify(&s).await.0, 0);
-    let (_, second, _) = all[1];
+    let (_, second, _) = batches(&s).await[1];
     s.sql(&[&format!(
         "UPDATE usage_events SET code = 'SCOPE_DENIED' WHERE seq = {second}"
     )])
@@ -201,6 +181,20 @@ async fn an_edited_event_is_named_by_batch_and_seq(b: Backend) {
 async fn a_removed_event_is_named(b: Backend) {
     let s = start(b).await;
     four_batches(&s).await;
+    let (_, first, _) = three_event_batch(&s).await;
+    // The middle event of a batch, then (once restored) a batch's only event.
+    s.sql(&[&format!(
+        "DELETE FROM usage_events WHERE seq = {}",
+        first + 1
+    )])
+    .await;
+    let (rc, v) = verify(&s).await;
+    assert_eq!(rc, 1);
+    assert_eq!(brk(&v), ("removed".into(), 5, Some(first + 1)), "{v}");
+    s.stop().await;
+
+    let s = start(b).await;
+    four_batches(&s).await;
     let (_, third, _) = batches(&s).await[2];
     s.sql(&[&format!("DELETE FROM usage_events WHERE seq = {third}")])
         .await;
@@ -208,6 +202,31 @@ async fn a_removed_event_is_named(b: Backend) {
     assert_eq!(rc, 1);
     assert_eq!(brk(&v), ("removed".into(), 3, Some(third)), "{v}");
     s.stop().await;
+}
+
+/// A batch of three events of a new key, written as the writer writes one; returns
+/// (batch, first seq, last seq).
+async fn three_event_batch(s: &TestServer) -> (i64, i64, i64) {
+    let (id, _) = s.create_key(long_lived("three")).await;
+    let event = |n: i64| keywarden_core::model::UsageEvent {
+        key_id: Some(keywarden_core::KeyId::parse(&id).unwrap()),
+        time: keywarden_core::clock::Clock::now(&*s.clock) + time::Duration::milliseconds(n),
+        code: keywarden_core::VerifyCode::Valid,
+        source_ip: Some("198.51.100.7".parse().unwrap()),
+        scope: None,
+        environment: Some("prod".into()),
+        subject: None,
+        user_agent: Some("ci/1".into()),
+        counted: false,
+    };
+    let (_, r) = s
+        .state()
+        .store
+        .record_usage(vec![event(1), event(2), event(3)])
+        .await;
+    r.unwrap();
+    let all = batches(s).await;
+    *all.last().unwrap()
 }
 
 async fn a_removed_batch_row_is_named(b: Backend) {
@@ -223,6 +242,7 @@ async fn a_removed_batch_row_is_named(b: Backend) {
     let (rc, v) = verify(&s).await;
     assert_eq!(rc, 1);
     assert_eq!(brk(&v).0, "truncated", "{v}");
+    s.stop().await;
 
     // An event written around the writer, in no batch, is named too.
     let s = start(b).await;
@@ -276,8 +296,10 @@ async fn chain(s: &TestServer) -> Value {
 
 async fn retention_removes_whole_old_batches_and_the_rest_verifies(b: Backend) {
     let s = start(b).await;
+    let (gone_id, gone) = s.create_key(long_lived("gone")).await;
+    use_key(&s, &gone_id, &gone, "old").await;
     let (id, secret) = four_batches(&s).await;
-    let old = batches(&s).await;
+    let old = batches(&s).await[1..].to_vec();
     s.clock.advance(time::Duration::days(31));
     use_key(&s, &id, &secret, "after").await;
     fold(&s).await;
@@ -289,11 +311,11 @@ async fn retention_removes_whole_old_batches_and_the_rest_verifies(b: Backend) {
     let r = &retained[0];
     assert_eq!(
         (r["first_batch"].as_i64(), r["last_batch"].as_i64()),
-        (Some(1), Some(4))
+        (Some(1), Some(5))
     );
-    assert_eq!(r["first_seq"].as_i64(), Some(old[0].1));
+    assert_eq!(r["first_seq"].as_i64(), Some(1));
     assert_eq!(r["last_seq"].as_i64(), Some(old[3].2));
-    assert_eq!(r["events"], 4);
+    assert_eq!(r["events"], 5);
     let left = batches(&s).await;
     assert_eq!(left.len(), 1, "whole batches go, the new one stays");
     assert_eq!(s.state().store.count_usage().await.unwrap(), 1);
@@ -303,7 +325,7 @@ async fn retention_removes_whole_old_batches_and_the_rest_verifies(b: Backend) {
     let entries = audit["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 1, "{audit}");
     assert_eq!(entries[0]["actor"], "system:enforcer");
-    assert_eq!(entries[0]["details"]["last_batch"], 4);
+    assert_eq!(entries[0]["details"]["last_batch"], 5);
     assert_eq!(entries[0]["details"]["last_hash"], r["last_hash"]);
 
     // The chain starts at the last removed hash.
@@ -311,9 +333,9 @@ async fn retention_removes_whole_old_batches_and_the_rest_verifies(b: Backend) {
     assert_eq!(rc, 0, "{v}");
     assert_eq!(
         (v["first_batch"].as_i64(), v["checked_batches"].as_i64()),
-        (Some(5), Some(1))
+        (Some(6), Some(1))
     );
-    assert_eq!(v["retained_batches"], 4);
+    assert_eq!(v["retained_batches"], 5);
 
     // The key's listing reads what is left (its chain points into the removed range).
     let (status, listed) = s.get(&format!("/v1/keys/{id}/usage?limit=10")).await;
@@ -323,6 +345,12 @@ async fn retention_removes_whole_old_batches_and_the_rest_verifies(b: Backend) {
     assert_eq!(events[0]["subject"], "after");
     let (_, key) = s.get(&format!("/v1/keys/{id}")).await;
     assert_eq!(key["uses"], 5, "stats keep what retention removed");
+    // A key whose every event went lists none, and keeps its stats.
+    let (status, listed) = s.get(&format!("/v1/keys/{gone_id}/usage?limit=10")).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert_eq!(listed["events"], json!([]));
+    let (_, key) = s.get(&format!("/v1/keys/{gone_id}")).await;
+    assert_eq!(key["uses"], 1);
 
     // Nothing more is due; a second pass changes nothing.
     enforce(&s).await;
@@ -336,7 +364,7 @@ async fn retention_removes_whole_old_batches_and_the_rest_verifies(b: Backend) {
     .await;
     let (rc, v) = verify(&s).await;
     assert_eq!(rc, 1);
-    assert_eq!(brk(&v), ("altered".into(), 5, Some(first)), "{v}");
+    assert_eq!(brk(&v), ("altered".into(), 6, Some(first)), "{v}");
     // And a retention record whose hash was rewritten no longer starts the chain.
     s.sql(&[&format!(
         "UPDATE usage_events SET source_ip = '192.0.2.1' WHERE seq = {first}"
@@ -348,7 +376,7 @@ async fn retention_removes_whole_old_batches_and_the_rest_verifies(b: Backend) {
         .await;
     let (rc, v) = verify(&s).await;
     assert_eq!(rc, 1);
-    assert_eq!(brk(&v).1, 5, "{v}");
+    assert_eq!(brk(&v).1, 6, "{v}");
     s.stop().await;
 }
 
