@@ -36,8 +36,11 @@ use crate::audit_chain::{
     json_opt, json_str, Break, BreakKind, ChainHash, ChainWalk, Link, WalkReport, GENESIS,
 };
 
-/// Bytes of each event's digest kept in its batch row.
-pub const DIGEST_LEN: usize = 8;
+/// Bytes of each event's digest kept in its batch row. Four are enough to point at the
+/// edited event (another event matching by chance is one in four billion, and even then
+/// the batch is still named); eight made a writer-sized batch row overflow half a SQLite
+/// page, which cost 14 bytes an event instead of 5 (docs/benchmarks.md).
+pub const DIGEST_LEN: usize = 4;
 
 /// One stored usage event, borrowed: what the writer has in hand, and what a verifier
 /// reads back.

@@ -173,6 +173,26 @@ impl Store {
         rows.iter().map(event_from_row).collect()
     }
 
+    /// Bytes the usage log's tables take, indexes included: (`usage_events`,
+    /// `usage_batches`). SQLite: the pages they fill (dbstat); PostgreSQL: the relations'
+    /// files, dead rows included until a VACUUM lets later inserts reuse them. For the
+    /// benchmark's storage figures.
+    pub async fn usage_table_bytes(&self) -> Result<(i64, i64)> {
+        let sql = match self.engine {
+            Engine::Sqlite(_) => {
+                "SELECT (SELECT COALESCE(SUM(pgsize), 0) FROM dbstat WHERE name = 'usage_events') \
+                 AS events, (SELECT COALESCE(SUM(pgsize), 0) FROM dbstat \
+                 WHERE name = 'usage_batches') AS batches"
+            }
+            Engine::Postgres(_) => {
+                "SELECT pg_total_relation_size('usage_events')::bigint AS events, \
+                 pg_total_relation_size('usage_batches')::bigint AS batches"
+            }
+        };
+        let r = sqlx::query(sql).fetch_one(&self.pool).await?;
+        Ok((r.try_get("events")?, r.try_get("batches")?))
+    }
+
     /// Stored events after `after`, in seq order, at most `limit`.
     pub async fn usage_events_after(&self, after: i64, limit: u32) -> Result<Vec<ChainEvent>> {
         let rows = sqlx::query(&format!(
