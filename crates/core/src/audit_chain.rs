@@ -167,6 +167,12 @@ pub(crate) fn json_opt(out: &mut String, v: Option<&str>) {
 /// control characters, everything else literal.
 pub(crate) fn json_str(out: &mut String, s: &str) {
     out.push('"');
+    // Most values need no escape: copied whole (the usage writer hashes every event).
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

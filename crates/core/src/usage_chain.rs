@@ -21,8 +21,8 @@
 //! judges a batch by. The first batch's `prev_hash` is 32 zero bytes; after retention
 //! removed a prefix, the chain starts at the hash of the last batch removed.
 //!
-//! Each batch also stores `digests`: the first [`DIGEST_LEN`] bytes of each event's
-//! SHA-256 (of its canonical JSON, without the newline), in seq order. They are not part
+//! Each batch also stores `digests`: each event's CRC-32 (of its canonical JSON, without
+//! the newline, big-endian), in seq order. They are not part
 //! of the chain; they only say which event of a batch that no longer matches its hash
 //! was edited. The chain alone decides whether the log is intact.
 
@@ -38,7 +38,7 @@ use crate::audit_chain::{
 
 /// Bytes of each event's digest kept in its batch row. Four are enough to point at the
 /// edited event (another event matching by chance is one in four billion, and even then
-/// the batch is still named); eight made a writer-sized batch row overflow half a SQLite
+/// the batch is still named); eight made a writer-sized batch row fill most of a SQLite
 /// page, which cost 14 bytes an event instead of 5 (docs/benchmarks.md).
 pub const DIGEST_LEN: usize = 4;
 
@@ -175,11 +175,11 @@ impl BatchHasher {
     }
 }
 
+/// An event's locator: CRC-32 (IEEE, as zlib and `crc32` compute it) of its canonical
+/// JSON, big-endian. Not a security check (the chain is): a second SHA-256 per event
+/// cost the writer as much again as the chain's own hashing.
 fn event_digest(canonical: &[u8]) -> [u8; DIGEST_LEN] {
-    let full: [u8; 32] = Sha256::digest(canonical).into();
-    let mut out = [0u8; DIGEST_LEN];
-    out.copy_from_slice(&full[..DIGEST_LEN]);
-    out
+    crc32fast::hash(canonical).to_be_bytes()
 }
 
 // ---------------------------------------------------------------------------------------

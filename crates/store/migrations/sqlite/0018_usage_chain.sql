@@ -11,7 +11,7 @@ CREATE TABLE usage_batches (
     time      BIGINT NOT NULL,
     prev_hash TEXT   NOT NULL,
     hash      TEXT   NOT NULL,
-    -- The first 4 bytes of each event's SHA-256, in seq order: which event of a broken
+    -- Each event's CRC-32, 4 bytes big-endian, in seq order: which event of a broken
     -- batch was edited. Not part of the chain.
     digests   BLOB   NOT NULL
 );
