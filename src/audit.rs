@@ -77,9 +77,11 @@ pub async fn run(cli: &Cli, cmd: &AuditCommand) -> Result<u8> {
             }
             Ok(0)
         }
+        AuditCommand::Verify { usage: true, .. } => verify_usage(cli, &c).await,
         AuditCommand::Verify {
             checkpoints,
             archives,
+            ..
         } => verify(cli, &c, checkpoints, archives).await,
         AuditCommand::Archive { before, out } => archive(cli, &c, before, out).await,
         AuditCommand::Quarantine => quarantine(cli, &c).await,
@@ -511,6 +513,107 @@ async fn verify(
             Some(b) => s.push_str(&format!(
                 "audit trail BROKEN at seq {}: {}: {}",
                 b.seq,
+                b.kind.as_str(),
+                b.detail
+            )),
+        }
+        s
+    })?;
+    Ok(if outcome.intact { 0 } else { NEGATIVE })
+}
+
+#[derive(Debug, Serialize)]
+struct UsageVerifyOutcome {
+    intact: bool,
+    checked_batches: u64,
+    checked_events: u64,
+    first_batch: i64,
+    last_batch: Option<i64>,
+    head_batch: i64,
+    /// Batches removed by retention: the walk starts at the last one's hash.
+    retained_batches: i64,
+    retained_events: i64,
+    notes: Vec<String>,
+    #[serde(rename = "break")]
+    broken: Option<keywarden_core::usage_chain::UsageBreak>,
+}
+
+/// `audit verify --usage`: recomputes the usage log's chain here from the streamed
+/// batches and events, from where retention left it.
+async fn verify_usage(cli: &Cli, c: &Client) -> Result<u8> {
+    use keywarden_core::usage_chain::{ChainLine, UsageWalk};
+    // The head first: batches written while the walk runs then only extend the chain.
+    let chain = c.usage_chain().await?;
+    let head_hash = from_hex(&chain.head_hash).context("the server's head hash is not a hash")?;
+    let mut notes = Vec::new();
+    let mut walk = match chain.retained.last() {
+        Some(r) => {
+            UsageWalk::starting_after(r.last_batch, from_hex(&r.last_hash).unwrap_or([0xff; 32]))
+        }
+        None => UsageWalk::new(),
+    };
+    let retained_batches = chain.retained.last().map_or(0, |r| r.last_batch);
+    let retained_events = chain.retained.iter().map(|r| r.events).sum();
+    if retained_batches > 0 {
+        notes.push(format!(
+            "batches 1 to {retained_batches} ({retained_events} events) were removed by \
+             retention; the chain is checked from the hash of the last"
+        ));
+    }
+    if chain.unchained_upto > 0 {
+        notes.push(format!(
+            "events up to {} were stored before the log was chained; not checked",
+            chain.unchained_upto
+        ));
+    }
+    let mut stream = c.usage_chain_export().await?;
+    let mut line_no = 0u64;
+    while let Some(line) = stream.line().await? {
+        line_no += 1;
+        if line.is_empty() {
+            continue;
+        }
+        let l: ChainLine = serde_json::from_str(&line)
+            .with_context(|| format!("export line {line_no} is not a usage batch or event"))?;
+        walk.push(l);
+        if walk.is_broken() {
+            break;
+        }
+    }
+    let report = walk.finish(Some((chain.head_batch, head_hash)));
+    let outcome = UsageVerifyOutcome {
+        intact: report.broken.is_none(),
+        checked_batches: report.checked_batches,
+        checked_events: report.checked_events,
+        first_batch: report.first_batch,
+        last_batch: report.last_batch,
+        head_batch: chain.head_batch,
+        retained_batches,
+        retained_events,
+        notes,
+        broken: report.broken,
+    };
+    print(cli, &outcome, |o| {
+        let mut s = String::new();
+        for n in &o.notes {
+            s.push_str(&format!("note: {n}\n"));
+        }
+        match &o.broken {
+            None => s.push_str(&format!(
+                "usage log intact: {} batches ({} events) checked ({})",
+                o.checked_batches,
+                o.checked_events,
+                match o.last_batch {
+                    Some(l) => format!("batch {} to {l}", o.first_batch),
+                    None => "none".to_owned(),
+                }
+            )),
+            Some(b) => s.push_str(&format!(
+                "usage log BROKEN at batch {}{}: {}: {}",
+                b.batch,
+                b.event_seq
+                    .map(|e| format!(", event {e}"))
+                    .unwrap_or_default(),
                 b.kind.as_str(),
                 b.detail
             )),

@@ -444,6 +444,10 @@ pub struct ServeArgs {
     /// 1h), e.g. 72h.
     #[arg(long, env = "KEYWARDEN_WEBHOOK_RETRY_FOR", default_value = "72h")]
     pub webhook_retry_for: String,
+    /// How long raw usage events are kept at least (at least 1d), e.g. 30d or 90d. A
+    /// policy's `usage_retention` keeps an environment's events longer, never shorter.
+    #[arg(long, env = "KEYWARDEN_USAGE_RETENTION", default_value = "30d")]
+    pub usage_retention: String,
     /// Several nodes on PostgreSQL: how often a node reads other nodes' changes even
     /// without a notification (the bound on revocation visibility), e.g. 1s.
     #[arg(long, env = "KEYWARDEN_CLUSTER_POLL", default_value = "1s")]
@@ -710,7 +714,13 @@ pub enum AuditCommand {
     },
     /// Walk the hash chain; exit 0 when intact, 1 at the first altered, removed,
     /// inserted or reordered entry, or a chain truncated or replaced since a checkpoint.
+    /// With --usage, walk the usage log's chain of batches instead.
     Verify {
+        /// Verify the usage log (every verify's event, chained batch by batch) instead of
+        /// the audit trail; names the first altered, removed, inserted or reordered batch
+        /// and the event in it.
+        #[arg(long, conflicts_with_all = ["checkpoints", "archives"])]
+        usage: bool,
         /// Checkpoint files from `audit checkpoint` (repeatable, or several after one flag).
         #[arg(long = "checkpoint", num_args = 1..)]
         checkpoints: Vec<PathBuf>,

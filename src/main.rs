@@ -132,6 +132,13 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         &args.webhook_retry_for,
         std::time::Duration::from_secs(3600),
     )?;
+    let retention = duration(
+        "--usage-retention",
+        &args.usage_retention,
+        std::time::Duration::from_secs(86_400),
+    )?;
+    config.usage_retention = time::Duration::try_from(retention)
+        .with_context(|| format!("--usage-retention {:?}: too long", args.usage_retention))?;
     config.cluster_poll = duration(
         "--cluster-poll",
         &args.cluster_poll,

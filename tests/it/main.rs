@@ -28,6 +28,7 @@ mod scim;
 mod services;
 mod smtp;
 mod tokens;
+mod usage_chain;
 mod usage_log;
 mod usage_stats;
 mod verify;

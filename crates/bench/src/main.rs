@@ -44,6 +44,11 @@ struct Args {
     /// `sqlite` (default, in a temp dir) or a postgres:// URL.
     #[arg(long)]
     database_url: Option<String>,
+    /// Only the side lines that need no wrk: the usage writer alone, then the usage log's
+    /// storage per million events before and after retention. For judging a change to
+    /// the writer on a busy machine.
+    #[arg(long)]
+    writer_only: bool,
 }
 
 struct WrkResult {
@@ -225,6 +230,103 @@ async fn bench_appends(
     ))
 }
 
+/// Bytes the usage log takes per million events (`usage_events` and `usage_batches`,
+/// indexes included), once a million are stored in writer-sized batches, and again once
+/// retention has removed all but the newest batch: what a month of retention holds, and
+/// what is left after it. SQLite counts pages in use (freed pages are reused, not
+/// returned); PostgreSQL, `pg_total_relation_size` after a VACUUM.
+async fn bench_storage(
+    store: &keywarden_store::Store,
+    ids: &[keywarden_core::KeyId],
+    args: &Args,
+) -> Result<String> {
+    const EVENTS: usize = 1_000_000;
+    const BATCH: usize = 300;
+    if ids.is_empty() {
+        return Ok(String::new());
+    }
+    let before = store.usage_table_bytes().await?;
+    let now = SystemClock.now();
+    let mut rng = rand::thread_rng();
+    for _ in 0..EVENTS / BATCH {
+        let batch: Vec<UsageEvent> = (0..BATCH)
+            .map(|_| UsageEvent {
+                key_id: Some(ids[rand::Rng::gen_range(&mut rng, 0..ids.len())].clone()),
+                time: now,
+                code: keywarden_core::verify::VerifyCode::Valid,
+                source_ip: Some([10, 1, rand::Rng::gen(&mut rng), rand::Rng::gen(&mut rng)].into()),
+                scope: Some("deploy:write".to_owned()),
+                environment: None,
+                subject: Some("bench-host".to_owned()),
+                user_agent: Some("gateway/1.4".to_owned()),
+                counted: false,
+            })
+            .collect();
+        let (_, r) = store.record_usage(batch).await;
+        r?;
+    }
+    store.fold_usage().await?;
+    let full = store.usage_table_bytes().await?;
+    let later = now + time::Duration::days(31);
+    let rule = keywarden_store::RetentionRule {
+        default: time::Duration::days(30),
+        environments: Default::default(),
+    };
+    let mut removed = 0;
+    let ((), retention_wall, retention_cpu) = timed(async {
+        while let Some(r) = store
+            .retain_usage(&rule, later, |r| AuditEntry {
+                time: later,
+                actor: Actor {
+                    id: "system:bench".into(),
+                    name: "bench".into(),
+                    ..Actor::default()
+                },
+                action: "usage.retained".into(),
+                target: "usage".into(),
+                reason: None,
+                details: format!(r#"{{"last_batch":{}}}"#, r.last_batch),
+            })
+            .await?
+        {
+            removed += r.events;
+        }
+        Ok(())
+    })
+    .await?;
+    let after = store.usage_table_bytes().await?;
+    let left = store.count_usage().await?;
+    let per_million = |b: (i64, i64)| {
+        let (events, batches) = (b.0 as f64, b.1 as f64);
+        format!(
+            "{:.1} MB (events {:.1} MB, batches {:.1} MB)",
+            (events + batches) / 1e6 * 1e6 / EVENTS as f64,
+            events / 1e6 * 1e6 / EVENTS as f64,
+            batches / 1e6 * 1e6 / EVENTS as f64,
+        )
+    };
+    let delta = |a: (i64, i64), b: (i64, i64)| (a.0 - b.0, a.1 - b.1);
+    let per_removed = |d: std::time::Duration| d.as_secs_f64() * 1e6 / removed.max(1) as f64;
+    Ok(format!(
+        "usage log storage ({} store): {EVENTS} events in batches of {BATCH}: {} per million \
+         events\nusage retention: removed {removed} events in whole batches ({:.2} µs wall, {} \
+         CPU an event); {left} left, the tables then take {:.1} MB (events {:.1} MB, batches \
+         {:.1} MB)",
+        args.database_url
+            .as_deref()
+            .map_or("sqlite", |_| "postgres"),
+        per_million(delta(full, before)),
+        per_removed(retention_wall),
+        retention_cpu.map_or("unknown".to_owned(), |c| format!(
+            "{:.2} µs",
+            per_removed(c)
+        )),
+        (after.0 + after.1) as f64 / 1e6,
+        after.0 as f64 / 1e6,
+        after.1 as f64 / 1e6,
+    ))
+}
+
 /// What a verify cache miss costs: reading the key from the store and building the cache
 /// entry, for random keys, one after another on this thread. Once a cached entry
 /// expires (60 s by default), every key pays this again.
@@ -352,6 +454,12 @@ async fn main() -> Result<()> {
     }
     keys_file.flush()?;
     eprintln!("created in {:.1}s", started.elapsed().as_secs_f64());
+    if args.writer_only {
+        println!("{}", bench_appends(&state.store, &ids, &args).await?);
+        println!("{}", bench_storage(&state.store, &ids, &args).await?);
+        server.shutdown().await;
+        return Ok(());
+    }
 
     // The ceiling: an axum handler that returns a fixed body, on the same machine.
     let fixed = axum::Router::new().route(

@@ -441,9 +441,25 @@ impl Client {
 
     /// `GET /v1/audit/export`, streamed.
     pub async fn audit_export(&self, q: &AuditQuery) -> Result<Stream> {
+        self.stream("/v1/audit/export", q).await
+    }
+
+    /// `GET /v1/usage/chain`: the usage log's head and the prefixes retention removed.
+    pub async fn usage_chain(&self) -> Result<keywarden_proto::UsageChainView> {
+        self.get::<(), _>("/v1/usage/chain", None).await
+    }
+
+    /// `GET /v1/usage/chain/export`, streamed: one JSON line per batch (with its events)
+    /// or stray event (`keywarden_core::usage_chain::ChainLine`).
+    pub async fn usage_chain_export(&self) -> Result<Stream> {
+        self.stream("/v1/usage/chain/export", &[] as &[(&str, &str)])
+            .await
+    }
+
+    async fn stream<Q: Serialize + ?Sized>(&self, path: &str, q: &Q) -> Result<Stream> {
         let mut req = self
             .streaming
-            .get(format!("{}/v1/audit/export", self.server))
+            .get(format!("{}{path}", self.server))
             .query(q);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);

@@ -156,7 +156,7 @@ fn canonical_value(out: &mut String, v: &serde_json::Value) {
     }
 }
 
-fn json_opt(out: &mut String, v: Option<&str>) {
+pub(crate) fn json_opt(out: &mut String, v: Option<&str>) {
     match v {
         Some(s) => json_str(out, s),
         None => out.push_str("null"),
@@ -165,8 +165,14 @@ fn json_opt(out: &mut String, v: Option<&str>) {
 
 /// A JSON string with RFC 8785's escapes: the short forms, `\u00xx` (lower-case) for other
 /// control characters, everything else literal.
-fn json_str(out: &mut String, s: &str) {
+pub(crate) fn json_str(out: &mut String, s: &str) {
     out.push('"');
+    // Most values need no escape: copied whole (the usage writer hashes every event).
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -337,15 +343,50 @@ pub struct Break {
     pub detail: String,
 }
 
-/// Walks entries in the order given, judging each once the next one is known (one entry
-/// of look-ahead tells an inserted or swapped entry from an altered one). Memory stays
+/// One link of a hash chain as [`ChainWalk`] judges it: the audit trail's entries, and the
+/// usage log's batches (`usage_chain`). Both hash their own seq, so a link moved or
+/// renumbered no longer matches its hash.
+pub trait Link {
+    /// What one link is called in a break's detail ("entry", "batch").
+    const NOUN: &'static str;
+    const NOUNS: &'static str;
+    /// What the whole chain is called ("trail", "usage log").
+    const CHAIN: &'static str;
+    fn seq(&self) -> i64;
+    fn prev_hash(&self) -> &ChainHash;
+    fn hash(&self) -> &ChainHash;
+    /// The hash this link would have, were it stored at `seq` (tells a renumbered chain
+    /// from an edited link).
+    fn hash_at(&self, seq: i64) -> ChainHash;
+}
+
+impl Link for SealedEntry {
+    const NOUN: &'static str = "entry";
+    const NOUNS: &'static str = "entries";
+    const CHAIN: &'static str = "trail";
+    fn seq(&self) -> i64 {
+        self.seq
+    }
+    fn prev_hash(&self) -> &ChainHash {
+        &self.prev_hash
+    }
+    fn hash(&self) -> &ChainHash {
+        &self.hash
+    }
+    fn hash_at(&self, seq: i64) -> ChainHash {
+        chain_hash(&self.prev_hash, seq, &self.entry)
+    }
+}
+
+/// Walks links in the order given, judging each once the next one is known (one link of
+/// look-ahead tells an inserted or swapped link from an altered one). Memory stays
 /// constant however long the chain.
 #[derive(Debug)]
-pub struct ChainWalk {
+pub struct ChainWalk<L = SealedEntry> {
     first_seq: i64,
     expected_seq: i64,
     expected_prev: ChainHash,
-    pending: Option<SealedEntry>,
+    pending: Option<L>,
     checkpoints: BTreeMap<i64, ChainHash>,
     checked: u64,
     last: Option<(i64, ChainHash)>,
@@ -385,7 +426,7 @@ impl WalkReport {
     }
 }
 
-impl ChainWalk {
+impl<L: Link> ChainWalk<L> {
     /// A walk that starts at the beginning of the chain.
     pub fn new() -> Self {
         Self::starting_after(0, GENESIS)
@@ -415,7 +456,7 @@ impl ChainWalk {
         self.broken.is_some()
     }
 
-    pub fn push(&mut self, entry: SealedEntry) {
+    pub fn push(&mut self, entry: L) {
         if self.broken.is_some() {
             return;
         }
@@ -437,7 +478,9 @@ impl ChainWalk {
                     kind: BreakKind::Truncated,
                     seq: end + 1,
                     detail: format!(
-                        "a checkpoint signed entry {seq}, but the trail ends at entry {end}"
+                        "a checkpoint signed {one} {seq}, but the {chain} ends at {one} {end}",
+                        one = L::NOUN,
+                        chain = L::CHAIN
                     ),
                 });
             } else if let Some((head_seq, head_hash)) = head {
@@ -446,7 +489,9 @@ impl ChainWalk {
                         kind: BreakKind::Truncated,
                         seq: end + 1,
                         detail: format!(
-                            "the store recorded entry {head_seq} as its last, but the trail ends at entry {end}"
+                            "the store recorded {one} {head_seq} as its last, but the {chain} ends at {one} {end}",
+                            one = L::NOUN,
+                            chain = L::CHAIN
                         ),
                     });
                 } else if head_seq == end
@@ -457,7 +502,8 @@ impl ChainWalk {
                         kind: BreakKind::Replaced,
                         seq: end,
                         detail: format!(
-                            "entry {end} does not have the hash the store recorded when it was written"
+                            "{one} {end} does not have the hash the store recorded when it was written",
+                            one = L::NOUN
                         ),
                     });
                 }
@@ -475,88 +521,89 @@ impl ChainWalk {
         self.broken = Some(Break { kind, seq, detail });
     }
 
-    fn judge(&mut self, c: &SealedEntry, next: Option<&SealedEntry>) {
+    fn judge(&mut self, c: &L, next: Option<&L>) {
+        let (one, many) = (L::NOUN, L::NOUNS);
         if self.broken.is_some() {
             return;
         }
         let expected = self.expected_seq;
-        if c.seq < expected {
+        if c.seq() < expected {
             return self.fail(
                 BreakKind::Reordered,
-                c.seq,
-                format!("entry {} comes after entry {}", c.seq, expected - 1),
+                c.seq(),
+                format!("{one} {} comes after {one} {}", c.seq(), expected - 1),
             );
         }
-        if c.seq > expected {
-            if next.is_some_and(|n| n.seq == expected) {
+        if c.seq() > expected {
+            if next.is_some_and(|n| n.seq() == expected) {
                 return self.fail(
                     BreakKind::Reordered,
                     expected,
-                    format!("entry {expected} comes after entry {}", c.seq),
+                    format!("{one} {expected} comes after {one} {}", c.seq()),
                 );
             }
-            let detail = if c.seq == expected + 1 {
-                format!("entry {expected} is missing")
+            let detail = if c.seq() == expected + 1 {
+                format!("{one} {expected} is missing")
             } else {
-                format!("entries {expected} to {} are missing", c.seq - 1)
+                format!("{many} {expected} to {} are missing", c.seq() - 1)
             };
             return self.fail(BreakKind::Removed, expected, detail);
         }
-        let self_ok = chain_hash(&c.prev_hash, c.seq, &c.entry) == c.hash;
-        let link_ok = c.prev_hash == self.expected_prev;
+        let self_ok = c.hash_at(c.seq()) == *c.hash();
+        let link_ok = *c.prev_hash() == self.expected_prev;
         if self_ok && link_ok {
-            if let Some(signed) = self.checkpoints.get(&c.seq) {
-                if *signed != c.hash {
+            if let Some(signed) = self.checkpoints.get(&c.seq()) {
+                if *signed != *c.hash() {
                     return self.fail(
                         BreakKind::Replaced,
-                        c.seq,
+                        c.seq(),
                         format!(
-                            "entry {} does not have the hash a checkpoint signed: the chain was rewritten",
-                            c.seq
+                            "{one} {} does not have the hash a checkpoint signed: the chain was rewritten",
+                            c.seq()
                         ),
                     );
                 }
             }
-            self.expected_prev = c.hash;
+            self.expected_prev = *c.hash();
             self.expected_seq += 1;
             self.checked += 1;
-            self.last = Some((c.seq, c.hash));
+            self.last = Some((c.seq(), *c.hash()));
             return;
         }
-        let seq = c.seq;
+        let seq = c.seq();
         if let Some(n) = next {
-            if c.prev_hash == n.hash && n.prev_hash == self.expected_prev {
+            if *c.prev_hash() == *n.hash() && *n.prev_hash() == self.expected_prev {
                 return self.fail(
                     BreakKind::Reordered,
                     seq,
-                    format!("entries {seq} and {} were swapped", n.seq),
+                    format!("{many} {seq} and {} were swapped", n.seq()),
                 );
             }
-            if n.prev_hash == self.expected_prev {
+            if *n.prev_hash() == self.expected_prev {
                 return self.fail(
                     BreakKind::Inserted,
                     seq,
                     format!(
-                        "entry {seq} was inserted: entry {} links to the entry before it",
-                        n.seq
+                        "{one} {seq} was inserted: {one} {} links to the {one} before it",
+                        n.seq()
                     ),
                 );
             }
         }
         if !self_ok {
-            if chain_hash(&c.prev_hash, seq + 1, &c.entry) == c.hash {
+            if c.hash_at(seq + 1) == *c.hash() {
                 return self.fail(
                     BreakKind::Removed,
                     seq,
-                    format!("entry {seq} was removed and the later entries renumbered"),
+                    format!("{one} {seq} was removed and the later {many} renumbered"),
                 );
             }
-            if chain_hash(&c.prev_hash, seq - 1, &c.entry) == c.hash {
+            if c.hash_at(seq - 1) == *c.hash() {
                 return self.fail(
                     BreakKind::Inserted,
                     seq - 1,
                     format!(
-                        "entry {} was inserted and the later entries renumbered",
+                        "{one} {} was inserted and the later {many} renumbered",
                         seq - 1
                     ),
                 );
@@ -564,7 +611,7 @@ impl ChainWalk {
             return self.fail(
                 BreakKind::Altered,
                 seq,
-                format!("entry {seq} no longer matches its hash: it was edited"),
+                format!("{one} {seq} no longer matches its hash: it was edited"),
             );
         }
         if seq > self.first_seq {
@@ -572,7 +619,7 @@ impl ChainWalk {
                 BreakKind::Altered,
                 seq - 1,
                 format!(
-                    "entry {} was rewritten with a recomputed hash: entry {seq} no longer links to it",
+                    "{one} {} was rewritten with a recomputed hash: {one} {seq} no longer links to it",
                     seq - 1
                 ),
             )
@@ -580,13 +627,13 @@ impl ChainWalk {
             self.fail(
                 BreakKind::Altered,
                 seq,
-                format!("entry {seq} does not link to the end of the chain before it"),
+                format!("{one} {seq} does not link to the end of the chain before it"),
             )
         }
     }
 }
 
-impl Default for ChainWalk {
+impl<L: Link> Default for ChainWalk<L> {
     fn default() -> Self {
         Self::new()
     }

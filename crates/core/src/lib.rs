@@ -17,6 +17,7 @@ pub mod policy;
 pub mod rate;
 pub mod role;
 pub mod scope;
+pub mod usage_chain;
 pub mod validate;
 pub mod verify;
 pub mod webhook;

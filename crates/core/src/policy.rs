@@ -83,6 +83,9 @@ pub struct Rules {
     /// before it is throttled (`RATE_LIMITED`); `None` turns throttling off. Read from
     /// `[default]` only: a malformed key names no environment.
     pub throttle_failures: Option<Rate>,
+    /// How long raw usage events of this environment's keys are kept; `None`: the
+    /// server's `--usage-retention`. The server keeps the longer of the two.
+    pub usage_retention: Option<Duration>,
 }
 
 /// Every alert kind the monitor raises.
@@ -205,6 +208,7 @@ impl Default for Rules {
             max_rate_limit: None,
             watch: WatchRules::default(),
             throttle_failures: Some(DEFAULT_THROTTLE),
+            usage_retention: None,
         }
     }
 }
@@ -241,6 +245,7 @@ struct Section {
     alert_warmup: Option<String>,
     alert_rate_spike_factor: Option<u32>,
     alert_rate_spike_floor: Option<u32>,
+    usage_retention: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -319,6 +324,23 @@ impl Policy {
         self.default.max_token_ttl
     }
 
+    /// How long usage events are kept, given the server's `floor` (`--usage-retention`):
+    /// for events of keys in environments without a section, and of no known key, the
+    /// longer of the floor and `[default]`'s `usage_retention`; for each environment with a
+    /// section, the longer of the floor and its own (inherited from `[default]` when it
+    /// sets none). Only environments that differ from the first are listed.
+    pub fn usage_retention(&self, floor: Duration) -> (Duration, BTreeMap<String, Duration>) {
+        let keep = |r: &Rules| r.usage_retention.map_or(floor, |d| d.max(floor));
+        let default = keep(&self.default);
+        let environments = self
+            .environments
+            .iter()
+            .map(|(env, r)| (env.clone(), keep(r)))
+            .filter(|(_, d)| *d != default)
+            .collect();
+        (default, environments)
+    }
+
     pub fn rules_for(&self, environment: &str) -> &Rules {
         self.environments.get(environment).unwrap_or(&self.default)
     }
@@ -348,6 +370,9 @@ fn apply(base: &Rules, s: &Section, at: &str, problems: &mut Vec<String>) -> Rul
     }
     if let Some(d) = duration("idle_expiry", &s.idle_expiry, false) {
         r.idle_expiry = d;
+    }
+    if let Some(d) = duration("usage_retention", &s.usage_retention, false) {
+        r.usage_retention = Some(d);
     }
     let token_ttl = duration("max_token_ttl", &s.max_token_ttl, false);
     if let Some(d) = duration("alert_warmup", &s.alert_warmup, true) {

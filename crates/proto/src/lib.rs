@@ -636,6 +636,32 @@ pub struct AuditChainView {
     pub archives: Vec<ArchiveView>,
 }
 
+/// Where the usage log's chain stands: its last batch, the prefixes retention removed
+/// (the chain of what remains starts at the last one's hash), and the events stored
+/// before the log was chained.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageChainView {
+    pub head_batch: i64,
+    pub head_hash: String,
+    /// Events up to this seq predate the chain (0: none left).
+    pub unchained_upto: i64,
+    pub retained: Vec<UsageRetentionView>,
+}
+
+/// A prefix of the usage log that retention removed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageRetentionView {
+    pub first_batch: i64,
+    pub last_batch: i64,
+    pub first_seq: i64,
+    pub last_seq: i64,
+    pub events: i64,
+    /// The hash of the last batch removed.
+    pub last_hash: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub retained_at: OffsetDateTime,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointRequest {

@@ -44,6 +44,10 @@ pub struct Config {
     pub usage_fold_max_keys: usize,
     /// How long usage rollups are kept; the enforcer removes older hours on each pass.
     pub usage_rollup_retention: time::Duration,
+    /// How long raw usage events are kept at least. The policy's `usage_retention` can
+    /// keep an environment's events longer, never shorter; the enforcer removes expired
+    /// batches (whole, from the oldest) on its passes.
+    pub usage_retention: time::Duration,
     /// How long a key record stays in the verify cache at most (jittered ±20%). Changes
     /// made through this node evict at once; this bounds staleness otherwise.
     pub verify_cache_ttl: Duration,
@@ -110,6 +114,7 @@ impl Config {
             usage_fold_interval: Duration::from_secs(60),
             usage_fold_max_keys: 250_000,
             usage_rollup_retention: time::Duration::days(400),
+            usage_retention: time::Duration::days(30),
             verify_cache_ttl: Duration::from_secs(60),
             enforcer_interval: Duration::from_secs(60),
             outbound_allow: Vec::new(),

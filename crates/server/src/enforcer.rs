@@ -5,6 +5,12 @@
 //! the enforcer makes it a recorded change). Offboarding joins it later.
 //!
 //! `plan` says what a pass would do at a given time without acting; `pass` acts now.
+//!
+//! A pass also applies usage retention: it removes the oldest batches of the usage log
+//! whose events are all past their retention. The enforcer does it, rather than the usage
+//! writer in its idle time, because it already runs on one node only (its advisory lock),
+//! reads the policy and the server's clock, writes audited changes, and is the seam tests
+//! drive (`POST /v1/enforce`); the writer stays a short loop with nothing to decide.
 
 use std::time::Duration;
 
@@ -12,7 +18,7 @@ use keywarden_core::lifecycle::OWNER_DISABLED;
 use keywarden_core::lifecycle::{expiry_due, idle_due, last_activity, ExpiryReason};
 use keywarden_core::model::{Actor, KeyRecord, KeyState, StateCause};
 use keywarden_core::policy::{check_existing, OnOwnerDisabled, OnRotationOverdue, Policy};
-use keywarden_store::{KeyFilter, StateFilter};
+use keywarden_store::{KeyFilter, RetentionRule, StateFilter, UsageRetention};
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -355,7 +361,65 @@ async fn pass_now(app: &SharedState) -> Result<Vec<Action>, ApiError> {
             done.push(action);
         }
     }
+    retain_usage(app, &policy.1, now).await;
     Ok(done)
+}
+
+/// Prefixes removed per pass at most (each of up to `RETENTION_CHUNK` events, in its own
+/// transaction): a large backlog, such as the first pass after an upgrade, is spread over
+/// passes instead of holding one up.
+const RETENTION_CHUNKS: usize = 50;
+
+/// Removes the usage batches past retention at `now`, each prefix with its
+/// `usage.retained` audit entry. A failure is logged and leaves the log as it was: key
+/// actions of the pass stand, and the next pass tries again.
+async fn retain_usage(
+    app: &SharedState,
+    policy: &Policy,
+    now: OffsetDateTime,
+) -> Vec<UsageRetention> {
+    let (default, environments) = policy.usage_retention(app.config.usage_retention);
+    let rule = RetentionRule {
+        default,
+        environments,
+    };
+    let mut done = Vec::new();
+    for _ in 0..RETENTION_CHUNKS {
+        let entry = |r: &UsageRetention| {
+            audit_entry(
+                actor(),
+                now,
+                "usage.retained",
+                "usage".to_owned(),
+                Some("USAGE_RETENTION".to_owned()),
+                json!({
+                    "first_batch": r.first_batch,
+                    "last_batch": r.last_batch,
+                    "first_seq": r.first_seq,
+                    "last_seq": r.last_seq,
+                    "events": r.events,
+                    "last_hash": keywarden_core::audit_chain::to_hex(&r.last_hash),
+                }),
+            )
+        };
+        match app.store.retain_usage(&rule, now, entry).await {
+            Ok(Some(r)) => {
+                tracing::info!(
+                    first_batch = r.first_batch,
+                    last_batch = r.last_batch,
+                    events = r.events,
+                    "usage events past retention removed"
+                );
+                done.push(r);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "usage retention failed; retrying on the next pass");
+                break;
+            }
+        }
+    }
+    done
 }
 
 /// Runs a pass every `every` until `shutdown` flips.

@@ -54,6 +54,7 @@ pub fn permission(method: &Method, route: &str) -> Option<Permission> {
         "/v1/tokens" => read_or_write(TokensRead, TokensWrite),
         "/v1/tokens/{id}/revoke" => TokensWrite,
         "/v1/audit" | "/v1/audit/export" | "/v1/audit/chain" | "/v1/audit/checkpoints" => AuditRead,
+        "/v1/usage/chain" | "/v1/usage/chain/export" => AuditRead,
         "/v1/audit/archives" | "/v1/audit/quarantine" => AuditArchive,
         "/v1/policy" => read_or_write(PolicyRead, PolicyWrite),
         "/v1/enforce/plan" | "/v1/policy/plan" => PolicyRead,

@@ -105,6 +105,8 @@ pub fn api(state: SharedState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(routes::audit::create_checkpoint))
         .routes(routes!(routes::audit::archive_audit))
         .routes(routes!(routes::audit::quarantine_audit))
+        .routes(routes!(routes::usage_chain::usage_chain))
+        .routes(routes!(routes::usage_chain::export_usage_chain))
         .routes(routes!(
             routes::policy::get_policy,
             routes::policy::put_policy

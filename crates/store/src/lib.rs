@@ -28,6 +28,7 @@ mod shadow;
 mod sqlite;
 mod tokens;
 mod usage;
+mod usage_chain;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -48,6 +49,9 @@ pub use postgres::{ChangeListener, CHANNEL};
 pub use services::{DeliveryOutcome, DeliveryRecord, DueDelivery, ServiceRecord};
 pub use shadow::ShadowKey;
 pub use usage::FOLD_CHUNK;
+pub use usage_chain::{
+    walk_start, RetentionRule, StoredBatch, UsageChainHead, UsageRetention, RETENTION_CHUNK,
+};
 
 pub use error::{DriverError, Result, StoreError, StoreErrorKind};
 

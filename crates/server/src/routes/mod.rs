@@ -12,6 +12,7 @@ pub mod scim;
 pub mod services;
 pub mod tokens;
 pub mod usage;
+pub mod usage_chain;
 pub mod verify;
 
 use keywarden_core::model::{Actor, AuditEntry};

@@ -10,8 +10,10 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use keywarden_core::audit_chain::{from_hex, to_hex};
 use keywarden_core::clock::from_millis;
 use keywarden_core::model::{KeyRecord, UsageEvent};
+use keywarden_core::usage_chain::{BatchHasher, EventFields};
 use keywarden_core::KeyId;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
@@ -156,8 +158,11 @@ impl Engine {
         Ok(Err(retry.max(1)))
     }
 
-    /// Writes a batch of usage events and folds it into the keys' stats and the usage
-    /// rollups, in one transaction: five statements whatever the batch's size.
+    /// Writes a batch of usage events, chains it, and folds it into the keys' stats and
+    /// the usage rollups, in one transaction: six statements whatever the batch's size.
+    /// The events' insert takes the chain's head row first, so batches from every node
+    /// are chained one at a time and each batch's seqs are consecutive; it returns the
+    /// seqs, which the batch's hash covers.
     pub async fn record_usage(&self, events: &[UsageEvent]) -> Result<()> {
         let mut batch = EventColumns::default();
         for e in events {
@@ -197,7 +202,7 @@ impl Engine {
             rollup.push(id.as_str(), &d.rollup.rows());
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::query(INSERT_EVENTS)
+        let inserted = sqlx::query(INSERT_EVENTS)
             .bind(&batch.key_id)
             .bind(&batch.time)
             .bind(&batch.code)
@@ -207,6 +212,48 @@ impl Engine {
             .bind(&batch.subject)
             .bind(&batch.user_agent)
             .bind(&batch.counted)
+            .fetch_one(&mut *tx)
+            .await?;
+        let head_seq: i64 = inserted.try_get(0)?;
+        let prev_text: String = inserted.try_get(1)?;
+        let mut seqs: Vec<i64> = inserted.try_get(2)?;
+        let prev_hash = from_hex(&prev_text).ok_or_else(|| {
+            StoreError::Corrupt("usage_chain_head.hash is not a SHA-256 hex".into())
+        })?;
+        if seqs.len() != events.len() {
+            return Err(StoreError::Internal(format!(
+                "{} usage events inserted, {} returned",
+                events.len(),
+                seqs.len()
+            )));
+        }
+        // Rows are numbered in the order UNNEST yields them, which is the batch's order.
+        seqs.sort_unstable();
+        let mut chain = BatchHasher::new(&prev_hash, events.len());
+        for (i, (e, seq)) in events.iter().zip(&seqs).enumerate() {
+            chain.push(&EventFields {
+                seq: *seq,
+                key_id: batch.key_id[i],
+                time: batch.time[i],
+                code: batch.code[i],
+                source_ip: batch.source_ip[i].as_deref(),
+                scope: batch.scope[i],
+                environment: batch.environment[i],
+                subject: batch.subject[i],
+                user_agent: batch.user_agent[i],
+                counted: e.counted,
+            });
+        }
+        let sealed = chain.finish(head_seq + 1, prev_hash);
+        sqlx::query(INSERT_BATCH)
+            .bind(sealed.header.seq)
+            .bind(sealed.header.first_seq)
+            .bind(sealed.header.last_seq)
+            .bind(sealed.header.count)
+            .bind(sealed.header.time)
+            .bind(&prev_text)
+            .bind(to_hex(&sealed.hash))
+            .bind(&sealed.digests)
             .execute(&mut *tx)
             .await?;
         if !stats.key_id.is_empty() {
@@ -302,9 +349,21 @@ const SPEND_RATE: &str =
     ON CONFLICT (key_id) DO UPDATE SET tat = GREATEST(key_rates.tat, $2::bigint) + $3::bigint \
     WHERE GREATEST(key_rates.tat, $2::bigint) - $4::bigint <= $2::bigint RETURNING tat";
 
-const INSERT_EVENTS: &str = "INSERT INTO usage_events (key_id, time, code, source_ip, scope, \
-    environment, subject, user_agent, counted) SELECT * FROM UNNEST($1::text[], $2::bigint[], \
-    $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bigint[])";
+/// Takes the chain's head row before any event is numbered (each inserted row needs the
+/// head's row, locked), so a batch's seqs are consecutive and later batches' are higher;
+/// answers the head and the seqs.
+const INSERT_EVENTS: &str = "WITH head AS (SELECT batch_seq, hash FROM usage_chain_head \
+    WHERE id = 1 FOR UPDATE), ins AS (INSERT INTO usage_events (key_id, time, code, source_ip, \
+    scope, environment, subject, user_agent, counted) SELECT u.* FROM head, \
+    UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], \
+    $7::text[], $8::text[], $9::bigint[]) AS u RETURNING seq) \
+    SELECT (SELECT batch_seq FROM head), (SELECT hash FROM head), \
+    ARRAY(SELECT seq FROM ins ORDER BY seq)";
+
+/// The batch's row and the head, in one statement.
+const INSERT_BATCH: &str = "WITH b AS (INSERT INTO usage_batches (seq, first_seq, last_seq, \
+    events, time, prev_hash, hash, digests) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)) \
+    UPDATE usage_chain_head SET batch_seq = $1, hash = $7 WHERE id = 1";
 
 static UPSERT_KEY_USAGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(

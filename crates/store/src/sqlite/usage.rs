@@ -7,6 +7,11 @@
 //! folded every few seconds, in key order, from the in-memory [`Pending`] overlay.
 //! `usage_state.folded_seq` moves in the fold's transaction, so after a crash [`recover`]
 //! refolds exactly the events that were logged and not folded.
+//!
+//! Each append also chains its batch (`usage_batches`, see `keywarden_core::usage_chain`)
+//! in the same transaction: the events are hashed as they are inserted, from the text
+//! already formatted for the insert, so chaining adds one hash per event and two small
+//! writes per batch.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -14,7 +19,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use keywarden_core::audit_chain::{from_hex, to_hex};
 use keywarden_core::model::UsageEvent;
+use keywarden_core::usage_chain::{BatchHasher, EventFields};
 use keywarden_core::verify::VerifyCode;
 use keywarden_core::KeyId;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -109,6 +116,19 @@ impl SqliteUsageSink {
             .map_err(err)?;
         let mut seqs = Vec::with_capacity(events.len());
         {
+            // The head first: taking it is what orders batches in the chain.
+            let (batch_seq, prev_text): (i64, String) = tx
+                .prepare_cached(
+                    "UPDATE usage_chain_head SET batch_seq = batch_seq + 1 WHERE id = 1 \
+                     RETURNING batch_seq, hash",
+                )
+                .map_err(err)?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(err)?;
+            let prev_hash = from_hex(&prev_text).ok_or_else(|| {
+                StoreError::Corrupt("usage_chain_head.hash is not a SHA-256 hex".into())
+            })?;
+            let mut chain = BatchHasher::new(&prev_hash, events.len());
             let mut stored_head = tx
                 .prepare_cached("SELECT last_seq FROM key_usage WHERE key_id = ?1")
                 .map_err(err)?;
@@ -136,10 +156,11 @@ impl SqliteUsageSink {
                     let _ = write!(ip_text, "{ip}");
                     ip_text.as_str()
                 });
+                let time = ms(e.time);
                 insert
                     .execute(params![
                         id.map(KeyId::as_str),
-                        ms(e.time),
+                        time,
                         e.code.as_str(),
                         source_ip,
                         e.scope,
@@ -151,11 +172,45 @@ impl SqliteUsageSink {
                     ])
                     .map_err(err)?;
                 let seq = tx.last_insert_rowid();
+                chain.push(&EventFields {
+                    seq,
+                    key_id: id.map(KeyId::as_str),
+                    time,
+                    code: e.code.as_str(),
+                    source_ip,
+                    scope: e.scope.as_deref(),
+                    environment: e.environment.as_deref(),
+                    subject: e.subject.as_deref(),
+                    user_agent: e.user_agent.as_deref(),
+                    counted: e.counted,
+                });
                 if let Some(id) = id {
                     heads.insert(id, Some(seq));
                 }
                 seqs.push(seq);
             }
+            let sealed = chain.finish(batch_seq, prev_hash);
+            let hash = to_hex(&sealed.hash);
+            tx.prepare_cached(
+                "INSERT INTO usage_batches (seq, first_seq, last_seq, events, time, prev_hash, \
+                 hash, digests) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(err)?
+            .execute(params![
+                sealed.header.seq,
+                sealed.header.first_seq,
+                sealed.header.last_seq,
+                sealed.header.count,
+                sealed.header.time,
+                prev_text,
+                hash,
+                sealed.digests,
+            ])
+            .map_err(err)?;
+            tx.prepare_cached("UPDATE usage_chain_head SET hash = ?1 WHERE id = 1")
+                .map_err(err)?
+                .execute([&hash])
+                .map_err(err)?;
         }
         tx.commit().map_err(err)?;
         let mut pending = lock(&self.pending)?;
