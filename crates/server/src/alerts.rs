@@ -140,9 +140,10 @@ struct Held {
     at: OffsetDateTime,
     unrecorded_repeats: i64,
     last_at: OffsetDateTime,
-    /// The latest sighting counted in memory, as a new alert: raised in the alert's
-    /// place if it was resolved meanwhile (here or on another node).
-    latest: Option<Box<(NewAlert, AuditEntry)>>,
+    /// The latest sighting counted in memory: raised as a new alert in the alert's
+    /// place if it was resolved meanwhile (here or on another node). Kept as it came,
+    /// and built into an alert only then: a flood repeats thousands of times a second.
+    latest: Option<Box<(Sighting, Trip)>>,
 }
 
 /// A GCRA cell counting one key's or source's events, and what the evidence names.
@@ -161,6 +162,7 @@ struct Monitor {
 }
 
 /// An alert to raise (or count a repeat of).
+#[derive(Clone)]
 struct Trip {
     kind: &'static str,
     severity: &'static str,
@@ -421,25 +423,6 @@ impl Monitor {
             .held
             .get_mut(&trip.place)
             .filter(|h| s.time - h.at < window);
-        let source_ip = s.source_ip.map(|ip| ip.to_string());
-        let since_ms = match &s.what {
-            What::Dead(since) => since.map(|t| ms_between(t, s.time)),
-            _ => None,
-        };
-        let alert = NewAlert {
-            time: s.time,
-            kind: trip.kind.to_owned(),
-            severity: trip.severity.to_owned(),
-            key_id: s.key_id.clone(),
-            code: s.code.as_str().to_owned(),
-            source_ip: source_ip.clone(),
-            user_agent: s.user_agent.clone(),
-            subject: s.subject.clone(),
-            since_ms,
-            evidence: trip.evidence.to_string(),
-            place: trip.place.clone(),
-        };
-        let entry = audit_entry(s, &trip, source_ip.as_deref(), since_ms);
         let action = app.with_cached_policy(|p| {
             p.rules_for(s.environment.as_deref().unwrap_or_default())
                 .watch
@@ -448,17 +431,18 @@ impl Monitor {
         if let Some(h) = held {
             h.unrecorded_repeats += 1;
             h.last_at = h.last_at.max(s.time);
-            h.latest = Some(Box::new((alert, entry)));
+            h.latest = Some(Box::new((s.clone(), trip.clone())));
             if action == AlertAction::Throttle {
                 throttle(app, s);
             }
             return;
         }
+        let (alert, entry) = new_alert(s, &trip);
         match app.store.raise_alert(&alert, &entry, s.time - window).await {
             Ok(raised) => {
                 if let Raised::New(seq) = raised {
                     tracing::warn!(kind = trip.kind, severity = trip.severity, key_id = ?s.key_id,
-                        source_ip = ?source_ip, seq, "alert raised");
+                        source_ip = ?alert.source_ip, seq, "alert raised");
                 }
                 match action {
                     AlertAction::Notify => {}
@@ -504,7 +488,8 @@ impl Monitor {
                 // others (all after the resolve, or close to it) repeat.
                 Ok(false) => match h.latest.take() {
                     Some(latest) => {
-                        let (alert, entry) = *latest;
+                        let (s, trip) = *latest;
+                        let (alert, entry) = new_alert(&s, &trip);
                         let n = h.unrecorded_repeats - 1;
                         match app
                             .store
@@ -550,6 +535,30 @@ impl Monitor {
             self.held.remove(&p);
         }
     }
+}
+
+/// A sighting as a new alert, with the audit entry that raises it.
+fn new_alert(s: &Sighting, trip: &Trip) -> (NewAlert, AuditEntry) {
+    let source_ip = s.source_ip.map(|ip| ip.to_string());
+    let since_ms = match &s.what {
+        What::Dead(since) => since.map(|t| ms_between(t, s.time)),
+        _ => None,
+    };
+    let entry = audit_entry(s, trip, source_ip.as_deref(), since_ms);
+    let alert = NewAlert {
+        time: s.time,
+        kind: trip.kind.to_owned(),
+        severity: trip.severity.to_owned(),
+        key_id: s.key_id.clone(),
+        code: s.code.as_str().to_owned(),
+        source_ip,
+        user_agent: s.user_agent.clone(),
+        subject: s.subject.clone(),
+        since_ms,
+        evidence: trip.evidence.to_string(),
+        place: trip.place.clone(),
+    };
+    (alert, entry)
 }
 
 /// The audit entry of a new alert. A dead key's keeps the action it always had
