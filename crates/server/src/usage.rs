@@ -16,6 +16,9 @@ use crate::metrics::UsageMeters;
 /// memory, and the events held in memory stay a fraction of a second's worth at full load.
 pub const QUEUE_CAPACITY: usize = 16_384;
 const MAX_BATCH: usize = 5_000;
+/// How long a PostgreSQL node holds usage rollups before writing them: what other nodes'
+/// readers may lag by, and the window in which a key's repeated uses share their rows.
+const HELD_ROLLUPS_INTERVAL: Duration = Duration::from_secs(10);
 
 pub fn channel(capacity: usize) -> (mpsc::Sender<UsageEvent>, mpsc::Receiver<UsageEvent>) {
     mpsc::channel(capacity.max(1))
@@ -44,6 +47,13 @@ pub async fn run_writer(
     let mut fold_retry_at: Option<tokio::time::Instant> = None;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let beside = store.backend() == keywarden_store::Backend::Postgres;
+    let fold_every = if beside {
+        schedule.fold.min(HELD_ROLLUPS_INTERVAL)
+    } else {
+        schedule.fold
+    };
+    let mut background: Option<tokio::task::JoinHandle<keywarden_store::Result<bool>>> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -57,11 +67,40 @@ pub async fn run_writer(
                 break;
             }
         }
+        // PostgreSQL writes held rollups beside the appends, in a task of its own: after
+        // a busy interval a write can take a second or more, and appends must not queue
+        // behind it.
+        if let Some(done) = background.take_if(|h| h.is_finished()) {
+            match done.await {
+                Ok(Ok(_)) => {
+                    last_fold = tokio::time::Instant::now();
+                    fold_retry_at = None;
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "writing usage rollups failed; retrying in 1s");
+                    fold_retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the usage rollups task ended abnormally; retrying in 1s");
+                    fold_retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
+        }
         // A fold goes a chunk per tick, so appends never wait long behind it.
         let due = store.folding()
-            || last_fold.elapsed() >= schedule.fold
+            || last_fold.elapsed() >= fold_every
             || store.unfolded_keys() >= schedule.fold_max_keys;
-        if due && fold_retry_at.is_none_or(|t| tokio::time::Instant::now() >= t) {
+        if due
+            && background.is_none()
+            && fold_retry_at.is_none_or(|t| tokio::time::Instant::now() >= t)
+        {
+            if beside {
+                let store = store.clone();
+                background = Some(tokio::spawn(async move {
+                    store.fold_usage_step(keywarden_store::FOLD_CHUNK).await
+                }));
+                continue;
+            }
             match store.fold_usage_step(keywarden_store::FOLD_CHUNK).await {
                 Ok(true) => last_fold = tokio::time::Instant::now(),
                 Ok(false) => {}
@@ -74,6 +113,10 @@ pub async fn run_writer(
             }
             fold_retry_at = None;
         }
+    }
+    if let Some(task) = background {
+        // Its rollups are written again below if it failed.
+        let _ = task.await;
     }
     rx.close();
     // Stopping: keep retrying a broken store for a while, but do not hang the shutdown.

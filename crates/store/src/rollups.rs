@@ -2,11 +2,11 @@
 //! carried (source networks, scopes, subjects, user agents), so that usage over months
 //! is read without scanning the log.
 //!
-//! They are written by the usage pipeline, with the stats they sit beside: on PostgreSQL
-//! in each batch's transaction (`postgres::Engine::record_usage`), on SQLite in the fold
-//! step that moves the key's `last_seq` (keyless events: the step that moves
-//! `folded_seq`), so the crash-recovery refold covers them and every logged event is
-//! counted exactly once. [`crate::fold::Rollup`] is how a batch or an overlay counts
+//! They are written by the usage pipeline: on PostgreSQL from what a node holds in memory
+//! for a few seconds, each batch's rollups exactly once whichever node writes them
+//! (`postgres::held`); on SQLite in the fold step that moves the key's `last_seq`
+//! (keyless events: the step that moves `folded_seq`), so the crash-recovery refold
+//! covers them and every logged event is counted exactly once. [`crate::fold::Rollup`] is how a batch or an overlay counts
 //! them, once for both backends.
 
 use std::collections::HashMap;
@@ -257,21 +257,23 @@ fn key_clause(p: &mut Params, f: &StatsFilter) -> Option<String> {
 }
 
 impl Store {
-    /// On SQLite the rollups of events still in the overlay are written by the next fold
-    /// step; a reader folds them first, so answers are exact to the last written event.
-    /// The fold does what the usage writer would do within its interval, once for all.
+    /// The rollups of events still in SQLite's overlay, or held by this PostgreSQL node,
+    /// are written by the next fold step; a reader writes them first, so answers are
+    /// exact to the last event this node wrote (on PostgreSQL, other nodes' held rollups
+    /// land within their fold interval). It does what the usage writer would do within
+    /// its interval, once for all.
     async fn rollups_current(&self) -> Result<()> {
         match &self.engine {
             Engine::Sqlite(_) => self.fold_usage().await,
-            Engine::Postgres(_) => Ok(()),
+            Engine::Postgres(e) => e.write_held().await,
         }
     }
 
     /// The source networks (as CIDR) and subjects of a key's valid uses from `since_ms`
-    /// and first seen before `before_ms`, as far as its rollups have them (on SQLite, up
-    /// to the last fold): what the monitor starts from for a key it has not seen since it
-    /// started. `before_ms` keeps out the uses it is about to judge, which PostgreSQL has
-    /// already rolled up.
+    /// and first seen before `before_ms`, as far as its rollups have them (up to the last
+    /// fold, or on PostgreSQL the last write of held rollups): what the monitor starts
+    /// from for a key it has not seen since it started. `before_ms` keeps out the uses it
+    /// is about to judge, should their rollups be written already.
     pub async fn known_sources(
         &self,
         id: &KeyId,
@@ -288,10 +290,22 @@ impl Store {
         .bind(before_ms)
         .fetch_all(&self.pool)
         .await?;
-        let mut out = KnownSources::default();
+        let mut found: Vec<(String, String)> = Vec::with_capacity(rows.len());
         for row in &rows {
-            let kind: String = row.try_get("kind")?;
-            let value: String = row.try_get("value")?;
+            found.push((row.try_get("kind")?, row.try_get("value")?));
+        }
+        // A PostgreSQL node's held rollups are not in the table yet; reading them here
+        // keeps a monitor that starts over on a key from taking its last seconds of
+        // sources for new ones, without writing the held rollups on a verify's path.
+        if let Engine::Postgres(e) = &self.engine {
+            for (kind, value) in e.held_sources(id, hour_of(since_ms), before_ms) {
+                if !found.iter().any(|(k, v)| k == kind && *v == value) {
+                    found.push((kind.to_owned(), value));
+                }
+            }
+        }
+        let mut out = KnownSources::default();
+        for (kind, value) in found {
             match kind.as_str() {
                 "network" => out
                     .networks

@@ -80,11 +80,17 @@ impl Store {
     }
 
     /// Folds the next chunk of at most `max_keys` keys of logged usage into the keys'
-    /// stats; true when no fold is left in progress. SQLite only: on PostgreSQL batches
-    /// are folded as they are written, and this does nothing.
+    /// stats; true when no fold is left in progress. On PostgreSQL, where batches are
+    /// folded into the stats as they are written, it writes the usage rollups this node
+    /// holds, and rolls up again those that nodes now gone held.
     pub async fn fold_usage_step(&self, max_keys: usize) -> Result<bool> {
-        let Engine::Sqlite(engine) = &self.engine else {
-            return Ok(true);
+        let engine = match &self.engine {
+            Engine::Sqlite(engine) => engine,
+            Engine::Postgres(engine) => {
+                engine.write_held().await?;
+                engine.recover_held().await?;
+                return Ok(true);
+            }
         };
         let _readers_wait = engine.exclude_readers().await;
         let turn = engine.write_turn().await;
@@ -105,11 +111,11 @@ impl Store {
         Ok(())
     }
 
-    /// Keys with usage logged and not folded yet (0 on PostgreSQL).
+    /// Keys with usage logged and not folded yet (on PostgreSQL: with rollups held).
     pub fn unfolded_keys(&self) -> usize {
         match &self.engine {
             Engine::Sqlite(e) => e.usage.pending_keys().unwrap_or(0),
-            Engine::Postgres(_) => 0,
+            Engine::Postgres(e) => e.held().keys(),
         }
     }
 

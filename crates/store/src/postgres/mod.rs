@@ -25,6 +25,9 @@ use crate::rows::{decode_error, key_from_row, ms, KEY_COLUMNS, KEY_FROM, STAMP_S
 use crate::usage::{UPSERT_KEY_USAGE_TAIL, UPSERT_SUBJECT_TAIL};
 use crate::{KeyStamp, Result, StoreError};
 
+mod held;
+pub(crate) use held::Held;
+
 /// The NOTIFY channel: a trigger on `audit_events` (migration 0011) announces every
 /// entry's seq.
 pub const CHANNEL: &str = "keywarden_changes";
@@ -34,6 +37,10 @@ pub(crate) struct Engine {
     pool: PgPool,
     /// For LISTEN, which needs a connection of its own.
     url: String,
+    /// Usage rollups of stored batches, written every few seconds ([`held`]).
+    held: std::sync::Mutex<Held>,
+    node_lock: tokio::sync::Mutex<Option<held::NodeLock>>,
+    flushing: tokio::sync::Mutex<()>,
 }
 
 /// The right to run a background job on this node, for as long as it is held: the
@@ -71,6 +78,9 @@ impl Engine {
         Ok(Self {
             pool,
             url: url.to_owned(),
+            held: std::sync::Mutex::default(),
+            node_lock: tokio::sync::Mutex::default(),
+            flushing: tokio::sync::Mutex::default(),
         })
     }
 
@@ -158,12 +168,14 @@ impl Engine {
         Ok(Err(retry.max(1)))
     }
 
-    /// Writes a batch of usage events, chains it, and folds it into the keys' stats and
-    /// the usage rollups, in one transaction: six statements whatever the batch's size.
-    /// The events' insert takes the chain's head row first, so batches from every node
-    /// are chained one at a time and each batch's seqs are consecutive; it returns the
-    /// seqs, which the batch's hash covers.
+    /// Writes a batch of usage events, chains it, and folds it into the keys' stats, in
+    /// one transaction: four statements whatever the batch's size. The events' insert
+    /// takes the chain's head row first, so batches from every node are chained one at a
+    /// time and each batch's seqs are consecutive; it returns the seqs, which the batch's
+    /// hash covers. The batch's rollups are held in memory and written later
+    /// ([`held`]); its row names this node until they are.
     pub async fn record_usage(&self, events: &[UsageEvent]) -> Result<()> {
+        let node = self.node_id().await?;
         let mut batch = EventColumns::default();
         for e in events {
             batch.push(e);
@@ -190,16 +202,6 @@ impl Engine {
                 stats.first_seen.push(*first);
                 stats.last_seen.push(*last);
             }
-        }
-        // Rollups: aggregated here first, so each (key, hour, code) and each value is one
-        // row of the batch (an upsert may not touch a row twice), in key order like the
-        // stats. Every key with events gets rows, and the keyless ones go under ''.
-        let mut rollup = RollupColumns::default();
-        rollup.push("", &folded.keyless.rows());
-        let mut keyed: Vec<_> = folded.keys.iter().collect();
-        keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for (id, d) in keyed {
-            rollup.push(id.as_str(), &d.rollup.rows());
         }
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(INSERT_EVENTS)
@@ -254,6 +256,7 @@ impl Engine {
             .bind(&prev_text)
             .bind(to_hex(&sealed.hash))
             .bind(&sealed.digests)
+            .bind(i64::from(node))
             .execute(&mut *tx)
             .await?;
         if !stats.key_id.is_empty() {
@@ -274,29 +277,10 @@ impl Engine {
                 .execute(&mut *tx)
                 .await?;
         }
-        if !rollup.key_id.is_empty() {
-            sqlx::query(&UPSERT_ROLLUP_CODES)
-                .bind(&rollup.key_id)
-                .bind(&rollup.hour)
-                .bind(&rollup.code)
-                .bind(&rollup.events)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !rollup.v_key_id.is_empty() {
-            sqlx::query(&UPSERT_ROLLUP_VALUES)
-                .bind(&rollup.v_key_id)
-                .bind(&rollup.v_hour)
-                .bind(&rollup.v_kind)
-                .bind(&rollup.v_value)
-                .bind(&rollup.v_code)
-                .bind(&rollup.v_events)
-                .bind(&rollup.v_first)
-                .bind(&rollup.v_last)
-                .execute(&mut *tx)
-                .await?;
-        }
         tx.commit().await?;
+        let batch = sealed.header.seq;
+        drop(stats);
+        self.held().add(batch, folded);
         Ok(())
     }
 
@@ -362,7 +346,8 @@ const INSERT_EVENTS: &str = "WITH head AS (SELECT batch_seq, hash FROM usage_cha
 
 /// The batch's row and the head, in one statement.
 const INSERT_BATCH: &str = "WITH b AS (INSERT INTO usage_batches (seq, first_seq, last_seq, \
-    events, time, prev_hash, hash, digests) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)) \
+    events, time, prev_hash, hash, digests, rollups_held_by) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)) \
     UPDATE usage_chain_head SET batch_seq = $1, hash = $7 WHERE id = 1";
 
 static UPSERT_KEY_USAGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
