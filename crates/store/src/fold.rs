@@ -2,7 +2,8 @@
 //! `last_used_from`, subjects), written once here for both backends and mirrored in SQL by
 //! [`newest_use_wins_sql!`].
 //!
-//! PostgreSQL folds each batch as it writes it ([`Pending::of_batch`]). SQLite keeps the
+//! PostgreSQL folds each batch into the stats as it writes it ([`Pending::of_batch`]; its
+//! rollups are held a few seconds, see `postgres::held`). SQLite keeps the
 //! events not yet folded into `key_usage` and `key_subjects` in a [`Pending`] overlay:
 //! folding every event as it comes costs several random b-tree writes per event, more
 //! than the rest of a verify; folding a few seconds of events at once, in key order, costs

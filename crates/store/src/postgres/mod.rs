@@ -5,7 +5,8 @@
 //! (every row is converted into `Any` values and every statement is re-described); the
 //! native driver reads it with a prepared statement and decodes it in place. Usage
 //! batches go in as one `UNNEST` statement per table, with the batch as arrays, instead
-//! of SQL text assembled per batch.
+//! of SQL text assembled per batch; their usage rollups are held in memory and written
+//! every few seconds ([`held`]).
 
 use std::str::FromStr;
 use std::time::Duration;
