@@ -409,6 +409,10 @@ pub struct ServeArgs {
         default_value = "keywarden@localhost"
     )]
     pub smtp_from: String,
+    /// Who is mailed alerts that name no key, such as BRUTE_FORCE from a source network
+    /// (key alerts go to the key's owner).
+    #[arg(long, env = "KEYWARDEN_SMTP_SECURITY_TO")]
+    pub smtp_security_to: Option<String>,
     /// `sqlite://PATH` or `postgres://…`; default: SQLite in the data directory.
     #[arg(long, env = "KEYWARDEN_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,

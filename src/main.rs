@@ -100,6 +100,7 @@ async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
     config.metrics_listen = args.metrics_listen;
     config.smtp_url.clone_from(&args.smtp);
     config.smtp_from.clone_from(&args.smtp_from);
+    config.smtp_security_to.clone_from(&args.smtp_security_to);
     config.database_url.clone_from(&args.database_url);
     config.key_prefix.clone_from(&args.key_prefix);
     config.pepper = std::env::var("KEYWARDEN_PEPPER").ok();

@@ -215,11 +215,13 @@ pub async fn events(cli: &Cli, cmd: &crate::cli::EventsCommand) -> Result<u8> {
                         crate::out_line(serde_json::to_string(e)?)?;
                     } else {
                         crate::out_line(format!(
-                            "{}  {}  {}  key {}  by {}{}",
+                            "{}  {}  {}  {}  by {}{}",
                             e.seq,
                             output::ts(e.time),
                             e.kind,
-                            e.key_id,
+                            e.key_id
+                                .as_deref()
+                                .map_or_else(|| "no key".to_owned(), |k| format!("key {k}")),
                             e.actor,
                             e.reason
                                 .as_deref()

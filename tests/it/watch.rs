@@ -21,6 +21,7 @@ on_both_backends!(
     a_scan_finds_a_canary_and_leaves_it_alone,
     alerts_reach_people_as_slack_messages,
     owners_are_mailed_about_their_keys,
+    source_alerts_reach_services_and_the_security_contact,
 );
 
 async fn put_policy(s: &TestServer, text: &str) {
@@ -693,5 +694,91 @@ async fn owners_are_mailed_about_their_keys(b: Backend) {
         }
     })
     .await;
+    s.stop().await;
+}
+
+/// BRUTE_FORCE names a source network, not a key: it still reaches services that take
+/// alerts (webhook, Slack, the pull feed) as `source.alert`, and e-mail goes to the
+/// security contact, since there is no key owner to tell.
+async fn source_alerts_reach_services_and_the_security_contact(b: Backend) {
+    let sink = crate::smtp::SmtpSink::start().await;
+    let url = sink.url();
+    let s = TestServer::start_with(b, |c| {
+        c.outbound_allow = vec!["127.0.0.0/8".parse().unwrap()];
+        c.dispatch_poll = std::time::Duration::from_millis(50);
+        c.smtp_url = Some(url);
+        c.smtp_from = "keywarden@example.com".to_owned();
+        c.smtp_security_to = Some("security@example.com".to_owned());
+    })
+    .await;
+    let hook = crate::receiver::Receiver::start().await;
+    let chat = crate::receiver::Receiver::start().await;
+    for body in [
+        json!({ "name": "edge", "webhook_url": hook.url, "events": ["alert"] }),
+        json!({ "name": "chat", "webhook_url": chat.url, "events": ["alert"], "format": "slack" }),
+        json!({ "name": "mail", "format": "email", "events": ["alert"] }),
+    ] {
+        let (st, v) = s.post("/v1/services", body).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    put_policy(&s, "[default]\nthrottle_failures = \"off\"\n").await;
+    for i in 0..60 {
+        let junk = format!("kw_prod_{:016}_{}", i, "a".repeat(38));
+        s.verify(json!({ "key": junk, "source_ip": "2001:db8::7" }))
+            .await;
+    }
+
+    let got = hook.wait_for(1, 10).await;
+    let event = &got[0].json;
+    assert_eq!(event["type"], "source.alert", "{event}");
+    assert_eq!(event["data"]["key_id"], Value::Null, "{event}");
+    assert_eq!(event["data"]["key"], Value::Null, "{event}");
+    assert_eq!(event["data"]["details"]["alert"], "BRUTE_FORCE", "{event}");
+    assert_eq!(
+        event["data"]["details"]["source_ip"], "2001:db8::7",
+        "{event}"
+    );
+
+    let got = chat.wait_for(1, 10).await;
+    let text = got[0].json["text"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        text.starts_with("*keywarden: BRUTE_FORCE (medium) from 2001:db8::7*"),
+        "{text}"
+    );
+    assert!(
+        text.contains("What to do: someone is guessing secrets"),
+        "{text}"
+    );
+
+    let mails = sink.wait_for(1, 10).await;
+    assert_eq!(mails[0].to, ["<security@example.com>"]);
+    let mail = mails[0].readable();
+    assert!(
+        mail.contains("Subject: keywarden: BRUTE_FORCE (medium) from 2001:db8::7"),
+        "{mail}"
+    );
+
+    // The pull feed shows it too, with no key id.
+    let (st, page) = s.get("/v1/events?events=alert&wait=0s").await;
+    assert_eq!(st, StatusCode::OK, "{page}");
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{page}");
+    assert_eq!(events[0]["type"], "source.alert");
+    assert!(events[0].get("key_id").is_none(), "{page}");
+    for name in ["edge", "chat", "mail"] {
+        eventually(
+            WAIT,
+            "the source alert's delivery to be confirmed",
+            || async {
+                let (_, v) = s.get(&format!("/v1/services/{name}")).await;
+                if v["deliveries"]["confirmed"] == 1 {
+                    Ok(())
+                } else {
+                    Err(v)
+                }
+            },
+        )
+        .await;
+    }
     s.stop().await;
 }

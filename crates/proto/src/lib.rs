@@ -261,12 +261,15 @@ pub struct AckResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EventView {
     pub seq: i64,
-    /// `key.revoked`, `key.suspended`, … (the audit action).
+    /// `key.revoked`, `key.suspended`, … (the audit action); `source.alert` for an
+    /// alert on a source network that names no key (BRUTE_FORCE).
     #[serde(rename = "type")]
     pub kind: String,
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
-    pub key_id: String,
+    /// Absent for `source.alert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
     pub reason: Option<String>,
     pub actor: String,
     #[schema(value_type = Object)]

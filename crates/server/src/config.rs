@@ -19,6 +19,9 @@ pub struct Config {
     pub smtp_url: Option<String>,
     /// The From address of that e-mail.
     pub smtp_from: String,
+    /// Who is mailed alerts that name no key (BRUTE_FORCE from a source network); without
+    /// it, their e-mail deliveries are abandoned with that reason.
+    pub smtp_security_to: Option<String>,
     pub data_dir: PathBuf,
     /// `sqlite://…` or `postgres://…`; default: SQLite in the data directory.
     pub database_url: Option<String>,
@@ -120,6 +123,7 @@ impl Config {
             outbound_allow: Vec::new(),
             smtp_url: None,
             smtp_from: "keywarden@localhost".to_owned(),
+            smtp_security_to: None,
             outbound_proxy: None,
             webhook_timeout: Duration::from_secs(10),
             webhook_retry_for: Duration::from_secs(72 * 3600),

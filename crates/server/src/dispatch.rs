@@ -59,11 +59,11 @@ pub async fn event_body(app: &AppState, e: &KeyEvent) -> Value {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     json!({
-        "type": format!("key.{}", e.event),
+        "type": e.kind(),
         "timestamp": time,
         "data": {
             "seq": e.seq,
-            "key_id": e.key_id,
+            "key_id": e.key(),
             "event": e.event,
             "reason": e.reason,
             "actor": e.actor,

@@ -439,7 +439,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let mailer = config
         .smtp_url
         .as_deref()
-        .map(|url| mail::Mailer::new(url, &config.smtp_from))
+        .map(|url| mail::Mailer::new(url, &config.smtp_from, config.smtp_security_to.as_deref()))
         .transpose()
         .map_err(StartError::Smtp)?;
     let links = state::Links {

@@ -44,6 +44,9 @@ pub fn for_event(event: &Value) -> Message {
         (other, _) => other.trim_start_matches("key.").replace('_', " "),
     };
     let todo = advice(kind, alert);
+    if kind.starts_with("source.") {
+        return for_source(alert.unwrap_or("alert"), details, todo);
+    }
     let subject = format!("keywarden: key {name} ({environment}) {what}");
     let mut body = format!("Key {name} ({key_id}) in {environment}, owned by {owner}: {what}.\n");
     if !reason.is_empty() {
@@ -56,6 +59,21 @@ pub fn for_event(event: &Value) -> Message {
     body.push_str(&format!(
         "Details: keywarden key show {key_id}; keywarden alert list --key {key_id}\n"
     ));
+    Message { subject, body }
+}
+
+/// An alert on a source network (BRUTE_FORCE): it names no key and no owner; the
+/// people told are the security contact (`serve --smtp-security-to`) or a channel.
+fn for_source(alert: &str, details: &Value, todo: &str) -> Message {
+    let severity = details["severity"].as_str().unwrap_or("?");
+    let from = details["source_ip"].as_str().unwrap_or("an unknown source");
+    let subject = format!("keywarden: {alert} ({severity}) from {from}");
+    let mut body = format!("Source {from}: {alert} ({severity}), no single key named.\n");
+    if !details["evidence"].is_null() && details["evidence"] != json!({}) {
+        body.push_str(&format!("Evidence: {}\n", details["evidence"]));
+    }
+    body.push_str(&format!("What to do: {todo}\n"));
+    body.push_str(&format!("Details: keywarden alert list --kind {alert}\n"));
     Message { subject, body }
 }
 
@@ -132,5 +150,33 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("*keywarden: key ci-deploy"));
+    }
+
+    #[test]
+    fn a_source_alert_names_the_source_and_no_key() {
+        let event = json!({
+            "type": "source.alert",
+            "data": {
+                "key_id": null,
+                "reason": "BRUTE_FORCE (medium)",
+                "details": {
+                    "alert": "BRUTE_FORCE", "severity": "medium",
+                    "source_ip": "198.51.100.7", "evidence": {"events": 51}
+                },
+                "key": null
+            }
+        });
+        let m = for_event(&event);
+        assert_eq!(
+            m.subject,
+            "keywarden: BRUTE_FORCE (medium) from 198.51.100.7"
+        );
+        assert!(m.body.contains("no single key named"), "{}", m.body);
+        assert!(
+            m.body.contains("keywarden alert list --kind BRUTE_FORCE"),
+            "{}",
+            m.body
+        );
+        assert!(!m.body.contains("unknown key"), "{}", m.body);
     }
 }

@@ -245,16 +245,17 @@ pub struct Quarantined {
 }
 
 /// A key's entry (`key.*` on `key:<id>`) is also an event for connected services,
-/// written with it.
+/// written with it; so is an alert on a source (`source.alert` on `source:<network>`,
+/// such as BRUTE_FORCE), stored with an empty key id ([`KeyEvent::kind`]).
 async fn insert_key_event(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     s: &SealedEntry,
 ) -> Result<()> {
     let e = &s.entry;
-    let (Some(key_id), Some(event)) =
-        (e.target.strip_prefix("key:"), e.action.strip_prefix("key."))
-    else {
-        return Ok(());
+    let (key_id, event) = match (e.target.strip_prefix("key:"), e.action.strip_prefix("key.")) {
+        (Some(key_id), Some(event)) => (key_id, event),
+        _ if e.action == "source.alert" && e.target.starts_with("source:") => ("", "alert"),
+        _ => return Ok(()),
     };
     sqlx::query(
         "INSERT INTO key_events (seq, time, key_id, event, reason, actor, details) \
@@ -277,6 +278,7 @@ async fn insert_key_event(
 pub struct KeyEvent {
     pub seq: i64,
     pub time: OffsetDateTime,
+    /// Empty for an alert on a source, which names no key.
     pub key_id: String,
     /// `created`, `suspended`, `resumed`, `revoked`, `rotated`, `expired`,
     /// `expiry_notice`, `rotation_overdue`, `policy_violation`.
@@ -285,6 +287,23 @@ pub struct KeyEvent {
     pub actor: String,
     /// The audit entry's details, canonical JSON.
     pub details: String,
+}
+
+impl KeyEvent {
+    /// The event's type as services see it: `key.<event>`, or `source.<event>` for an
+    /// event that names no key (an alert on a source network).
+    pub fn kind(&self) -> String {
+        if self.key_id.is_empty() {
+            format!("source.{}", self.event)
+        } else {
+            format!("key.{}", self.event)
+        }
+    }
+
+    /// The key the event is about; `None` for a source's event.
+    pub fn key(&self) -> Option<&str> {
+        Some(self.key_id.as_str()).filter(|k| !k.is_empty())
+    }
 }
 
 pub(crate) const KEY_EVENT_COLUMNS: &str = "seq, time, key_id, event, reason, actor, details";

@@ -46,9 +46,9 @@ pub struct EventsQuery {
 fn view(e: KeyEvent) -> EventView {
     EventView {
         seq: e.seq,
-        kind: format!("key.{}", e.event),
+        kind: e.kind(),
         time: e.time,
-        key_id: e.key_id,
+        key_id: e.key().map(str::to_owned),
         reason: e.reason,
         actor: e.actor,
         details: serde_json::from_str(&e.details).unwrap_or(serde_json::Value::Null),
