@@ -540,9 +540,48 @@ struct UsageVerifyOutcome {
 
 /// `audit verify --usage`: recomputes the usage log's chain here from the streamed
 /// batches and events, from where retention left it.
+/// Every `usage.anchored` entry of the audit trail, oldest first.
+async fn usage_anchors(c: &Client) -> Result<Vec<keywarden_core::usage_chain::UsageAnchor>> {
+    let mut out = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = c
+            .audit_list(&keywarden_client::AuditQuery {
+                target: Some("usage".to_owned()),
+                action: Some("usage.anchored".to_owned()),
+                limit: Some(1000),
+                cursor: cursor.take(),
+                ..keywarden_client::AuditQuery::default()
+            })
+            .await?;
+        for e in &page.entries {
+            let (Some(batch), Some(hash)) = (
+                e.details["batch"].as_i64(),
+                e.details["hash"].as_str().and_then(from_hex),
+            ) else {
+                bail!(
+                    "audit entry {} (usage.anchored) holds no batch and hash",
+                    e.seq
+                );
+            };
+            out.push(keywarden_core::usage_chain::UsageAnchor {
+                audit_seq: e.seq,
+                batch,
+                hash,
+            });
+        }
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
 async fn verify_usage(cli: &Cli, c: &Client) -> Result<u8> {
     use keywarden_core::usage_chain::{ChainLine, UsageWalk};
-    // The head first: batches written while the walk runs then only extend the chain.
+    // The anchors first, then the head: an anchor written meanwhile names a batch at or
+    // below the head, and batches written while the walk runs only extend the chain.
+    let anchors = usage_anchors(c).await?;
     let chain = c.usage_chain().await?;
     let head_hash = from_hex(&chain.head_hash).context("the server's head hash is not a hash")?;
     let mut notes = Vec::new();
@@ -566,6 +605,8 @@ async fn verify_usage(cli: &Cli, c: &Client) -> Result<u8> {
             chain.unchained_upto
         ));
     }
+    let anchored: std::collections::HashSet<i64> = anchors.iter().map(|a| a.batch).collect();
+    let mut seen = std::collections::HashMap::new();
     let mut stream = c.usage_chain_export().await?;
     let mut line_no = 0u64;
     while let Some(line) = stream.line().await? {
@@ -575,12 +616,33 @@ async fn verify_usage(cli: &Cli, c: &Client) -> Result<u8> {
         }
         let l: ChainLine = serde_json::from_str(&line)
             .with_context(|| format!("export line {line_no} is not a usage batch or event"))?;
+        if let ChainLine::Batch(b) = &l {
+            if anchored.contains(&b.header.seq) {
+                seen.insert(b.header.seq, from_hex(&b.hash).unwrap_or([0xff; 32]));
+            }
+        }
         walk.push(l);
         if walk.is_broken() {
             break;
         }
     }
-    let report = walk.finish(Some((chain.head_batch, head_hash)));
+    let mut report = walk.finish(Some((chain.head_batch, head_hash)));
+    // The chain holds together; it must also hold what the audit trail anchored.
+    if report.broken.is_none() {
+        let retained = chain
+            .retained
+            .last()
+            .map(|r| (r.last_batch, from_hex(&r.last_hash).unwrap_or([0xff; 32])));
+        report.broken =
+            keywarden_core::usage_chain::check_anchors(&anchors, &seen, retained, chain.head_batch);
+    }
+    if !anchors.is_empty() {
+        notes.push(format!(
+            "checked against {} anchors of the usage log in the audit trail (run `keywarden \
+             audit verify` to check the trail itself)",
+            anchors.len()
+        ));
+    }
     let outcome = UsageVerifyOutcome {
         intact: report.broken.is_none(),
         checked_batches: report.checked_batches,

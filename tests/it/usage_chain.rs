@@ -19,6 +19,7 @@ on_both_backends!(
     retention_keeps_environments_with_a_longer_rule,
     unfolded_events_are_never_removed,
     retention_keeps_a_broken_prefix_as_evidence,
+    the_audit_trail_anchors_the_head_so_a_cut_tail_is_caught,
 );
 
 /// Folds only when the test says so (SQLite), and enforces only on `POST /v1/enforce`.
@@ -462,5 +463,65 @@ async fn retention_keeps_a_broken_prefix_as_evidence(b: Backend) {
     let (rc, v) = verify(&s).await;
     assert_eq!(rc, 1);
     assert_eq!(brk(&v), ("altered".into(), 2, Some(second)), "{v}");
+    s.stop().await;
+}
+
+/// The usage.anchored entries of the trail, as (batch, hash).
+async fn anchors(s: &TestServer) -> Vec<(i64, String)> {
+    let (_, v) = s.get("/v1/audit?action=usage.anchored").await;
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["details"]["batch"].as_i64().unwrap(),
+                e["details"]["hash"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Cutting the log's last batches and moving its head back leaves a chain that holds
+/// together: only the head the audit trail recorded tells.
+async fn the_audit_trail_anchors_the_head_so_a_cut_tail_is_caught(b: Backend) {
+    let s = start(b).await;
+    let (id, secret) = four_batches(&s).await;
+    enforce(&s).await;
+    let head = chain(&s).await;
+    assert_eq!(
+        anchors(&s).await,
+        [(4, head["head_hash"].as_str().unwrap().to_owned())]
+    );
+    // At most one anchor per 10 minutes, and none while the head stays put.
+    use_key(&s, &id, &secret, "host-5").await;
+    enforce(&s).await;
+    s.clock.advance(time::Duration::minutes(11));
+    enforce(&s).await;
+    assert_eq!(anchors(&s).await.len(), 2);
+    enforce(&s).await;
+    assert_eq!(anchors(&s).await.len(), 2, "the head did not move");
+    let (rc, v) = verify(&s).await;
+    assert_eq!(rc, 0, "{v}");
+    assert!(v["notes"].to_string().contains("2 anchors"), "{v}");
+
+    // Batches 4 and 5 gone, their events too, and the head moved back to batch 3.
+    s.sql(&[
+        "DELETE FROM usage_events WHERE seq >= (SELECT first_seq FROM usage_batches WHERE seq = 4)",
+        "DELETE FROM usage_batches WHERE seq >= 4",
+        "UPDATE usage_chain_head SET batch_seq = 3, \
+         hash = (SELECT hash FROM usage_batches WHERE seq = 3) WHERE id = 1",
+    ])
+    .await;
+    let (rc, v) = verify(&s).await;
+    assert_eq!(rc, 1, "{v}");
+    assert_eq!(brk(&v), ("truncated".into(), 4, None), "{v}");
+    assert!(
+        v["break"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("audit entry"),
+        "{v}"
+    );
     s.stop().await;
 }

@@ -315,6 +315,86 @@ pub struct UsageReport {
     pub broken: Option<UsageBreak>,
 }
 
+/// The usage chain's head as the audit trail recorded it (`usage.anchored`, written by
+/// the enforcer): the chain alone cannot tell a consistent rewrite or a cut tail from
+/// the log as written, but a rewrite must then also match these entries, which the audit
+/// trail's own chain and signed checkpoints protect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageAnchor {
+    /// The audit entry's seq.
+    pub audit_seq: i64,
+    pub batch: i64,
+    pub hash: ChainHash,
+}
+
+/// The first anchor the log does not match, by batch: an anchored batch past the log's
+/// head (its tail was cut), missing from it, or with another hash (rewritten). `seen` holds
+/// the stored hash of each anchored batch the export showed, `retained` the last prefix
+/// retention removed (batch and hash); anchors inside that prefix are checked against
+/// its hash where they name its last batch, and are otherwise gone with it.
+pub fn check_anchors(
+    anchors: &[UsageAnchor],
+    seen: &std::collections::HashMap<i64, ChainHash>,
+    retained: Option<(i64, ChainHash)>,
+    head_batch: i64,
+) -> Option<UsageBreak> {
+    let mut ordered: Vec<&UsageAnchor> = anchors.iter().collect();
+    ordered.sort_by_key(|a| (a.batch, a.audit_seq));
+    for a in ordered {
+        let at = |kind, detail: String| {
+            Some(UsageBreak {
+                kind,
+                batch: a.batch,
+                event_seq: None,
+                detail,
+            })
+        };
+        if a.batch > head_batch {
+            return at(
+                BreakKind::Truncated,
+                format!(
+                    "audit entry {} anchored batch {}, past the log's last batch {head_batch}:                      batches were removed from its end",
+                    a.audit_seq, a.batch
+                ),
+            );
+        }
+        if let Some((last, hash)) = retained.filter(|(last, _)| a.batch <= *last) {
+            if a.batch == last && a.hash != hash {
+                return at(
+                    BreakKind::Replaced,
+                    format!(
+                        "retention's record of batch {last} holds another hash than audit                          entry {} anchored",
+                        a.audit_seq
+                    ),
+                );
+            }
+            continue;
+        }
+        match seen.get(&a.batch) {
+            None => {
+                return at(
+                    BreakKind::Removed,
+                    format!(
+                        "batch {} (anchored by audit entry {}) is not in the log",
+                        a.batch, a.audit_seq
+                    ),
+                )
+            }
+            Some(h) if *h != a.hash => {
+                return at(
+                    BreakKind::Replaced,
+                    format!(
+                        "batch {}'s hash is not the one audit entry {} anchored: the log was                          rewritten up to this batch",
+                        a.batch, a.audit_seq
+                    ),
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    None
+}
+
 /// Which event of a batch broke it, found from the stored digests.
 #[derive(Debug, Clone)]
 struct EventFinding {
@@ -673,5 +753,43 @@ mod tests {
         let r = w.finish(Some(head));
         assert_eq!(r.broken, None);
         assert_eq!(r.checked_batches, 3);
+    }
+
+    #[test]
+    fn anchors_catch_a_cut_tail_a_rewrite_and_a_missing_batch() {
+        use std::collections::HashMap;
+        let anchor = |audit_seq, batch, byte| UsageAnchor {
+            audit_seq,
+            batch,
+            hash: [byte; 32],
+        };
+        let seen: HashMap<i64, ChainHash> = [(3, [3; 32]), (7, [7; 32])].into();
+        let ok = [anchor(10, 3, 3), anchor(20, 7, 7)];
+        assert_eq!(check_anchors(&ok, &seen, None, 9), None);
+
+        let cut = check_anchors(&ok, &seen, None, 6).unwrap();
+        assert_eq!((cut.kind, cut.batch), (BreakKind::Truncated, 7));
+        assert!(cut.detail.contains("audit entry 20"), "{}", cut.detail);
+
+        let rewritten = [anchor(10, 3, 3), anchor(20, 7, 8)];
+        let b = check_anchors(&rewritten, &seen, None, 9).unwrap();
+        assert_eq!((b.kind, b.batch), (BreakKind::Replaced, 7));
+
+        let missing = [anchor(10, 5, 5)];
+        let b = check_anchors(&missing, &seen, None, 9).unwrap();
+        assert_eq!((b.kind, b.batch), (BreakKind::Removed, 5));
+
+        // Inside a retained prefix: gone with it, except the prefix's own last batch.
+        assert_eq!(check_anchors(&missing, &seen, Some((5, [5; 32])), 9), None);
+        let b = check_anchors(&missing, &seen, Some((5, [6; 32])), 9).unwrap();
+        assert_eq!((b.kind, b.batch), (BreakKind::Replaced, 5));
+        assert_eq!(
+            check_anchors(&[anchor(1, 2, 0)], &seen, Some((5, [6; 32])), 9),
+            None
+        );
+
+        // The lowest batch is named first, whatever the order of the entries.
+        let two = [anchor(30, 7, 9), anchor(40, 3, 9)];
+        assert_eq!(check_anchors(&two, &seen, None, 9).unwrap().batch, 3);
     }
 }

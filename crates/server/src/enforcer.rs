@@ -362,8 +362,61 @@ async fn pass_now(app: &SharedState) -> Result<Vec<Action>, ApiError> {
         }
     }
     retain_usage(app, &policy.1, now).await;
+    anchor_usage(app, now).await?;
     Ok(done)
 }
+
+/// How often at most the usage chain's head is recorded in the audit trail: often enough
+/// that a cut or rewritten usage log is caught up to a few minutes from its end, rarely
+/// enough that anchors stay a small part of the trail (144 entries a day).
+pub const USAGE_ANCHOR_EVERY: time::Duration = time::Duration::minutes(10);
+
+/// Records the usage chain's head in the audit trail (`usage.anchored`) when it moved
+/// and the last anchor is older than [`USAGE_ANCHOR_EVERY`], so that `audit verify
+/// --usage` can tell a consistent rewrite of the usage log, or a cut tail, from the log
+/// as written. A failure fails the pass, as any audit write does.
+async fn anchor_usage(app: &SharedState, now: OffsetDateTime) -> Result<(), ApiError> {
+    let head = app.store.usage_chain_head().await?;
+    if head.batch_seq == 0 {
+        return Ok(());
+    }
+    // By target first: `(target, seq)` is indexed, and few entries are about "usage".
+    let filter = keywarden_store::AuditFilter {
+        target: Some("usage".to_owned()),
+        action: Some(USAGE_ANCHORED.to_owned()),
+        ..keywarden_store::AuditFilter::default()
+    };
+    let (last, _) = app
+        .store
+        .audit_entries(&filter, keywarden_store::AuditOrder::NewestFirst, None, 1)
+        .await?;
+    if let Some(last) = last.first() {
+        let anchored: Option<i64> = serde_json::from_str::<serde_json::Value>(&last.entry.details)
+            .ok()
+            .and_then(|d| d["batch"].as_i64());
+        if anchored.is_some_and(|b| b >= head.batch_seq)
+            || now - last.entry.time < USAGE_ANCHOR_EVERY
+        {
+            return Ok(());
+        }
+    }
+    let entry = audit_entry(
+        actor(),
+        now,
+        USAGE_ANCHORED,
+        "usage".to_owned(),
+        None,
+        json!({
+            "batch": head.batch_seq,
+            "hash": keywarden_core::audit_chain::to_hex(&head.hash),
+        }),
+    );
+    app.store.append_audit(std::slice::from_ref(&entry)).await?;
+    Ok(())
+}
+
+/// The audit action of a usage chain anchor.
+pub const USAGE_ANCHORED: &str = "usage.anchored";
 
 /// Prefixes removed per pass at most (each of up to `RETENTION_CHUNK` events, in its own
 /// transaction): a large backlog, such as the first pass after an upgrade, is spread over
