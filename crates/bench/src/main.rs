@@ -19,7 +19,7 @@ use keywarden_core::model::{Actor, AuditEntry, UsageEvent};
 use keywarden_proto::CreateKeyRequest;
 use keywarden_server::routes::keys::validate_create;
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 struct Args {
     /// Keys in the store; requests pick among them at random.
     #[arg(long, default_value_t = 100_000)]
@@ -49,6 +49,14 @@ struct Args {
     /// the writer on a busy machine.
     #[arg(long)]
     writer_only: bool,
+    /// What watching costs, in one run: keys carry a rate limit they never reach
+    /// (1,000,000/min), and each round runs verify once watching (monitor, rate limits,
+    /// source throttling) and once with the server's watching switch off, in alternate
+    /// order. The usage chain stays on (it is in the store); its hashing is timed alone.
+    /// Then the alert latency: canary keys presented one at a time under verify load,
+    /// each timed from its request to its CANARY_USED alert in the store.
+    #[arg(long)]
+    compare_watch: bool,
 }
 
 struct WrkResult {
@@ -222,12 +230,178 @@ async fn bench_appends(
     })
     .await?;
     let per_event = |d: std::time::Duration| d.as_secs_f64() * 1e6 / EVENTS as f64;
-    Ok(format!(
+    let cpu_text = |c: Option<std::time::Duration>| {
+        c.map_or("unknown".to_owned(), |c| format!("{:.2} µs", per_event(c)))
+    };
+    let mut text = format!(
         "usage writer alone ({} store): {EVENTS} events in batches of {BATCH}: {:.2} µs wall, {} CPU a event",
         args.database_url.as_deref().map_or("sqlite", |_| "postgres"),
         per_event(wall),
-        cpu.map_or("unknown".to_owned(), |c| format!("{:.2} µs", per_event(c)))
+        cpu_text(cpu)
+    );
+    // PostgreSQL holds the batches' rollups and writes them every few seconds: part of
+    // the writer's work, done here once for the whole run. (SQLite's fold is its own line.)
+    if args.database_url.is_some() {
+        let ((), held_wall, held_cpu) = timed(async { Ok(store.fold_usage().await?) }).await?;
+        text.push_str(&format!(
+            ", then writing the rollups it held: {:.2} µs wall, {} CPU a event",
+            per_event(held_wall),
+            cpu_text(held_cpu)
+        ));
+    }
+    Ok(text)
+}
+
+/// A verify run with the server's watching switch off ([`AppState::watching`]), put
+/// back on after it, also when the run fails.
+async fn run_unwatched(
+    args: &Args,
+    state: &keywarden_server::state::AppState,
+    url: &str,
+    script: &Path,
+) -> Result<WrkResult> {
+    settle(state).await?;
+    state
+        .watching
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let run = run_wrk(args, url, script, args.duration);
+    state
+        .watching
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    run
+}
+
+/// Canary keys timed with `--compare-watch`.
+const CANARIES: usize = 200;
+
+/// Alert latency under load: while wrk drives random verifies, each canary key is
+/// presented once, and timed from just before its request to the moment its
+/// CANARY_USED alert is in the store (polled every millisecond: an upper bound by at
+/// most the poll's own time).
+async fn bench_alert_latency(
+    args: &Args,
+    state: &keywarden_server::state::AppState,
+    verify_url: &str,
+    verify_script: &Path,
+    canaries: &[String],
+    admin: &str,
+) -> Result<String> {
+    let load = {
+        let (args, url, script) = (
+            args.clone(),
+            verify_url.to_owned(),
+            verify_script.to_owned(),
+        );
+        std::thread::spawn(move || run_wrk(&args, &url, &script, args.duration))
+    };
+    let client = reqwest::Client::new();
+    let raised = || async {
+        let counts = state.store.alert_counts().await?;
+        Ok::<i64, anyhow::Error>(
+            counts
+                .iter()
+                .find(|(kind, _)| kind == "CANARY_USED")
+                .map_or(0, |(_, n)| *n),
+        )
+    };
+    let mut latencies = Vec::new();
+    let mut missed = 0;
+    // Starts once wrk is under way; presents canaries until its run ends.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for (i, canary) in canaries.iter().enumerate() {
+        if load.is_finished() {
+            break;
+        }
+        // Each from a source of its own: presenting canaries is presenting bad keys, and
+        // one source doing it 30 times a minute is throttled, after which its canaries
+        // are not examined (docs/monitoring.md).
+        let source = format!("10.{}.{}.1", 100 + i / 256, i % 256);
+        let before = raised().await?;
+        let started = Instant::now();
+        let answer = client
+            .post(verify_url)
+            .bearer_auth(admin)
+            .json(&serde_json::json!({ "key": canary, "source_ip": source }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            answer.status().is_success(),
+            "canary verify answered {}",
+            answer.status()
+        );
+        loop {
+            if raised().await? > before {
+                latencies.push(started.elapsed());
+                break;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(5) {
+                missed += 1;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let under = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("the wrk thread panicked"))??;
+    latencies.sort();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .map_or("n/a".to_owned(), |d| {
+                format!("{:.1} ms", d.as_secs_f64() * 1e3)
+            })
+    };
+    Ok(format!(
+        "alert latency (CANARY_USED, request to alert stored) under {:.0} verifies/s: {} alerts, p50 {}, p99 {}, max {}; {missed} not raised within 5 s",
+        under.rps,
+        latencies.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0),
     ))
+}
+
+/// The usage chain's share of a verify, which the switch leaves on: the CPU the writer
+/// spends hashing each event into its batch (canonical JSON, SHA-256, CRC-32 digest),
+/// alone on this thread, for events like the bench's.
+fn bench_chain_hashing() -> String {
+    use keywarden_core::usage_chain::{BatchHasher, EventFields};
+    const EVENTS: usize = 300_000;
+    const BATCH: usize = 300;
+    let id = keywarden_core::KeyId::generate(&mut rand::thread_rng());
+    let cpu_before = keywarden_bench::process_cpu();
+    let started = Instant::now();
+    let mut prev = [0u8; 32];
+    for b in 0..EVENTS / BATCH {
+        let mut chain = BatchHasher::new(&prev, BATCH);
+        for i in 0..BATCH {
+            chain.push(&EventFields {
+                seq: (b * BATCH + i) as i64,
+                key_id: Some(id.as_str()),
+                time: 1_764_900_000_000 + i as i64,
+                code: "VALID",
+                counted: false,
+                source_ip: Some("127.0.0.1"),
+                scope: Some("deploy:write"),
+                environment: None,
+                subject: Some("bench-host"),
+                user_agent: None,
+            });
+        }
+        prev = std::hint::black_box(chain.finish(b as i64, prev)).hash;
+    }
+    let wall = started.elapsed();
+    let cpu = keywarden_bench::process_cpu()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    let per_event = |d: std::time::Duration| d.as_secs_f64() * 1e6 / EVENTS as f64;
+    format!(
+        "usage chain hashing alone: {EVENTS} events in batches of {BATCH}: {:.2} µs wall, {} CPU an event",
+        per_event(wall),
+        cpu.map_or("unknown".to_owned(), |c| format!("{:.2} µs", per_event(c)))
+    )
 }
 
 /// Bytes the usage log takes per million events (`usage_events` and `usage_batches`,
@@ -431,6 +605,7 @@ async fn main() -> Result<()> {
             systems: vec!["bench".into()],
             scopes: vec!["deploy:*".into()],
             ttl: Some("30d".into()),
+            rate_limit: args.compare_watch.then(|| "1000000/min".into()),
             ..CreateKeyRequest::default()
         };
         let spec = validate_create(&request, now, &keywarden_core::policy::Rules::default())
@@ -453,6 +628,38 @@ async fn main() -> Result<()> {
         ids.push(parsed.id);
     }
     keys_file.flush()?;
+    let mut canaries = Vec::new();
+    if args.compare_watch {
+        for i in 0..CANARIES {
+            let parsed = key_format::generate(&mut rand::rngs::OsRng, "kw", "prod")?;
+            let request = CreateKeyRequest {
+                name: format!("bench-canary-{i}"),
+                owner: "bench@example.com".into(),
+                environment: "prod".into(),
+                scopes: vec!["deploy:*".into()],
+                ttl: Some("30d".into()),
+                canary: true,
+                ..CreateKeyRequest::default()
+            };
+            let spec = validate_create(&request, now, &keywarden_core::policy::Rules::default())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let record = spec.issue(&parsed, &state.hasher, "bench".into(), now);
+            let audit = AuditEntry {
+                time: now,
+                actor: Actor {
+                    id: "system:bench".into(),
+                    name: "bench".into(),
+                    ..Actor::default()
+                },
+                action: "key.created".into(),
+                target: format!("key:{}", record.id),
+                reason: None,
+                details: "{}".into(),
+            };
+            state.store.insert_key(&record, &audit).await?;
+            canaries.push(parsed.plain.expose().to_owned());
+        }
+    }
     eprintln!("created in {:.1}s", started.elapsed().as_secs_f64());
     if args.writer_only {
         println!("{}", bench_appends(&state.store, &ids, &args).await?);
@@ -521,11 +728,18 @@ async fn main() -> Result<()> {
     // walked again first (entries live 60 s, about the length of a round).
     let mut ceilings = vec![run_wrk(&args, &fixed_url, &verify_script, args.duration)?];
     let mut verifies = Vec::new();
+    let mut unwatched = Vec::new();
     let mut verified = 0;
     let mut stored = 0;
     for round in 0..args.rounds {
         if round > 0 {
             run_wrk(&args, &verify_url, &warm_script, warm_seconds)?;
+        }
+        // Odd rounds measure without watching first, so drift within a round (cache
+        // entries ageing, the table growing) does not favour one side.
+        let unwatched_first = args.compare_watch && round % 2 == 1;
+        if unwatched_first {
+            unwatched.push(run_unwatched(&args, &state, &verify_url, &verify_script).await?);
         }
         let counted_before = settle(&state).await?;
         let verify = run_wrk(&args, &verify_url, &verify_script, args.duration)?;
@@ -539,8 +753,28 @@ async fn main() -> Result<()> {
         }
         stored += state.store.count_usage().await? - counted_before;
         verifies.push(verify);
+        if args.compare_watch && !unwatched_first {
+            unwatched.push(run_unwatched(&args, &state, &verify_url, &verify_script).await?);
+        }
         ceilings.push(run_wrk(&args, &fixed_url, &verify_script, args.duration)?);
     }
+    let chain = args.compare_watch.then(bench_chain_hashing);
+    let alert_latency = if args.compare_watch {
+        run_wrk(&args, &verify_url, &warm_script, warm_seconds)?;
+        Some(
+            bench_alert_latency(
+                &args,
+                &state,
+                &verify_url,
+                &verify_script,
+                &canaries,
+                &admin,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let appends = bench_appends(&state.store, &ids, &args).await?;
     let misses = bench_misses(&state.store, &ids).await?;
     // What a fold costs, the part of usage that the rounds above only see when one falls
@@ -597,6 +831,28 @@ async fn main() -> Result<()> {
             "verify / ceiling, median of {} rounds = {median:.2}",
             ratios.len()
         );
+    }
+    if !unwatched.is_empty() {
+        let mut kept = Vec::new();
+        for (i, (on, off)) in verifies.iter().zip(&unwatched).enumerate() {
+            kept.push(on.rps / off.rps);
+            row(&format!("verify not watching, round {}", i + 1), off, None);
+        }
+        let text: Vec<String> = kept.iter().map(|k| format!("{k:.2}")).collect();
+        kept.sort_by(f64::total_cmp);
+        if let Some(median) = kept.get(kept.len() / 2) {
+            println!(
+                "verify watching / not watching (monitor, rate limits, throttling), median of {} rounds = {median:.2} ({})",
+                kept.len(),
+                text.join(" / ")
+            );
+        }
+    }
+    if let Some(chain) = chain {
+        println!("{chain}");
+    }
+    if let Some(latency) = alert_latency {
+        println!("{latency}");
     }
 
     // Usage events were on: every answered verify must have been stored. wrk counts

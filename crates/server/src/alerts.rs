@@ -185,7 +185,11 @@ pub async fn run(
                 Some(s) => m.sighting(&app, s).await,
                 None => break,
             },
-            Some(batch) = uses.recv() => m.uses(&app, batch).await,
+            Some(batch) = uses.recv() => {
+                if app.watching() {
+                    m.uses(&app, batch).await;
+                }
+            }
             _ = tick.tick() => {
                 m.flush_repeats(&app).await;
                 let dropped = app.alerts_dropped.swap(0, std::sync::atomic::Ordering::Relaxed);

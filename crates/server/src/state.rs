@@ -32,6 +32,11 @@ pub struct AppState {
     pub alerts: mpsc::Sender<crate::alerts::Sighting>,
     /// Sightings dropped because the monitor's queue was full.
     pub alerts_dropped: std::sync::atomic::AtomicU64,
+    /// Cleared only by the benchmark (`keywarden-bench --compare-watch`), to measure in
+    /// one run what watching costs verify: while clear, verify sends the monitor nothing,
+    /// spends no key's rate limit and throttles no source, and the monitor learns from no
+    /// batch. No flag, route or setting reaches it; a server always watches.
+    pub watching: std::sync::atomic::AtomicBool,
     /// Per-key rate limits and the throttle of failing sources.
     pub limits: crate::limits::Limits,
     /// Set when the server shuts down, so long polls and event streams end.
@@ -140,6 +145,7 @@ impl AppState {
             mailer,
             alerts,
             alerts_dropped: std::sync::atomic::AtomicU64::new(0),
+            watching: std::sync::atomic::AtomicBool::new(true),
             limits: crate::limits::Limits::new(),
             closing: tokio::sync::watch::Sender::new(false),
             policy: std::sync::RwLock::new(Arc::new((0, Policy::default()))),
@@ -151,6 +157,12 @@ impl AppState {
 
     /// The policy in force. Asks the store for its version first, so an apply through
     /// another node is followed; the text is parsed again only when the version moved.
+    /// Whether verify feeds the monitor and enforces rate limits: always, but in the
+    /// benchmark's comparison ([`AppState::watching`]).
+    pub fn watching(&self) -> bool {
+        self.watching.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub async fn policy(&self) -> Result<Arc<(i64, Policy)>, crate::error::ApiError> {
         let version = self.store.policy_version().await?;
         if let Ok(cached) = self.policy.read() {

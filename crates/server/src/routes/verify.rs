@@ -81,8 +81,9 @@ pub(crate) async fn judge(
     let started = std::time::Instant::now();
     let now = app.now();
     let now_us = micros(now);
+    let watching = app.watching();
     let throttle = app.with_cached_policy(|p| p.rules_for("").throttle_failures);
-    let throttle = throttle.zip(ask.source_ip);
+    let throttle = throttle.zip(ask.source_ip).filter(|_| watching);
     let blocked = throttle.and_then(|(rate, ip)| app.limits.throttled(ip, &rate, now_us));
     let outcome = match blocked {
         // A source that keeps presenting bad keys is not heard until it waits.
@@ -94,7 +95,7 @@ pub(crate) async fn judge(
         ),
         None => check(app, key, &ask, now).await?,
     };
-    if let Some(what) = outcome.what(&ask, now) {
+    if let Some(what) = outcome.what(&ask, now).filter(|_| watching) {
         if outcome.is_bad_key() {
             if let Some((rate, ip)) = throttle {
                 app.limits.count_failure(ip, &rate, now_us);
@@ -419,7 +420,7 @@ async fn check(
         outcome.code = VerifyCode::ScopeDenied;
         return Ok(outcome);
     }
-    if let Some(rate) = record.rate_limit {
+    if let Some(rate) = record.rate_limit.filter(|_| app.watching()) {
         // This node's cell first: what it refuses, the cluster refuses too; what it
         // admits is spent again in the cell all nodes share (PostgreSQL).
         let now_us = micros(now);
