@@ -165,6 +165,33 @@ async fn two_nodes_share_revocations_counters_and_jobs() {
         60 - valid
     );
 
+    // The same for a fast key under a concurrent burst: 200 verifies at once over both
+    // nodes pass the burst of 50 plus what the elapsed time frees (one every 20 ms), where
+    // per-node limits would pass 100 and more.
+    let (_, fast) = na.key("fast", json!({ "rate_limit": "50/s" })).await;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let n = if i % 2 == 0 { node(&a) } else { node(&b) };
+        let fast = fast.clone();
+        tasks.push(tokio::spawn(async move { n.verify(&fast).await }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let valid = codes.iter().filter(|c| *c == "VALID").count();
+    let bound = 50 + (50.0 * elapsed).ceil() as usize;
+    assert!(
+        (50..=bound).contains(&valid),
+        "{valid} passed in {elapsed:.2}s, bound {bound}: {codes:?}"
+    );
+    assert_eq!(
+        codes.iter().filter(|c| *c == "RATE_LIMITED").count(),
+        200 - valid
+    );
+
     // The same alert raised on both nodes is one alert: a canary presented through A and
     // B from one network folds into a single CANARY_USED.
     let (canary_id, canary) = na.key("tripwire", json!({ "canary": true })).await;
@@ -212,9 +239,39 @@ async fn two_nodes_share_revocations_counters_and_jobs() {
         .count();
     assert_eq!(revokes, 1, "both nodes delivered");
 
-    // Node A dies; B serves alone and takes the jobs over.
+    // A holds the usage rollups of its verifies for up to 10 s before writing them.
+    let (held_id, held_key) = na.key("held", json!({})).await;
+    for _ in 0..5 {
+        assert_eq!(na.verify(&held_key).await, "VALID");
+    }
+    eventually(BOUND, "A's five uses to be in the usage log", || async {
+        let v = nb.get(&format!("/v1/keys/{held_id}/usage?limit=100")).await;
+        if v["events"].as_array().map_or(0, Vec::len) == 5 {
+            Ok(())
+        } else {
+            Err(v)
+        }
+    })
+    .await;
+
+    // Node A dies (SIGKILL); B serves alone and takes the jobs over.
     a.child.kill().unwrap();
     a.child.wait().unwrap();
+    // What A held is rolled up by B from the log once A's node lock is gone, exactly
+    // once (unless A's own 10 s write came first, which leaves the same count).
+    eventually(
+        Duration::from_secs(30),
+        "B to roll up the uses A held when it died",
+        || async {
+            let v = nb.get(&format!("/v1/keys/{held_id}/usage/stats")).await;
+            if v["total"]["events"] == 5 {
+                Ok(())
+            } else {
+                Err(v["total"].clone())
+            }
+        },
+    )
+    .await;
     let (id2, key2) = nb.key("after", json!({})).await;
     assert_eq!(nb.verify(&key2).await, "VALID");
     nb.post(&format!("/v1/keys/{id2}/revoke"), json!({})).await;

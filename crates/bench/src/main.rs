@@ -53,8 +53,9 @@ struct Args {
     /// (1,000,000/min), and each round runs verify once watching (monitor, rate limits,
     /// source throttling) and once with the server's watching switch off, in alternate
     /// order. The usage chain stays on (it is in the store); its hashing is timed alone.
-    /// Then the alert latency: canary keys presented one at a time under verify load,
-    /// each timed from its request to its CANARY_USED alert in the store.
+    /// Then the alert latency under verify load: canary keys (CANARY_USED) and keys
+    /// issued two days before and never used (NEW_SOURCE), presented one at a time, each
+    /// timed from its request to its alert in the store.
     #[arg(long)]
     compare_watch: bool,
 }
@@ -271,19 +272,20 @@ async fn run_unwatched(
     run
 }
 
-/// Canary keys timed with `--compare-watch`.
-const CANARIES: usize = 200;
+/// Keys of each alert kind timed with `--compare-watch`.
+const ALERT_PROBES: usize = 200;
 
-/// Alert latency under load: while wrk drives random verifies, each canary key is
-/// presented once, and timed from just before its request to the moment its
-/// CANARY_USED alert is in the store (polled every millisecond: an upper bound by at
-/// most the poll's own time).
+/// Alert latency under load: while wrk drives random verifies, each probe key is
+/// presented once, from a source of its own, and timed from just before its request to
+/// the moment its alert is in the store (polled every millisecond: an upper bound by at
+/// most the poll's own time). CANARY_USED is raised from verify's sighting; NEW_SOURCE
+/// from the batch the usage writer stored, so it includes the writer's flush and write.
 async fn bench_alert_latency(
     args: &Args,
     state: &keywarden_server::state::AppState,
     verify_url: &str,
     verify_script: &Path,
-    canaries: &[String],
+    probes: &[(&'static str, String)],
     admin: &str,
 ) -> Result<String> {
     let load = {
@@ -295,47 +297,48 @@ async fn bench_alert_latency(
         std::thread::spawn(move || run_wrk(&args, &url, &script, args.duration))
     };
     let client = reqwest::Client::new();
-    let raised = || async {
+    let raised = |kind: &'static str| async move {
         let counts = state.store.alert_counts().await?;
         Ok::<i64, anyhow::Error>(
             counts
                 .iter()
-                .find(|(kind, _)| kind == "CANARY_USED")
+                .find(|(k, _)| k == kind)
                 .map_or(0, |(_, n)| *n),
         )
     };
-    let mut latencies = Vec::new();
-    let mut missed = 0;
-    // Starts once wrk is under way; presents canaries until its run ends.
+    let mut latencies: std::collections::BTreeMap<&str, Vec<std::time::Duration>> =
+        Default::default();
+    let mut missed: std::collections::BTreeMap<&str, usize> = Default::default();
+    // Starts once wrk is under way; presents probes until its run ends.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    for (i, canary) in canaries.iter().enumerate() {
+    for (i, (kind, key)) in probes.iter().enumerate() {
         if load.is_finished() {
             break;
         }
-        // Each from a source of its own: presenting canaries is presenting bad keys, and
-        // one source doing it 30 times a minute is throttled, after which its canaries
-        // are not examined (docs/monitoring.md).
+        // Each from a source of its own: a canary is a bad key, and one source
+        // presenting 30 a minute is throttled, after which what it presents is not
+        // examined; a NEW_SOURCE needs a network the key has not seen.
         let source = format!("10.{}.{}.1", 100 + i / 256, i % 256);
-        let before = raised().await?;
+        let before = raised(kind).await?;
         let started = Instant::now();
         let answer = client
             .post(verify_url)
             .bearer_auth(admin)
-            .json(&serde_json::json!({ "key": canary, "source_ip": source }))
+            .json(&serde_json::json!({ "key": key, "source_ip": source }))
             .send()
             .await?;
         anyhow::ensure!(
             answer.status().is_success(),
-            "canary verify answered {}",
+            "a probe's verify answered {}",
             answer.status()
         );
         loop {
-            if raised().await? > before {
-                latencies.push(started.elapsed());
+            if raised(kind).await? > before {
+                latencies.entry(kind).or_default().push(started.elapsed());
                 break;
             }
             if started.elapsed() > std::time::Duration::from_secs(5) {
-                missed += 1;
+                *missed.entry(kind).or_default() += 1;
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
@@ -345,22 +348,27 @@ async fn bench_alert_latency(
     let under = load
         .join()
         .map_err(|_| anyhow::anyhow!("the wrk thread panicked"))??;
-    latencies.sort();
-    let at = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1))
-            .map_or("n/a".to_owned(), |d| {
-                format!("{:.1} ms", d.as_secs_f64() * 1e3)
-            })
-    };
-    Ok(format!(
-        "alert latency (CANARY_USED, request to alert stored) under {:.0} verifies/s: {} alerts, p50 {}, p99 {}, max {}; {missed} not raised within 5 s",
-        under.rps,
-        latencies.len(),
-        at(0.5),
-        at(0.99),
-        at(1.0),
-    ))
+    let mut lines = Vec::new();
+    for kind in ["CANARY_USED", "NEW_SOURCE"] {
+        let mut l = latencies.remove(kind).unwrap_or_default();
+        l.sort();
+        let at = |q: f64| {
+            l.get(((l.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                .map_or("n/a".to_owned(), |d| {
+                    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+                })
+        };
+        lines.push(format!(
+            "alert latency ({kind}, request to alert stored) under {:.0} verifies/s: {} alerts, p50 {}, p99 {}, max {}; {} not raised within 5 s",
+            under.rps,
+            l.len(),
+            at(0.5),
+            at(0.99),
+            at(1.0),
+            missed.get(kind).copied().unwrap_or(0),
+        ));
+    }
+    Ok(lines.join("\n"))
 }
 
 /// The usage chain's share of a verify, which the switch leaves on: the CPU the writer
@@ -628,22 +636,31 @@ async fn main() -> Result<()> {
         ids.push(parsed.id);
     }
     keys_file.flush()?;
-    let mut canaries = Vec::new();
+    // Alert probes: canaries (CANARY_USED, raised from verify's sighting) and keys
+    // issued two days ago and never used (their first use is from a network new to them,
+    // past the one-day warm-up: NEW_SOURCE, raised from the usage writer's batch).
+    let mut probes: Vec<(&'static str, String)> = Vec::new();
     if args.compare_watch {
-        for i in 0..CANARIES {
+        for i in 0..2 * ALERT_PROBES {
+            let canary = i % 2 == 0;
+            let issued = if canary {
+                now
+            } else {
+                now - time::Duration::days(2)
+            };
             let parsed = key_format::generate(&mut rand::rngs::OsRng, "kw", "prod")?;
             let request = CreateKeyRequest {
-                name: format!("bench-canary-{i}"),
+                name: format!("bench-probe-{i}"),
                 owner: "bench@example.com".into(),
                 environment: "prod".into(),
                 scopes: vec!["deploy:*".into()],
                 ttl: Some("30d".into()),
-                canary: true,
+                canary,
                 ..CreateKeyRequest::default()
             };
-            let spec = validate_create(&request, now, &keywarden_core::policy::Rules::default())
+            let spec = validate_create(&request, issued, &keywarden_core::policy::Rules::default())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let record = spec.issue(&parsed, &state.hasher, "bench".into(), now);
+            let record = spec.issue(&parsed, &state.hasher, "bench".into(), issued);
             let audit = AuditEntry {
                 time: now,
                 actor: Actor {
@@ -657,7 +674,8 @@ async fn main() -> Result<()> {
                 details: "{}".into(),
             };
             state.store.insert_key(&record, &audit).await?;
-            canaries.push(parsed.plain.expose().to_owned());
+            let kind = if canary { "CANARY_USED" } else { "NEW_SOURCE" };
+            probes.push((kind, parsed.plain.expose().to_owned()));
         }
     }
     eprintln!("created in {:.1}s", started.elapsed().as_secs_f64());
@@ -762,15 +780,8 @@ async fn main() -> Result<()> {
     let alert_latency = if args.compare_watch {
         run_wrk(&args, &verify_url, &warm_script, warm_seconds)?;
         Some(
-            bench_alert_latency(
-                &args,
-                &state,
-                &verify_url,
-                &verify_script,
-                &canaries,
-                &admin,
-            )
-            .await?,
+            bench_alert_latency(&args, &state, &verify_url, &verify_script, &probes, &admin)
+                .await?,
         )
     } else {
         None
