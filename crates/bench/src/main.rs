@@ -272,6 +272,33 @@ async fn run_unwatched(
     run
 }
 
+/// Issues `request` as a key with `parsed`'s secret, issued at `issued`, straight into
+/// the store with its audit entry: what `POST /v1/keys` does, without HTTP.
+async fn insert_bench_key(
+    state: &keywarden_server::state::AppState,
+    parsed: &key_format::ParsedKey,
+    request: &CreateKeyRequest,
+    issued: time::OffsetDateTime,
+) -> Result<()> {
+    let spec = validate_create(request, issued, &keywarden_core::policy::Rules::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let record = spec.issue(parsed, &state.hasher, "bench".into(), issued);
+    let audit = AuditEntry {
+        time: issued,
+        actor: Actor {
+            id: "system:bench".into(),
+            name: "bench".into(),
+            ..Actor::default()
+        },
+        action: "key.created".into(),
+        target: format!("key:{}", record.id),
+        reason: None,
+        details: "{}".into(),
+    };
+    state.store.insert_key(&record, &audit).await?;
+    Ok(())
+}
+
 /// Keys of each alert kind timed with `--compare-watch`.
 const ALERT_PROBES: usize = 200;
 
@@ -616,22 +643,7 @@ async fn main() -> Result<()> {
             rate_limit: args.compare_watch.then(|| "1000000/min".into()),
             ..CreateKeyRequest::default()
         };
-        let spec = validate_create(&request, now, &keywarden_core::policy::Rules::default())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let record = spec.issue(&parsed, &state.hasher, "bench".into(), now);
-        let audit = AuditEntry {
-            time: now,
-            actor: Actor {
-                id: "system:bench".into(),
-                name: "bench".into(),
-                ..Actor::default()
-            },
-            action: "key.created".into(),
-            target: format!("key:{}", record.id),
-            reason: None,
-            details: "{}".into(),
-        };
-        state.store.insert_key(&record, &audit).await?;
+        insert_bench_key(&state, &parsed, &request, now).await?;
         writeln!(keys_file, "{}", parsed.plain.expose())?;
         ids.push(parsed.id);
     }
@@ -658,22 +670,7 @@ async fn main() -> Result<()> {
                 canary,
                 ..CreateKeyRequest::default()
             };
-            let spec = validate_create(&request, issued, &keywarden_core::policy::Rules::default())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let record = spec.issue(&parsed, &state.hasher, "bench".into(), issued);
-            let audit = AuditEntry {
-                time: now,
-                actor: Actor {
-                    id: "system:bench".into(),
-                    name: "bench".into(),
-                    ..Actor::default()
-                },
-                action: "key.created".into(),
-                target: format!("key:{}", record.id),
-                reason: None,
-                details: "{}".into(),
-            };
-            state.store.insert_key(&record, &audit).await?;
+            insert_bench_key(&state, &parsed, &request, issued).await?;
             let kind = if canary { "CANARY_USED" } else { "NEW_SOURCE" };
             probes.push((kind, parsed.plain.expose().to_owned()));
         }

@@ -137,21 +137,13 @@ impl Engine {
                 .build_hasher()
                 .finish();
             let id = i32::try_from(bits >> 33).unwrap_or(1).max(1);
-            let mut conn = self.pool.acquire().await?.detach();
-            let got: bool =
-                sqlx::query(&format!("SELECT pg_try_advisory_lock({NODE_LOCK_KEY}, $1)"))
-                    .bind(id)
-                    .fetch_one(&mut conn)
-                    .await?
-                    .try_get(0)?;
-            if got {
+            if let Some(conn) = self.try_node_lock(id).await? {
                 *lock = Some(NodeLock {
                     id,
                     conn: JobLock(conn),
                 });
                 return Ok(id);
             }
-            let _ = conn.close().await;
         }
         Err(StoreError::Internal(
             "no free node id for usage rollups after 8 draws".into(),
@@ -214,13 +206,7 @@ impl Engine {
                 "usage rollups held here were partly written by another node; \
                  rolling up the rest from the usage log"
             );
-            let folded = fold_from_log(&mut tx, &released).await?;
-            let keys: HashMap<KeyId, Rollup> = folded
-                .keys
-                .into_iter()
-                .map(|(id, d)| (id, d.rollup))
-                .collect();
-            write_rollups(&mut tx, &keys, &folded.keyless).await?;
+            roll_up_from_log(&mut tx, &released).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -251,14 +237,7 @@ impl Engine {
             }
             // Holding the dead node's lock while rolling up keeps a second recovering
             // node out (it would find nothing left, but after reading for nothing).
-            let mut conn = self.pool.acquire().await?.detach();
-            let got: bool =
-                sqlx::query(&format!("SELECT pg_try_advisory_lock({NODE_LOCK_KEY}, $1)"))
-                    .bind(node)
-                    .fetch_one(&mut conn)
-                    .await?
-                    .try_get(0)?;
-            if got {
+            if let Some(conn) = self.try_node_lock(node).await? {
                 let result = self.recover_node(node).await;
                 let _ = conn.close().await;
                 let n = result?;
@@ -270,11 +249,25 @@ impl Engine {
                     );
                 }
                 recovered += n;
-            } else {
-                let _ = conn.close().await;
             }
         }
         Ok(recovered)
+    }
+
+    /// Takes node `id`'s lock on a connection of its own, held as long as that
+    /// connection lives; `None` when another session holds it.
+    async fn try_node_lock(&self, id: i32) -> Result<Option<sqlx::PgConnection>> {
+        let mut conn = self.pool.acquire().await?.detach();
+        let got: bool = sqlx::query(&format!("SELECT pg_try_advisory_lock({NODE_LOCK_KEY}, $1)"))
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await?
+            .try_get(0)?;
+        if got {
+            return Ok(Some(conn));
+        }
+        let _ = conn.close().await;
+        Ok(None)
     }
 
     async fn recover_node(&self, node: i32) -> Result<usize> {
@@ -289,16 +282,21 @@ impl Engine {
         .iter()
         .map(|r| r.try_get(0))
         .collect::<std::result::Result<_, _>>()?;
-        let folded = fold_from_log(&mut tx, &seqs).await?;
-        let keys: HashMap<KeyId, Rollup> = folded
-            .keys
-            .into_iter()
-            .map(|(id, d)| (id, d.rollup))
-            .collect();
-        write_rollups(&mut tx, &keys, &folded.keyless).await?;
+        roll_up_from_log(&mut tx, &seqs).await?;
         tx.commit().await?;
         Ok(seqs.len())
     }
+}
+
+/// Rolls `batches` up again from their logged events, in the caller's transaction.
+async fn roll_up_from_log(tx: &mut sqlx::PgConnection, batches: &[i64]) -> Result<()> {
+    let folded = fold_from_log(tx, batches).await?;
+    let keys: HashMap<KeyId, Rollup> = folded
+        .keys
+        .into_iter()
+        .map(|(id, d)| (id, d.rollup))
+        .collect();
+    write_rollups(tx, &keys, &folded.keyless).await
 }
 
 /// The logged events of `batches`, folded. A batch whose events retention already
